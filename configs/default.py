@@ -1,0 +1,76 @@
+"""Full-size configuration: the seed tutorial's sizes (1024 GRU units, 256-d embeddings).
+
+Every hyperparameter lives here; every key has a one-line comment (the README's config
+reference is checked against these comments by tests/test_configs.py).
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default (full-size) configuration."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameter init, shuffling and dropout.
+
+  config.data = data = ml_collections.ConfigDict()
+  data.train = "embedded:train"  # Training corpus: embedded[:SPLIT] | tsv:PATH[:SRC:TGT] | text:SRC_GLOB,TGT_GLOB | tfds:NAME[:SPLIT].
+  data.eval = "embedded:validation"  # Held-out corpus, same syntax as data.train.
+  data.tfds_data_dir = ""  # TFDS data dir for embedded/tfds sources; "" = TFDS default (~/tensorflow_datasets).
+  data.tfds_source_key = ""  # tfds: feature key of the source side; "" = first language of the config name (de-en -> de).
+  data.tfds_target_key = ""  # tfds: feature key of the target side; "" = second language of the config name.
+  data.max_source_length = 64  # Longest source in tokens (EOS included); longer ones are dropped or truncated.
+  data.max_target_length = 64  # Longest target in tokens (BOS and EOS included).
+  data.length_policy = "drop"  # What to do with over-long pairs: drop | truncate (both counted and logged).
+  data.bucket_boundaries = (8, 12, 16, 20, 24, 32, 40, 48, 64)  # Padded lengths of the shape grid; the last must be >= both max lengths.
+  data.batch_by = "sentences"  # Batch by a fixed number of sentences (train.batch_size) or by a token budget (train.tokens_per_batch): sentences | tokens.
+  data.shuffle_buffer = 20000  # Examples in the shuffle buffer (0 disables shuffling).
+  data.deterministic = True  # Deterministic tf.data ordering (reproducible runs); False is slightly faster.
+  data.max_skip_fraction = 0.01  # Fail if more than this fraction of records is malformed and skipped.
+  data.eval_examples = 1000  # Eval-set sentences scored with BLEU/chrF (0 = all).
+
+  config.tokenizer = tok = ml_collections.ConfigDict()
+  tok.model_type = "unigram"  # SentencePiece model: unigram | bpe.
+  tok.vocab_size = 8000  # Vocabulary size of each SentencePiece model.
+  tok.joint = True  # One model for both sides (True) or one per side (False).
+  tok.sample_size = 200000  # Training-side sentences sampled to train SentencePiece.
+  tok.character_coverage = 1.0  # SentencePiece character coverage.
+
+  config.model = model = ml_collections.ConfigDict()
+  model.units = 1024  # GRU units (encoder and decoder) and attention units.
+  model.embed_dim = 256  # Token embedding size.
+  model.encoder_layers = 1  # Stacked encoder GRU layers.
+  model.bidirectional = False  # Bidirectional encoder (outputs are projected back to model.units).
+  model.dropout = 0.0  # Dropout on embeddings and decoder outputs during training.
+
+  config.train = train = ml_collections.ConfigDict()
+  train.batch_size = 64  # Global batch in sentences (split over replicas).
+  train.tokens_per_batch = 0  # Global token budget per batch when data.batch_by = tokens.
+  train.steps = 20000  # Total training steps.
+  train.steps_per_loop = 10  # Train steps per tf.function call (cuts host overhead).
+  train.learning_rate = 1e-3  # Peak Adam learning rate.
+  train.warmup_steps = 500  # Linear warmup steps.
+  train.decay = "rsqrt"  # Learning-rate decay after warmup: constant | rsqrt | cosine.
+  train.clip_norm = 1.0  # Clip gradients by this global norm (0 disables).
+  train.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
+  train.precision = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16 (auto: fp16 on GPU, bf16 on CPU).
+  train.xla = "decoder_step"  # XLA scope: off | decoder_step | train_step.
+  train.max_nonfinite_steps = 10  # Stop after this many non-finite losses in a row (each is skipped).
+  train.log_every = 100  # Steps between progress lines and scalar summaries.
+  train.checkpoint_every = 1000  # Steps between checkpoints.
+  train.keep_checkpoints = 3  # Most recent checkpoints kept (the best by eval loss is kept too).
+  train.eval_every = 1000  # Steps between evaluations (loss, BLEU, attention images).
+  train.profile_steps = ""  # Profiler trace for a step range "START,END" ("" = off).
+
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.beam_size = 4  # Beam width for evaluation and translation (1 = greedy).
+  ev.length_penalty = 0.6  # GNMT length-penalty alpha (0 = none; larger favours longer outputs).
+  ev.max_length_ratio = 2.0  # Longest output as a multiple of the source length (plus 5 tokens).
+  ev.batch_size = 128  # Sentences per decoding batch.
+  ev.probe_sentences = ("am 3. März 2021", "le vingt-deux juin")  # Extra sources whose attention is plotted.
+  ev.num_probes = 4  # Eval-set sentences whose attention is plotted, besides probe_sentences.
+
+  config.distribute = dist = ml_collections.ConfigDict()
+  dist.strategy = "auto"  # auto | one_device | mirrored | multi_worker (auto: multi-worker if TF_CONFIG/Slurm, else mirrored on >1 GPU).
+  dist.cpu_devices = 0  # Split the CPU into this many logical devices (tests, CPU-only mirrored runs); 0 = off.
+  dist.collective = "auto"  # Multi-worker all-reduce: auto | nccl | ring.
+  dist.collective_timeout_s = 300  # Seconds before a collective with a dead peer fails the job.
+  return config

@@ -1,0 +1,30 @@
+"""Tiny configuration: trains in seconds on a CPU; used by the tests."""
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns a seconds-on-CPU variant of the default configuration."""
+  config = default.get_config()
+  config.data.max_source_length = 24
+  config.data.max_target_length = 24
+  config.data.bucket_boundaries = (12, 16, 24)
+  config.data.shuffle_buffer = 2000
+  config.data.eval_examples = 200
+  config.tokenizer.vocab_size = 500
+  config.tokenizer.sample_size = 20000
+  config.model.units = 64
+  config.model.embed_dim = 32
+  config.train.batch_size = 32
+  config.train.steps = 200
+  config.train.steps_per_loop = 10
+  config.train.learning_rate = 3e-3
+  config.train.warmup_steps = 20
+  config.train.precision = "float32"
+  config.train.log_every = 50
+  config.train.checkpoint_every = 100
+  config.train.eval_every = 100
+  config.eval.beam_size = 2
+  config.eval.num_probes = 1
+  return config

@@ -1,0 +1,23 @@
+"""Shared test setup: two logical CPU devices (for 2-replica MirroredStrategy tests)."""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Logical devices must be configured before TensorFlow initialises its runtime, so this
+# happens at import time, once for the whole session.
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+@pytest.fixture(scope="session")
+def embedded_data_dir(tmp_path_factory):
+  """A TFDS data dir holding the prepared embedded corpus, built once per session."""
+  import tensorflow_datasets as tfds
+  from input_pipeline import cldr_numbers  # noqa: F401  (registers the builder)
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  tfds.builder("cldr_numbers", data_dir=data_dir).download_and_prepare()
+  return data_dir
