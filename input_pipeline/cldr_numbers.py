@@ -1,0 +1,465 @@
+"""The embedded default corpus: numbers, dates, times and amounts from six languages to English.
+
+STATS_PLACEHOLDER
+"""
+import dataclasses
+import datetime
+import decimal
+import hashlib
+import math
+import random
+import re
+from typing import Iterator
+
+from absl import logging
+from babel import dates as babel_dates
+from babel import numbers as babel_numbers
+from babel import units as babel_units
+from num2words import num2words
+import babel
+import tensorflow_datasets as tfds
+
+MAX_WORDS = 12  # Longest source or target in whitespace-separated words; longer pairs are dropped.
+MAX_CHARS = 80  # Longest source or target in characters; longer pairs are dropped.
+SPLITS = ("train", "validation", "test")
+
+_BIG_CARDINALS = 1500  # Spelled numbers sampled from 2,100..99,999 (0..999 are all included).
+_QUANTITIES = 1500  # Per direction: spelled -> digits and digits -> spelled.
+_DATES = (2000, 2000, 1200, 800)  # Long digits, long spelled, with weekday, short numeric.
+_AMOUNTS = (1500, 1500, 1000)  # Spelled with cents, CLDR digits, spelled whole units.
+_UNITS = ("length-kilometer", "length-meter", "length-centimeter", "mass-kilogram", "mass-gram",
+          "volume-liter", "temperature-celsius", "speed-kilometer-per-hour")  # Masculine everywhere.
+_CURRENCIES = ("EUR", "USD", "CHF", "JPY")
+_CENT_CURRENCIES = ("EUR", "USD")  # English names their subunit "cent".
+
+
+@dataclasses.dataclass(frozen=True)
+class _Language:
+  """How one source language phrases what surrounds a number; CLDR and num2words do the rest."""
+  code: str  # The `language` feature and num2words' language code.
+  locale: str  # Babel (CLDR) locale; pt_PT matches num2words' European Portuguese.
+  on_date: str  # "on DATE".
+  in_year: str  # "in YEAR".
+  at_clock: str  # "at HH:MM" (digits); hour 1 uses at_one, as in "a la 1:05".
+  at_one: str
+  nth_time: str  # "for the Nth time", filled with a spelled ordinal (feminine where it agrees).
+  on_floor: str  # "on the Nth floor", filled with a digit ordinal.
+  cents: str  # A spelled amount with cents, read the way people say prices.
+  minutes: str  # A spelled 24-hour time "{at} {minutes}"; on_the_hour is used at minute 0.
+  on_the_hour: str
+  quarters: tuple[str, str, str]  # Quarter past, half past, quarter to: "{at}" or bare "{hour}".
+  half_names_next_hour: bool  # German and Dutch "halb drei" is 2:30.
+
+
+_LANGUAGES = (
+    _Language("de", "de", "am {}", "im Jahr {}", "um {} Uhr", "um {} Uhr", "zum {}n Mal",
+              "im {}. Stock", "{units} {currency} {cents}", "{at} {minutes}", "{at}",
+              ("um Viertel nach {hour}", "um halb {hour}", "um Viertel vor {hour}"), True),
+    _Language("fr", "fr", "le {}", "en {}", "à {}", "à {}", "pour la {} fois", "au {} étage",
+              "{units} {currency} {cents}", "{at} {minutes}", "{at}",
+              ("{at} et quart", "{at} et demie", "{at} moins le quart"), False),
+    _Language("es", "es", "el {}", "en el año {}", "a las {}", "a la {}", "por {} vez",
+              "en la {}.ª planta", "{units} {currency} con {cents}", "{at} y {minutes}",
+              "{at} en punto", ("{at} y cuarto", "{at} y media", "{at} menos cuarto"), False),
+    _Language("it", "it", "il {}", "nel {}", "alle ore {}", "alle ore {}", "per la {} volta",
+              "al {}º piano", "{units} {currency} e {cents}", "{at} e {minutes}", "{at}",
+              ("{at} e un quarto", "{at} e mezza", "{at} meno un quarto"), False),
+    _Language("nl", "nl", "op {}", "in {}", "om {}", "om {}", "voor de {} keer",
+              "op de {}e verdieping", "{units} {currency} {cents}", "{at} {minutes}", "{at}",
+              ("om kwart over {hour}", "om half {hour}", "om kwart voor {hour}"), True),
+    _Language("pt", "pt_PT", "em {}", "em {}", "às {}", "à {}", "pela {} vez", "no {}.º andar",
+              "{units} {currency} e {cents}", "{at} e {minutes}", "{at} em ponto",
+              ("{at} e um quarto", "{at} e meia", "{at} menos um quarto"), False),
+)
+
+
+class _Cldr:
+  """Cached num2words and babel locale look-ups; one instance per generate_pairs call.
+
+  Each costs 0.05-0.1 ms and the corpus asks the same ones many times; babel also re-parses
+  a locale name on every call unless given a Locale object.
+  """
+
+  def __init__(self):
+    self._words = {}
+    self._locales = {}
+
+  def spell(self, code: str, number: int, to: str = "cardinal") -> str:
+    """num2words(number, lang=code, to=to), corrected by _fix_num2words."""
+    key = (code, number, to)
+    if key not in self._words:
+      self._words[key] = _fix_num2words(code, num2words(number, lang=code, to=to))
+    return self._words[key]
+
+  def locale(self, name: str) -> babel.Locale:
+    if name not in self._locales:
+      self._locales[name] = babel.Locale.parse(name)
+    return self._locales[name]
+
+
+def _fix_num2words(code: str, words: str) -> str:
+  """Corrects num2words 0.5.14 where its output is not standard spelling."""
+  if code == "es":
+    words = words.replace("décimoprimero", "undécimo").replace("décimosegundo", "duodécimo")
+    words = re.sub(r"\bveintiuno mil", "veintiún mil", words)
+    words = re.sub(r"\buno mil", "un mil", words)
+  if code == "nl" and words != "één":
+    words = words.replace("één", "een")  # The accent only marks the stand-alone word.
+  return words
+
+
+def _clean(text: str) -> str:
+  """CLDR puts (narrow) no-break spaces in numbers and times; tokenizers want plain ones."""
+  return text.replace("\u202f", " ").replace("\xa0", " ")
+
+
+def _feminine_cardinal(code: str, words: str) -> str:
+  """The form that agrees with a feminine noun (hours in Romance languages, French minutes)."""
+  if code == "fr":
+    return re.sub(r"\bun$", "une", words)
+  if code == "es":
+    return re.sub(r"uno$", "una", words)
+  if code == "pt":
+    return re.sub(r"\bdois$", "duas", re.sub(r"\bum$", "uma", words))
+  return words
+
+
+def _feminine_ordinal(code: str, words: str) -> str:
+  """"Vez", "volta" and "fois" are feminine, so the ordinal before them agrees."""
+  if code in ("es", "it", "pt"):
+    return re.sub(r"o\b", "a", words)
+  if code == "fr":
+    return words.replace("premier", "première")
+  return words
+
+
+def _before_noun(code: str, words: str) -> str:
+  """A cardinal placed before a (masculine) noun: "ein Euro", "veintiún kilómetros"."""
+  if code == "de":
+    return re.sub(r"eins$", "ein", words)
+  if code == "es":
+    return re.sub(r"uno$", "un", re.sub(r"veintiuno$", "veintiún", words))
+  if code == "it" and words == "uno":
+    return "un"
+  return words
+
+
+def _cardinals(lang: _Language, cldr: _Cldr, rng: random.Random) -> list[tuple]:
+  """Spelled numbers to English words: "dreiundzwanzig" -> "twenty-three".
+
+  2,100 and up only, so that 1000..2099 are read as years, never as plain numbers.
+  """
+  numbers = list(range(1000)) + rng.sample(range(2100, 100_000), _BIG_CARDINALS)
+  return [(cldr.spell(lang.code, n), cldr.spell("en", n), "cardinal") for n in numbers]
+
+
+def _unit(locale: babel.Locale, number: int, unit: str) -> str:
+  """A CLDR long unit phrase such as "23 Kilometer"; raises if CLDR lacks the unit."""
+  text = _clean(babel_units.format_unit(number, unit, length="long", locale=locale))
+  if unit in text:
+    raise ValueError(f"CLDR has no long name for {unit} in locale {locale}: got {text!r}")
+  return text
+
+
+def _quantities(lang: _Language, cldr: _Cldr, rng: random.Random) -> list[tuple]:
+  """Measurements both ways: "dreiundzwanzig Kilometer" -> "23 kilometers" and back."""
+  pairs = []
+  for index in rng.sample(range(998 * len(_UNITS)), _QUANTITIES):
+    number, unit = index // len(_UNITS) + 2, _UNITS[index % len(_UNITS)]
+    words = _before_noun(lang.code, cldr.spell(lang.code, number))
+    source = _unit(cldr.locale(lang.locale), number, unit).replace(str(number), words, 1)
+    pairs.append((source, _unit(cldr.locale("en"), number, unit), "cardinal"))
+  for index in rng.sample(range(9998 * len(_UNITS)), _QUANTITIES):
+    number, unit = index // len(_UNITS) + 2, _UNITS[index % len(_UNITS)]
+    english = _unit(cldr.locale("en"), number, unit).replace(f"{number:,}", cldr.spell("en", number), 1)
+    pairs.append((_unit(cldr.locale(lang.locale), number, unit), english, "cardinal"))
+  return pairs
+
+
+def _ordinals(lang: _Language, cldr: _Cldr, rng: random.Random) -> list[tuple]:
+  """1st..100th bare, in "for the Nth time" (spelled -> digits) and "on the Nth floor" (digits ->
+  spelled)."""
+  del rng  # Every ordinal up to 100 is included.
+  pairs = []
+  for n in range(1, 101):
+    ordinal, english = cldr.spell(lang.code, n, "ordinal"), cldr.spell("en", n, "ordinal")
+    digits = {"fr": "1er" if n == 1 else f"{n}e"}.get(lang.code, str(n))
+    pairs += [
+        (ordinal, english, "ordinal"),
+        (lang.nth_time.format(_feminine_ordinal(lang.code, ordinal)),
+         f"for the {cldr.spell('en', n, 'ordinal_num')} time", "ordinal"),
+        (lang.on_floor.format(digits), f"on the {english} floor", "ordinal"),
+    ]
+  return pairs
+
+
+def _years(lang: _Language, cldr: _Cldr, rng: random.Random) -> list[tuple]:
+  """Years 1000..2099: spelled -> digits, "in 1984" -> "in nineteen eighty-four" and back."""
+  del rng  # Every year is included.
+  pairs = []
+  for year in range(1000, 2100):
+    words = cldr.spell(lang.code, year, "year")
+    pairs += [(words, str(year), "year"),
+              (lang.in_year.format(year), "in " + cldr.spell("en", year, "year"), "year"),
+              (lang.in_year.format(words), f"in {year}", "year")]
+  return pairs
+
+
+def _day_token(lang: _Language, cldr: _Cldr, day: int, spelled: bool) -> str:
+  """The day of the month as said after "on": "dritten", "3.", "premier", "1er", "tres"."""
+  if lang.code == "de":
+    return cldr.spell("de", day, "ordinal") + "n" if spelled else f"{day}."
+  if day == 1 and lang.code == "fr":
+    return "premier" if spelled else "1er"
+  if day == 1 and lang.code == "it":
+    return "primo" if spelled else "1º"
+  return cldr.spell(lang.code, day) if spelled else str(day)
+
+
+def _say_day(lang: _Language, cldr: _Cldr, text: str, day: int, spelled: bool) -> str:
+  """Replaces the leading day number of a CLDR long date with the way it is said."""
+  text, count = re.subn(r"^\d+\.?", _day_token(lang, cldr, day, spelled), text)
+  if count != 1:
+    raise ValueError(f"CLDR date {text!r} ({lang.locale}) does not start with the day")
+  return text
+
+
+def _on_date(lang: _Language, text: str) -> str:
+  """Puts the source language's "on" before a date."""
+  if lang.code == "it" and re.match(r"(0?8|11|otto|undici)\b", text):
+    return "l'" + text  # Elision before a vowel: "l'8 marzo".
+  return lang.on_date.format(text)
+
+
+def _date_source(lang: _Language, cldr: _Cldr, day: datetime.date, form: str) -> str:
+  """One date in the source language: form is digits, spelled, full (with weekday) or short."""
+  if form == "full":
+    return _clean(babel_dates.format_date(day, "full", locale=cldr.locale(lang.locale)))
+  if form == "short":  # CLDR's short pattern, but with all four digits of the year.
+    pattern = babel_dates.get_date_format("short", locale=cldr.locale(lang.locale)).pattern
+    pattern = re.sub(r"y+", "y", pattern)
+    return _on_date(lang, _clean(babel_dates.format_date(day, pattern, locale=cldr.locale(lang.locale))))
+  text = _clean(babel_dates.format_date(day, "long", locale=cldr.locale(lang.locale)))
+  if form == "spelled":
+    text = text.replace(str(day.year), cldr.spell(lang.code, day.year, "year"))
+  return _on_date(lang, _say_day(lang, cldr, text, day.day, form == "spelled"))
+
+
+def _dates(lang: _Language, cldr: _Cldr, rng: random.Random) -> list[tuple]:
+  """Sampled dates of 1900..2099, day-first in the source, month-first in English:
+  "am dritten März zweitausendeinundzwanzig" -> "on March 3, 2021"."""
+  first, last = datetime.date(1900, 1, 1).toordinal(), datetime.date(2099, 12, 31).toordinal()
+  forms = [form for form, count in zip(("digits", "spelled", "full", "short"), _DATES)
+           for _ in range(count)]
+  pairs = []
+  for form, ordinal in zip(forms, rng.sample(range(first, last + 1), len(forms))):
+    day = datetime.date.fromordinal(ordinal)
+    if form == "full":
+      english = _clean(babel_dates.format_date(day, "full", locale=cldr.locale("en")))
+    else:
+      english = "on " + _clean(babel_dates.format_date(day, "long", locale=cldr.locale("en")))
+    pairs.append((_date_source(lang, cldr, day, form), english, "date"))
+  return pairs
+
+
+def _days_of_year(lang: _Language, cldr: _Cldr, rng: random.Random) -> list[tuple]:
+  """Every day of a leap year without the year, digits and spelled: "le vingt-deux juin" ->
+  "on June 22"."""
+  del rng  # Every day is included.
+  pairs = []
+  start = datetime.date(2000, 1, 1)
+  for day in (start + datetime.timedelta(days=n) for n in range(366)):
+    text = _clean(babel_dates.format_skeleton("MMMMd", day, locale=cldr.locale(lang.locale)))
+    english = "on " + _clean(babel_dates.format_skeleton("MMMMd", day, locale=cldr.locale("en")))
+    for spelled in (False, True):
+      pairs.append((_on_date(lang, _say_day(lang, cldr, text, day.day, spelled)), english, "date"))
+  return pairs
+
+
+def _at_hour(lang: _Language, cldr: _Cldr, hour: int) -> str:
+  """"At HOUR" spoken, hour 0..23: "um ein Uhr", "à une heure", "a la una", "às duas"."""
+  word = cldr.spell(lang.code, hour)
+  if lang.code == "de":
+    return "um " + _before_noun("de", word) + " Uhr"
+  if lang.code == "nl":
+    return f"om {word} uur"
+  if lang.code == "fr":
+    return f"à {_feminine_cardinal('fr', word)} heure" + ("s" if hour > 1 else "")
+  if lang.code == "es":
+    return "a la una" if hour == 1 else "a las " + _feminine_cardinal("es", word)
+  if lang.code == "it":
+    return {0: "a mezzanotte", 1: "all'una"}.get(hour, f"alle {word}")
+  if lang.code == "pt":
+    return {0: "à meia-noite", 1: "à uma"}.get(hour, "às " + _feminine_cardinal("pt", word))
+  raise ValueError(f"No spoken hours for language {lang.code!r}; add them to _at_hour")
+
+
+def _times(lang: _Language, cldr: _Cldr, rng: random.Random) -> list[tuple]:
+  """Every minute of the day, digits and spelled, to the English 12-hour clock:
+  "um vierzehn Uhr fünf" -> "at 2:05 PM"."""
+  del rng  # Every minute is included.
+  pairs = []
+  for hour in range(24):
+    at = _at_hour(lang, cldr, hour)
+    for minute in range(60):
+      clock = datetime.time(hour, minute)
+      english = "at " + _clean(babel_dates.format_time(clock, "short", locale=cldr.locale("en")))
+      digits = _clean(babel_dates.format_time(clock, "short", locale=cldr.locale(lang.locale)))
+      pairs.append(((lang.at_one if hour == 1 else lang.at_clock).format(digits), english, "time"))
+      minutes = cldr.spell(lang.code, minute)
+      minutes = _feminine_cardinal("fr", minutes) if lang.code == "fr" else minutes
+      spoken = lang.minutes.format(at=at, minutes=minutes) if minute else lang.on_the_hour.format(at=at)
+      pairs.append((spoken, english, "time"))
+  return pairs + _quarter_hours(lang, cldr)
+
+
+def _quarter_hours(lang: _Language, cldr: _Cldr) -> list[tuple]:
+  """Colloquial quarter hours: "um halb drei" -> "at half past two"."""
+  english = ("at a quarter past {}", "at half past {}", "at a quarter to {}")
+  pairs = []
+  for hour in range(1, 13):
+    next_hour = hour % 12 + 1
+    for quarter, (template, target) in enumerate(zip(lang.quarters, english)):
+      named = next_hour if quarter == 2 or (quarter == 1 and lang.half_names_next_hour) else hour
+      source = template.format(at=_at_hour(lang, cldr, named), hour=cldr.spell(lang.code, named))
+      pairs.append((source, target.format(cldr.spell("en", next_hour if quarter == 2 else hour)), "time"))
+  return pairs
+
+
+def _currency(locale: babel.Locale, code: str, count: int) -> str:
+  """The CLDR name of a currency, in the plural form that agrees with count."""
+  return babel_numbers.get_currency_name(code, count, locale=locale)
+
+
+def _amounts(lang: _Language, cldr: _Cldr, rng: random.Random) -> list[tuple]:
+  """Prices: "dreiundzwanzig Euro fünfzig" -> "twenty-three euros and fifty cents",
+  "1.234,50 US-Dollar" -> "$1,234.50", "vierhundert Schweizer Franken" -> "400 Swiss francs"."""
+  with_cents, digits, whole = _AMOUNTS
+  pairs = []
+  for units, cents, code in _sample(rng, with_cents, range(1, 1000), range(1, 100),
+                                    _CENT_CURRENCIES):
+    source = lang.cents.format(units=_before_noun(lang.code, cldr.spell(lang.code, units)),
+                               currency=_currency(cldr.locale(lang.locale), code, units),
+                               cents=cldr.spell(lang.code, cents))
+    english = (f"{cldr.spell('en', units)} {_currency(cldr.locale('en'), code, units)} and "
+               f"{cldr.spell('en', cents)} cent" + ("s" if cents > 1 else ""))
+    pairs.append((source, english, "amount"))
+  for units, cents, code in _sample(rng, digits, range(1, 10000), range(100), _CURRENCIES):
+    value = decimal.Decimal(units if code == "JPY" else f"{units}.{cents:02d}")
+    source = babel_numbers.format_currency(value, code, locale=cldr.locale(lang.locale), format_type="name")
+    english = babel_numbers.format_currency(value, code, locale=cldr.locale("en"))
+    pairs.append((_clean(source), _clean(english), "amount"))
+  for units, code in _sample(rng, whole, range(2, 1000), _CURRENCIES):
+    source = f"{_before_noun(lang.code, cldr.spell(lang.code, units))} {_currency(cldr.locale(lang.locale), code, units)}"
+    pairs.append((source, f"{units} {_currency(cldr.locale('en'), code, units)}", "amount"))
+  return pairs
+
+
+def _sample(rng: random.Random, count: int, *choices) -> list[tuple]:
+  """count distinct tuples drawn from the product of the choices (sequences), in draw order."""
+  sizes = [len(choice) for choice in choices]
+  picks = []
+  for index in rng.sample(range(math.prod(sizes)), count):
+    pick = []
+    for choice, size in zip(reversed(choices), reversed(sizes)):
+      index, position = divmod(index, size)
+      pick.append(choice[position])
+    picks.append(tuple(reversed(pick)))
+  return picks
+
+
+_GENERATORS = (_cardinals, _quantities, _ordinals, _years, _dates, _days_of_year, _times,
+               _amounts)
+
+
+def _fits(pair: dict) -> bool:
+  """Short enough for the tiny test model on both sides."""
+  return all(len(pair[side]) <= MAX_CHARS and len(pair[side].split()) <= MAX_WORDS
+             for side in ("source", "target"))
+
+
+def generate_pairs(seed: int = 0) -> list[dict]:
+  """Every pair of the corpus as dicts of source, target, language and category (all str).
+
+  Deterministic for a seed (PYTHONHASHSEED plays no part); the order is a seeded shuffle, so
+  that a split read front to back mixes languages and categories.
+  """
+  rng = random.Random(seed)
+  cldr = _Cldr()
+  pairs = []
+  for lang in _LANGUAGES:
+    for generate in _GENERATORS:
+      pairs += [dict(source=source, target=target, language=lang.code, category=category)
+                for source, target, category in generate(lang, cldr, rng)]
+  fitting = [pair for pair in pairs if _fits(pair)]
+  unique, conflicts = _dedupe(fitting)
+  logging.info("cldr_numbers: %d pairs generated, %d too long, %d repeated sources "
+               "(%d of them with another target), %d kept", len(pairs), len(pairs) - len(fitting),
+               len(fitting) - len(unique), conflicts, len(unique))
+  rng.shuffle(unique)
+  return unique
+
+
+def _dedupe(pairs: list[dict]) -> tuple[list[dict], int]:
+  """Keeps the first pair of each source, so that no source has two targets.
+
+  Returns the kept pairs and how many dropped ones had a different target (ambiguous sources).
+  """
+  target_of = {}
+  unique = []
+  conflicts = 0
+  for pair in pairs:
+    if pair["source"] not in target_of:
+      target_of[pair["source"]] = pair["target"]
+      unique.append(pair)
+    elif target_of[pair["source"]] != pair["target"]:
+      conflicts += 1
+  return unique, conflicts
+
+
+def split_of(source: str) -> str:
+  """The split of a pair, fixed by a stable hash of its source: ~98% train, 1% validation, 1% test.
+
+  Hashing the source (not the pair) keeps every source string in exactly one split.
+  """
+  bucket = int.from_bytes(hashlib.md5(source.encode("utf-8")).digest()[:8], "big") % 100
+  return {0: "test", 1: "validation"}.get(bucket, "train")
+
+
+def split_pairs(pairs: list[dict]) -> dict[str, list[dict]]:
+  """Groups pairs by split_of(source), keeping their order."""
+  splits = {name: [] for name in SPLITS}
+  for pair in pairs:
+    splits[split_of(pair["source"])].append(pair)
+  return splits
+
+
+class CldrNumbers(tfds.core.GeneratorBasedBuilder):
+  """The embedded corpus as a TFDS dataset: generated offline in seconds, nothing downloaded."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Six source languages (de, fr, es, it, nl, pt) to English."}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=("Numbers, dates, times and amounts written in German, French, Spanish, "
+                     "Italian, Dutch and Portuguese, translated to English; generated from "
+                     "CLDR data (babel) and num2words."),
+        features=tfds.features.FeaturesDict({
+            "source": tfds.features.Text(),
+            "target": tfds.features.Text(),
+            "language": tfds.features.Text(),
+            "category": tfds.features.Text(),
+        }),
+        supervised_keys=("source", "target"),
+        disable_shuffling=True,  # Reading order = generate_pairs order (already shuffled).
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # Nothing to download.
+    splits = split_pairs(generate_pairs())
+    return {name: self._generate_examples(pairs) for name, pairs in splits.items()}
+
+  def _generate_examples(self, pairs: list[dict]) -> Iterator[tuple[int, dict]]:
+    yield from enumerate(pairs)

@@ -1,0 +1,258 @@
+"""The tf.data graph: read, shuffle, tokenize, filter_length, add_special_tokens, bucket.
+
+Every batch is {"source": int32 [B, L], "target": int32 [B, L]}, 0-padded, where L is one
+of `padded_shapes(config)` (from data.bucket_boundaries), so a compiled train step sees a
+small fixed set of shapes. source = ids + [EOS]; target = [BOS] + ids + [EOS].
+"""
+from typing import Callable, Iterator
+
+from absl import logging
+import tensorflow as tf
+
+from input_pipeline import corpora
+from input_pipeline.tokenizer import BOS_ID, EOS_ID, Tokenizer
+
+# Strings per SentencePiece call: one op call per batch is ~10x faster than one per
+# example (see benchmark.py and the README).
+TOKENIZE_BATCH = 256
+_SPLITS = ("train", "eval")  # Also the config.data keys naming their sources.
+
+
+class LengthStats(tf.Module):
+  """Counts of pairs seen, dropped and truncated by `filter_length` (all pipelines).
+
+  The counters are variables updated inside the tf.data graph; create one outside any
+  tf.function, pass it to `make_dataset`, and call `log()` or `result()` from Python.
+  """
+
+  def __init__(self, name: str = "length_stats"):
+    super().__init__(name=name)
+    with tf.init_scope():
+      self.seen = tf.Variable(0, dtype=tf.int64, trainable=False, name="seen")
+      self.dropped = tf.Variable(0, dtype=tf.int64, trainable=False, name="dropped")
+      self.truncated = tf.Variable(0, dtype=tf.int64, trainable=False, name="truncated")
+
+  def add(self, seen: tf.Tensor, dropped: tf.Tensor, truncated: tf.Tensor) -> None:
+    """In-graph update; prints a line when the dropped+truncated total reaches 2**k."""
+    before = self.dropped + self.truncated
+    self.seen.assign_add(tf.cast(seen, tf.int64))
+    self.dropped.assign_add(tf.cast(dropped, tf.int64))
+    self.truncated.assign_add(tf.cast(truncated, tf.int64))
+    after = before + tf.cast(dropped + truncated, tf.int64)
+    # Bit length grows exactly when a power of two is reached: log2(N) lines, not N.
+    crossed = _bit_length(after) > _bit_length(before)
+    message = self.name + (": over-long pairs so far: {} dropped, {} truncated, of {} "
+                           "seen (data.max_*_length, data.length_policy).")
+    tf.cond(crossed, lambda: tf.print(tf.strings.format(
+        message, (self.dropped, self.truncated, self.seen))), tf.no_op)
+
+  def result(self) -> dict[str, int]:
+    return {"seen": int(self.seen.numpy()), "dropped": int(self.dropped.numpy()),
+            "truncated": int(self.truncated.numpy())}
+
+  def log(self) -> None:
+    counts = self.result()
+    logging.info("%s: %d pairs seen, %d dropped and %d truncated as over-long.",
+                 self.name, counts["seen"], counts["dropped"], counts["truncated"])
+
+
+def _bit_length(x: tf.Tensor) -> tf.Tensor:
+  """Number of bits of a non-negative int64 (0 for 0)."""
+  return tf.reduce_sum(tf.cast(tf.bitwise.right_shift(
+      tf.expand_dims(x, -1), tf.range(63, dtype=tf.int64)) > 0, tf.int32), -1)
+
+
+def make_dataset(config, tokenizer: Tokenizer, split: str, *,
+                 input_context: tf.distribute.InputContext | None = None,
+                 repeat: bool | None = None,
+                 length_stats: LengthStats | None = None) -> tf.data.Dataset:
+  """Builds the batched dataset of one split ("train" or "eval") for one input pipeline.
+
+  train: config.data.train, shuffled with config.seed, repeated forever, remainders
+  dropped (every shape on the grid). eval: config.data.eval, in order, one epoch, partial
+  batches kept (batch size varies, length stays on the grid). `repeat` overrides the
+  epoch default. With `input_context` the pipeline reads only its shard and batches per
+  replica, for `strategy.distribute_datasets_from_function`.
+  """
+  corpora.validate_data_config(config.data)
+  validate_config(config)
+  if split not in _SPLITS:
+    raise ValueError(f"split={split!r}; valid: {_SPLITS}.")
+  training = split == "train"
+  repeat = training if repeat is None else repeat
+  if length_stats is None:
+    length_stats = LengthStats(name=f"length_stats_{split}")
+  source = config.data[split]
+  logging.info("Input pipeline %s: %s, input context %s, repeat=%s.", split, source,
+               input_context, repeat)
+
+  dataset = corpora.read(source, config.data, input_context=input_context,
+                         shuffle_files=training, seed=config.seed)
+  if training and config.data.shuffle_buffer > 0:
+    dataset = dataset.shuffle(config.data.shuffle_buffer, seed=config.seed,
+                              reshuffle_each_iteration=True)
+  if repeat:
+    dataset = dataset.repeat()
+  dataset = dataset.batch(TOKENIZE_BATCH)
+  dataset = tokenize(dataset, tokenizer, deterministic=config.data.deterministic)
+  dataset = filter_length(dataset, config.data, length_stats)
+  dataset = unbatch(add_special_tokens(dataset))
+  dataset = bucket(dataset, config, input_context=input_context, drop_remainder=training)
+  return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def tokenize(dataset: tf.data.Dataset, tokenizer: Tokenizer, *,
+             deterministic: bool = True) -> tf.data.Dataset:
+  """Batches of (src, tgt) tf.string [B] -> {"source", "target"}: int32 ragged [B, (T)]."""
+
+  def tokenize_batch(src, tgt):
+    return {"source": tokenizer.tokenize_source(src),
+            "target": tokenizer.tokenize_target(tgt)}
+
+  return dataset.map(tokenize_batch, num_parallel_calls=tf.data.AUTOTUNE,
+                     deterministic=deterministic)
+
+
+def filter_length(dataset: tf.data.Dataset, data_config,
+                  length_stats: LengthStats) -> tf.data.Dataset:
+  """Drops or truncates ragged id batches that would exceed the max lengths, counting them.
+
+  data.max_source_length counts the EOS to be added and data.max_target_length counts BOS
+  and EOS, so ids are limited to max_source_length - 1 and max_target_length - 2.
+  """
+  max_source_ids = data_config.max_source_length - 1
+  max_target_ids = data_config.max_target_length - 2
+  truncate = data_config.length_policy == "truncate"
+
+  def limit(features):
+    source, target = features["source"], features["target"]
+    too_long = ((source.row_lengths() > max_source_ids) |
+                (target.row_lengths() > max_target_ids))
+    num_too_long = tf.reduce_sum(tf.cast(too_long, tf.int64))
+    seen = tf.size(too_long, out_type=tf.int64)
+    if truncate:
+      length_stats.add(seen, tf.constant(0, tf.int64), num_too_long)
+      return {"source": source[:, :max_source_ids], "target": target[:, :max_target_ids]}
+    length_stats.add(seen, num_too_long, tf.constant(0, tf.int64))
+    keep = tf.logical_not(too_long)
+    return {"source": tf.ragged.boolean_mask(source, keep),
+            "target": tf.ragged.boolean_mask(target, keep)}
+
+  # Not parallel: the work is tiny, and the counter updates stay in order.
+  return dataset.map(limit)
+
+
+def add_special_tokens(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """Ragged id batches -> source = ids + [EOS], target = [BOS] + ids + [EOS]."""
+
+  def add(features):
+    source, target = features["source"], features["target"]
+    batch = source.nrows()
+    eos = tf.fill([batch, 1], tf.constant(EOS_ID, source.dtype))
+    bos = tf.fill([batch, 1], tf.constant(BOS_ID, target.dtype))
+    return {"source": tf.concat([source, eos], axis=1),
+            "target": tf.concat([bos, target, eos], axis=1)}
+
+  return dataset.map(add, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def unbatch(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """Ragged batches -> examples {"source": int32 [S], "target": int32 [T]} (dense).
+
+  Unbatched rows already are dense tensors, but their spec stays ragged (rank 0), which
+  padded_batch rejects; an identity map gives them a TensorSpec.
+  """
+  return dataset.unbatch().map(dict, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def bucket(dataset: tf.data.Dataset, config, *,
+           input_context: tf.distribute.InputContext | None = None,
+           drop_remainder: bool = True) -> tf.data.Dataset:
+  """Examples of variable length -> batches padded to exactly a grid length.
+
+  An example goes to the smallest grid length L >= max(len(source), len(target)); both
+  sides are padded with PAD (0) to L. Batch size per bucket from `bucket_batch_sizes`.
+  """
+  grid = padded_shapes(config)
+  batch_sizes = bucket_batch_sizes(config, input_context)
+  return dataset.bucket_by_sequence_length(
+      element_length_func=_example_length,
+      # The library pads a bucket to its boundary - 1 and puts length n in the first
+      # bucket with n < boundary, so boundary L + 1 holds lengths up to L, padded to L.
+      bucket_boundaries=[length + 1 for length in grid],
+      # One more bucket (beyond the grid) always exists; filter_length keeps it empty.
+      bucket_batch_sizes=batch_sizes + batch_sizes[-1:],
+      pad_to_bucket_boundary=True,
+      drop_remainder=drop_remainder)
+
+
+def _example_length(example) -> tf.Tensor:
+  return tf.maximum(tf.shape(example["source"])[0], tf.shape(example["target"])[0])
+
+
+def bucket_batch_sizes(config, input_context: tf.distribute.InputContext | None = None
+                       ) -> list[int]:
+  """Per-replica batch size (sentences) for each length in `padded_shapes(config)`.
+
+  sentences: train.batch_size split over replicas. tokens: the per-replica token budget
+  train.tokens_per_batch // num_replicas divided by the padded length (at least 1).
+  """
+  grid = padded_shapes(config)
+  if config.data.batch_by == "sentences":
+    batch_size = config.train.batch_size
+    if input_context is not None:
+      batch_size = input_context.get_per_replica_batch_size(batch_size)
+    return [batch_size] * len(grid)
+  num_replicas = input_context.num_replicas_in_sync if input_context else 1
+  budget = config.train.tokens_per_batch // num_replicas
+  return [max(1, budget // length) for length in grid]
+
+
+def padded_shapes(config) -> list[int]:
+  """The sequence lengths batches can have: the bucket boundaries up to the first one
+  holding both max lengths (longer boundaries can never be used)."""
+  longest = max(config.data.max_source_length, config.data.max_target_length)
+  grid = []
+  for length in config.data.bucket_boundaries:
+    grid.append(int(length))
+    if length >= longest:
+      return grid
+  raise ValueError(f"data.bucket_boundaries={tuple(config.data.bucket_boundaries)}: the "
+                   f"last must be >= max(data.max_source_length, data.max_target_length)"
+                   f"={longest}.")
+
+
+def validate_config(config) -> None:
+  """Checks the pipeline's own config keys; raises ValueError naming key and value."""
+  data = config.data
+  boundaries = tuple(data.bucket_boundaries)
+  if not boundaries or any(b <= 0 for b in boundaries) or list(boundaries) != sorted(
+      set(boundaries)):
+    raise ValueError(f"data.bucket_boundaries={boundaries}: must be positive and "
+                     "strictly increasing.")
+  if data.max_source_length < 2 or data.max_target_length < 3:
+    raise ValueError(f"data.max_source_length={data.max_source_length} (>= 2) and "
+                     f"data.max_target_length={data.max_target_length} (>= 3) must leave "
+                     "room for one token besides BOS/EOS.")
+  if data.length_policy not in ("drop", "truncate"):
+    raise ValueError(f"data.length_policy={data.length_policy!r}; valid: drop | truncate.")
+  if data.batch_by not in ("sentences", "tokens"):
+    raise ValueError(f"data.batch_by={data.batch_by!r}; valid: sentences | tokens.")
+  if data.batch_by == "sentences" and config.train.batch_size <= 0:
+    raise ValueError(f"train.batch_size={config.train.batch_size}; must be > 0.")
+  if data.batch_by == "tokens" and config.train.tokens_per_batch <= 0:
+    raise ValueError(f"train.tokens_per_batch={config.train.tokens_per_batch}; must be "
+                     "> 0 when data.batch_by = tokens.")
+  if data.shuffle_buffer < 0:
+    raise ValueError(f"data.shuffle_buffer={data.shuffle_buffer}; must be >= 0.")
+  padded_shapes(config)
+
+
+def tokenizer_sample(config) -> Callable[[], Iterator[tuple[str, str]]]:
+  """A callable yielding up to tokenizer.sample_size training pairs, for load_or_train."""
+
+  def sample() -> Iterator[tuple[str, str]]:
+    return corpora.read_pairs(config.data.train, config.data,
+                              limit=config.tokenizer.sample_size)
+
+  return sample

@@ -1,0 +1,206 @@
+"""SentencePiece tokenizers: trained once per workdir, reused on resume, run in-graph.
+
+The models are trained with the `sentencepiece` library on a sample of training pairs and
+stored in `<workdir>/tokenizer/` next to `tokenizer.json` (the tokenizer config that made
+them). Tokenizing and detokenizing run as TensorFlow ops (tensorflow_text), so they work
+inside tf.data, inside tf.function and in an exported SavedModel.
+"""
+import io
+import itertools
+import json
+import os
+from typing import Callable, Iterable, Iterator
+
+from absl import logging
+import sentencepiece as spm
+import tensorflow as tf
+import tensorflow_text as tf_text
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+CONFIG_FILE = "tokenizer.json"
+_CONFIG_KEYS = ("model_type", "vocab_size", "joint", "sample_size", "character_coverage")
+_MODEL_TYPES = ("unigram", "bpe")
+
+
+class Tokenizer(tf.Module):
+  """Source and target SentencePiece models as TF ops (trackable, so SavedModel-able)."""
+
+  def __init__(self, source_model: bytes, target_model: bytes):
+    """Takes serialized SentencePiece ModelProtos; pass the same bytes twice when joint."""
+    super().__init__(name="tokenizer")
+    self.joint = source_model == target_model
+    self._source = tf_text.SentencepieceTokenizer(model=source_model, out_type=tf.int32)
+    self._target = (self._source if self.joint else
+                    tf_text.SentencepieceTokenizer(model=target_model, out_type=tf.int32))
+    self.source_vocab_size = _piece_size(source_model)
+    self.target_vocab_size = _piece_size(target_model)
+
+  def tokenize_source(self, strings) -> tf.RaggedTensor:
+    """tf.string [B] -> int32 ids [B, (T)], without BOS/EOS."""
+    return self._source.tokenize(_as_vector(strings))
+
+  def tokenize_target(self, strings) -> tf.RaggedTensor:
+    """tf.string [B] -> int32 ids [B, (T)], without BOS/EOS."""
+    return self._target.tokenize(_as_vector(strings))
+
+  def detokenize_target(self, ids) -> tf.Tensor:
+    """int32 ids [B, T] (dense or ragged) -> tf.string [B].
+
+    Each row is cut at its first EOS, and PAD/BOS are dropped, so decoder outputs can be
+    passed as they are.
+    """
+    if isinstance(ids, tf.RaggedTensor):
+      ids = ids.to_tensor(default_value=PAD_ID)
+    ids = tf.cast(ids, tf.int32)
+    if ids.shape.rank != 2:
+      raise ValueError(f"detokenize_target expects ids of shape [B, T], got {ids.shape}.")
+    before_eos = tf.math.cumsum(tf.cast(ids == EOS_ID, tf.int32), axis=1) == 0
+    keep = before_eos & (ids != PAD_ID) & (ids != BOS_ID)
+    return self._target.detokenize(tf.ragged.boolean_mask(ids, keep))
+
+  def source_pieces(self, ids) -> tf.Tensor:
+    """int32 ids of any shape (dense or ragged) -> tf.string pieces, e.g. for plot labels."""
+    return self._source.id_to_string(ids)
+
+  def target_pieces(self, ids) -> tf.Tensor:
+    """int32 ids of any shape (dense or ragged) -> tf.string pieces, e.g. for plot labels."""
+    return self._target.id_to_string(ids)
+
+
+def _piece_size(model: bytes) -> int:
+  return spm.SentencePieceProcessor(model_proto=model).get_piece_size()
+
+
+def _as_vector(strings) -> tf.Tensor:
+  strings = tf.convert_to_tensor(strings, dtype=tf.string)
+  if strings.shape.rank != 1:
+    raise ValueError(f"Tokenizer expects a vector of strings [B], got shape {strings.shape}.")
+  return strings
+
+
+def load_or_train(tok_config, workdir: str,
+                  sample: Callable[[], Iterable[tuple[str, str]]]) -> Tokenizer:
+  """Loads the tokenizer stored in `<workdir>/tokenizer/`, training and storing it first.
+
+  `sample()` yields (source, target) training pairs; it is called once per model trained
+  (twice when not joint), and not at all when a stored tokenizer is reused. Raises
+  ValueError if the stored tokenizer was made with a different tokenizer config.
+  """
+  config = _config_dict(tok_config)
+  directory = os.path.join(workdir, "tokenizer")
+  stored = _read_stored_config(directory)
+  if stored is None:
+    _train_and_store(config, directory, sample)
+  else:
+    _check_same_config(stored["config"], config, directory)
+    logging.info("Reusing the tokenizer in %s.", directory)
+  files = _read_stored_config(directory)["files"]
+  source_model, target_model = (_read_bytes(os.path.join(directory, files[side]))
+                                for side in ("source", "target"))
+  tokenizer = Tokenizer(source_model, target_model)
+  logging.info("Tokenizer: source vocab %d, target vocab %d (joint=%s).",
+               tokenizer.source_vocab_size, tokenizer.target_vocab_size, tokenizer.joint)
+  return tokenizer
+
+
+def _config_dict(tok_config) -> dict:
+  """Returns the keys that define a tokenizer, validated, as plain JSON-able values."""
+  missing = [key for key in _CONFIG_KEYS if key not in tok_config]
+  if missing:
+    raise ValueError(f"tokenizer config is missing keys {missing}; see configs/default.py.")
+  config = {key: tok_config[key] for key in _CONFIG_KEYS}
+  if config["model_type"] not in _MODEL_TYPES:
+    raise ValueError(f"tokenizer.model_type={config['model_type']!r}; valid: {_MODEL_TYPES}.")
+  if not isinstance(config["vocab_size"], int) or config["vocab_size"] <= EOS_ID + 1:
+    raise ValueError(f"tokenizer.vocab_size={config['vocab_size']!r}; must be an int > 4.")
+  if not isinstance(config["sample_size"], int) or config["sample_size"] <= 0:
+    raise ValueError(f"tokenizer.sample_size={config['sample_size']!r}; must be an int > 0.")
+  if not 0.0 < config["character_coverage"] <= 1.0:
+    raise ValueError(f"tokenizer.character_coverage={config['character_coverage']!r}; "
+                     "must be in (0, 1].")
+  config["joint"] = bool(config["joint"])
+  config["character_coverage"] = float(config["character_coverage"])
+  return config
+
+
+def _read_stored_config(directory: str) -> dict | None:
+  """Returns the parsed tokenizer.json, or None if there is no complete stored tokenizer."""
+  path = os.path.join(directory, CONFIG_FILE)
+  if not tf.io.gfile.exists(path):
+    return None
+  try:
+    stored = json.loads(_read_bytes(path))
+    return {"config": dict(stored["config"]), "files": dict(stored["files"])}
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{path} is not a valid tokenizer description ({e}); delete "
+                     f"{directory} to train a new tokenizer.") from e
+
+
+def _check_same_config(stored: dict, current: dict, directory: str) -> None:
+  differing = sorted(key for key in set(stored) | set(current)
+                     if stored.get(key) != current.get(key))
+  if differing:
+    changes = ", ".join(f"tokenizer.{key}: stored {stored.get(key)!r} vs config "
+                        f"{current.get(key)!r}" for key in differing)
+    raise ValueError(
+        f"The tokenizer in {directory} was trained with a different config ({changes}). "
+        f"Restore those config values, or use a new workdir (or delete {directory}) to "
+        "train a new tokenizer.")
+
+
+def _train_and_store(config: dict, directory: str,
+                     sample: Callable[[], Iterable[tuple[str, str]]]) -> None:
+  """Trains the model(s) and writes them; tokenizer.json is written last, as the marker."""
+  tf.io.gfile.makedirs(directory)
+  if config["joint"]:
+    files = {"source": "joint.model", "target": "joint.model"}
+    model = train_model(_sentences(sample, (0, 1), config["sample_size"]), config, "joint")
+    _write_bytes(os.path.join(directory, "joint.model"), model)
+  else:
+    files = {"source": "source.model", "target": "target.model"}
+    for index, side in enumerate(("source", "target")):
+      model = train_model(_sentences(sample, (index,), config["sample_size"]), config, side)
+      _write_bytes(os.path.join(directory, files[side]), model)
+  description = {"config": config, "files": files}
+  _write_bytes(os.path.join(directory, CONFIG_FILE),
+               json.dumps(description, indent=2, sort_keys=True).encode())
+  logging.info("Stored the tokenizer in %s.", directory)
+
+
+def _sentences(sample: Callable[[], Iterable[tuple[str, str]]], sides: tuple[int, ...],
+               limit: int) -> Iterator[str]:
+  for pair in itertools.islice(sample(), limit):
+    for side in sides:
+      if pair[side]:
+        yield pair[side]
+
+
+def train_model(sentences: Iterator[str], config: dict, name: str) -> bytes:
+  """Trains one SentencePiece model from in-memory sentences; returns the ModelProto bytes."""
+  model = io.BytesIO()
+  logging.info("Training the %s SentencePiece model: %s", name, config)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences, model_writer=model,
+        model_type=config["model_type"], vocab_size=config["vocab_size"],
+        character_coverage=config["character_coverage"],
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        num_threads=os.cpu_count() or 1, minloglevel=1)
+  except RuntimeError as e:
+    raise ValueError(f"Training the {name} SentencePiece model with tokenizer config "
+                     f"{config} failed: {e}") from e
+  return model.getvalue()
+
+
+def _read_bytes(path: str) -> bytes:
+  with tf.io.gfile.GFile(path, "rb") as f:
+    return f.read()
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+  """Writes via a temporary file and a rename, so a crash never leaves a partial file."""
+  tmp_path = path + ".tmp"
+  with tf.io.gfile.GFile(tmp_path, "wb") as f:
+    f.write(data)
+  tf.io.gfile.rename(tmp_path, path, overwrite=True)

@@ -1,0 +1,191 @@
+"""Tests for input_pipeline/pipeline.py on a small generated tsv corpus."""
+import collections
+import random
+
+import pytest
+import tensorflow as tf
+
+from configs import tiny
+from input_pipeline import pipeline
+from input_pipeline import tokenizer as tokenizer_lib
+
+_DE = ("null eins zwei drei vier fünf sechs sieben acht neun zehn elf zwölf zwanzig "
+       "dreißig vierzig hundert tausend million und am im märz juni mai").split()
+_EN = ("zero one two three four five six seven eight nine ten eleven twelve twenty "
+       "thirty forty hundred thousand million and on in march june may").split()
+_NUM_PAIRS = 300
+_GRID = [6, 10, 16]
+
+
+def _make_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
+  """n distinct (de, en) word-for-word pairs of 1-7 words (some exceed 16 tokens)."""
+  rng = random.Random(seed)
+  pairs = {}
+  while len(pairs) < n:
+    words = [rng.randrange(len(_EN)) for _ in range(rng.randint(1, 7))]
+    pairs[" ".join(_DE[i] for i in words)] = " ".join(_EN[i] for i in words)
+  return list(pairs.items())
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """The pairs and a tsv: source for them."""
+  pairs = _make_pairs(_NUM_PAIRS)
+  path = tmp_path_factory.mktemp("corpus") / "pairs.tsv"
+  path.write_text("".join(f"{src}\t{tgt}\n" for src, tgt in pairs), encoding="utf-8")
+  return pairs, f"tsv:{path}"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus, tmp_path_factory):
+  pairs, _ = corpus
+  config = tiny.get_config().tokenizer
+  config.vocab_size = 60
+  return tokenizer_lib.load_or_train(config, str(tmp_path_factory.mktemp("workdir")),
+                                     lambda: iter(pairs))
+
+
+@pytest.fixture
+def config(corpus):
+  config = tiny.get_config()
+  config.data.train = config.data.eval = corpus[1]
+  config.data.max_source_length = 16
+  config.data.max_target_length = 16
+  config.data.bucket_boundaries = (6, 10, 16, 24)  # 24 is unreachable: trimmed.
+  config.data.shuffle_buffer = 100
+  config.train.batch_size = 8
+  return config
+
+
+def _rows(batch, key):
+  """Unpadded id rows of one side of a batch."""
+  return [tuple(row[row != 0].tolist()) for row in batch[key]]
+
+
+def _all_batches(config, tokenizer, split="eval", **kwargs):
+  return list(pipeline.make_dataset(config, tokenizer, split, **kwargs).as_numpy_iterator())
+
+
+def test_padded_shapes_is_the_reachable_grid(config):
+  assert pipeline.padded_shapes(config) == _GRID
+  config.data.bucket_boundaries = (6, 10)
+  with pytest.raises(ValueError, match="data.bucket_boundaries"):
+    pipeline.padded_shapes(config)
+
+
+def test_tokenize_then_special_tokens(tokenizer):
+  strings = tf.data.Dataset.from_tensors((["zwei mai"], ["two may"]))
+  batch = next(iter(pipeline.add_special_tokens(pipeline.tokenize(strings, tokenizer))))
+  source_ids = tokenizer.tokenize_source(["zwei mai"]).to_list()[0]
+  target_ids = tokenizer.tokenize_target(["two may"]).to_list()[0]
+  assert batch["source"].to_list() == [source_ids + [tokenizer_lib.EOS_ID]]
+  assert batch["target"].to_list() == [
+      [tokenizer_lib.BOS_ID] + target_ids + [tokenizer_lib.EOS_ID]]
+
+
+@pytest.mark.parametrize("policy", ["drop", "truncate"])
+def test_filter_length_drops_or_truncates_and_counts(config, policy):
+  config.data.max_source_length, config.data.max_target_length = 4, 5  # 3 ids each.
+  config.data.length_policy = policy
+  ids = {"source": tf.ragged.constant([[5, 6], [5, 6, 7, 8], [5]], tf.int32),
+         "target": tf.ragged.constant([[5], [5, 6], [5, 6, 7, 8, 9]], tf.int32)}
+  stats = pipeline.LengthStats()
+  dataset = pipeline.filter_length(tf.data.Dataset.from_tensors(ids), config.data, stats)
+  batch = next(iter(dataset))
+  if policy == "drop":
+    assert batch["source"].to_list() == [[5, 6]]
+    assert stats.result() == {"seen": 3, "dropped": 2, "truncated": 0}
+  else:
+    assert batch["source"].to_list() == [[5, 6], [5, 6, 7], [5]]
+    assert batch["target"].to_list() == [[5], [5, 6], [5, 6, 7]]
+    assert stats.result() == {"seen": 3, "dropped": 0, "truncated": 2}
+
+
+def test_train_batches_are_on_the_grid(config, tokenizer):
+  dataset = pipeline.make_dataset(config, tokenizer, "train")
+  lengths = set()
+  for batch in dataset.take(60).as_numpy_iterator():
+    source, target = batch["source"], batch["target"]
+    assert source.shape == target.shape and source.dtype == target.dtype == "int32"
+    assert source.shape[0] == 8 and source.shape[1] in _GRID
+    lengths.add(source.shape[1])
+    assert (target[:, 0] == tokenizer_lib.BOS_ID).all()
+    for row in _rows(batch, "source"):
+      assert row[-1] == tokenizer_lib.EOS_ID and tokenizer_lib.BOS_ID not in row
+    for row in _rows(batch, "target"):
+      assert row[-1] == tokenizer_lib.EOS_ID and row.count(tokenizer_lib.EOS_ID) == 1
+  assert lengths == set(_GRID)
+
+
+def test_train_order_is_seeded(config, tokenizer):
+  first, second = (next(iter(pipeline.make_dataset(config, tokenizer, "train")))
+                   for _ in range(2))
+  assert (first["source"].numpy() == second["source"].numpy()).all()
+
+
+@pytest.mark.parametrize("policy", ["drop", "truncate"])
+def test_eval_epoch_counts_every_pair(config, tokenizer, policy):
+  config.data.length_policy = policy
+  stats = pipeline.LengthStats()
+  batches = _all_batches(config, tokenizer, length_stats=stats)
+  assert all(b["source"].shape[1] in _GRID for b in batches)
+  examples = sum(b["source"].shape[0] for b in batches)
+  counts = stats.result()
+  assert counts["seen"] == _NUM_PAIRS
+  assert examples == _NUM_PAIRS - counts["dropped"]
+  over_long = counts["dropped"] if policy == "drop" else counts["truncated"]
+  assert over_long > 0
+
+
+def test_token_budget_batching(config, tokenizer):
+  config.data.batch_by = "tokens"
+  config.train.tokens_per_batch = 128
+  context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=0,
+                                       num_replicas_in_sync=2)
+  assert pipeline.bucket_batch_sizes(config, context) == [64 // 6, 64 // 10, 64 // 16]
+  batches = pipeline.make_dataset(config, tokenizer, "train", input_context=context)
+  for batch in batches.take(20).as_numpy_iterator():
+    rows, length = batch["source"].shape
+    assert rows * length <= 64 and rows == 64 // length
+
+
+def test_two_pipelines_split_the_corpus_exactly_once(config, tokenizer):
+  epochs = []
+  for split in ("eval", "train"):
+    config.train.batch_size = 2  # 1 per replica: no remainder dropped in train.
+    per_pipeline = []
+    for index in range(2):
+      context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=index,
+                                           num_replicas_in_sync=2)
+      batches = _all_batches(config, tokenizer, split, input_context=context, repeat=False)
+      assert all(b["source"].shape[0] == 1 for b in batches)
+      per_pipeline.append(collections.Counter(
+          row for b in batches for row in _rows(b, "source")))
+    assert per_pipeline[0] and per_pipeline[1]
+    assert not per_pipeline[0] & per_pipeline[1]
+    epochs.append(per_pipeline[0] + per_pipeline[1])
+  everything = collections.Counter(row for b in _all_batches(config, tokenizer)
+                                   for row in _rows(b, "source"))
+  assert epochs[0] == epochs[1] == everything
+  assert max(everything.values()) == 1
+
+
+def test_plugs_into_distribute_datasets_from_function(config, tokenizer):
+  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  stats = pipeline.LengthStats()
+  dataset = strategy.distribute_datasets_from_function(
+      lambda ctx: pipeline.make_dataset(config, tokenizer, "train", input_context=ctx,
+                                        length_stats=stats))
+  batch = next(iter(dataset))
+  shapes = [t.shape for t in strategy.experimental_local_results(batch["target"])]
+  assert len(shapes) == 2 and all(s[0] == 4 and s[1] in _GRID for s in shapes)
+  assert stats.result()["seen"] > 0
+
+
+def test_bad_config_values_are_named(config, tokenizer):
+  config.data.length_policy = "clip"
+  with pytest.raises(ValueError, match="data.length_policy"):
+    pipeline.make_dataset(config, tokenizer, "train")
+  config.data.length_policy = "drop"
+  with pytest.raises(ValueError, match="split"):
+    pipeline.make_dataset(config, tokenizer, "test")

@@ -1,0 +1,482 @@
+"""Training: the train step, the loop around it, checkpoints and summaries.
+
+The step follows the house shape: encode once, run the decoder cell in an in-graph loop,
+project all steps to the vocabulary at once, return the loss sum and the token count; the
+caller divides by the *global* token count, so the loss is right for any replica count.
+"""
+import dataclasses
+import os
+import signal
+import time
+from typing import Dict, List, Optional
+
+from absl import logging
+import keras
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from input_pipeline import pipeline
+from input_pipeline import tokenizer as tokenizer_lib
+from trainer import distribute
+from trainer import evaluate
+from trainer import model as model_lib
+from trainer import summaries
+
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+XLA_MODES = ("off", "decoder_step", "train_step")
+
+
+def resolve_precision(name: str) -> str:
+  """'auto' -> mixed_float16 on GPUs with fast fp16 (compute capability >= 7), else bf16."""
+  if name not in PRECISIONS:
+    raise ValueError(f"config.train.precision={name!r} is not one of {PRECISIONS}")
+  if name != "auto":
+    return name
+  for gpu in tf.config.list_physical_devices("GPU"):
+    capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+    if capability and capability >= (7, 0):
+      return "mixed_float16"
+  return "mixed_bfloat16"
+
+
+class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
+  """Linear warmup to `peak`, then constant, rsqrt or cosine decay (to 0 at `total`)."""
+
+  def __init__(self, peak: float, warmup: int, decay: str, total: int):
+    if decay not in ("constant", "rsqrt", "cosine"):
+      raise ValueError(f"config.train.decay={decay!r} is not one of "
+                       "('constant', 'rsqrt', 'cosine')")
+    self.peak, self.warmup, self.decay, self.total = peak, max(warmup, 1), decay, total
+
+  def __call__(self, step):
+    step = tf.cast(step, tf.float32) + 1.0
+    warm = tf.minimum(1.0, step / self.warmup)
+    if self.decay == "rsqrt":
+      after = tf.math.rsqrt(tf.maximum(step, self.warmup) / self.warmup)
+    elif self.decay == "cosine":
+      progress = tf.clip_by_value((step - self.warmup) / max(self.total - self.warmup, 1),
+                                  0.0, 1.0)
+      after = 0.5 * (1.0 + tf.cos(np.pi * progress))
+    else:
+      after = 1.0
+    return self.peak * warm * after
+
+  def get_config(self):
+    return dict(peak=self.peak, warmup=self.warmup, decay=self.decay, total=self.total)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, policy: str):
+  t = config.train
+  schedule = WarmupDecay(t.learning_rate, t.warmup_steps, t.decay, t.steps)
+  optimizer = keras.optimizers.Adam(learning_rate=schedule)
+  if policy == "mixed_float16":
+    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+  return optimizer
+
+
+def validate_train_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the key and value for invalid training settings."""
+  t = config.train
+  if t.xla not in XLA_MODES:
+    raise ValueError(f"config.train.xla={t.xla!r} is not one of {XLA_MODES}")
+  resolve_precision(t.precision)
+  for key in ("steps", "steps_per_loop", "log_every", "checkpoint_every", "eval_every",
+              "batch_size"):
+    if int(t[key]) <= 0:
+      raise ValueError(f"config.train.{key}={t[key]!r} must be a positive integer")
+  if t.learning_rate <= 0 or t.clip_norm < 0 or not 0 <= t.label_smoothing < 1:
+    raise ValueError("config.train.learning_rate must be > 0, clip_norm >= 0 and "
+                     f"0 <= label_smoothing < 1 (got {t.learning_rate}, {t.clip_norm}, "
+                     f"{t.label_smoothing})")
+
+
+def make_grad_fn(model, config, jit: bool):
+  """(source, target, global_tokens) -> (grads, loss_sum); optionally XLA-compiled whole."""
+  smoothing = float(config.train.label_smoothing)
+
+  def grad_fn(source, target, global_tokens, loss_scale):
+    with tf.GradientTape() as tape:
+      logits, _ = model(source, target[:, :-1], training=True)
+      loss_sum, _ = evaluate.masked_cross_entropy(logits, target[:, 1:], smoothing)
+      scaled = loss_sum / global_tokens * loss_scale
+    return tape.gradient(scaled, model.trainable_variables), loss_sum
+
+  return tf.function(grad_fn, jit_compile=True) if jit else grad_fn
+
+
+def make_gradient_fn(model, config, scale_fn):
+  """Per-replica batch -> all-reduced gradients of the *global* mean token loss.
+
+  Returns (grads, loss_sum, local_tokens, grad_norm); `grads` are unscaled (fp16 loss
+  scaling undone) and clipped by global norm, identical on every replica.
+  """
+  grad_fn = make_grad_fn(model, config, jit=config.train.xla == "train_step")
+  clip = float(config.train.clip_norm)
+
+  def global_gradients(batch):
+    ctx = tf.distribute.get_replica_context()
+    source, target = batch["source"], batch["target"]
+    local_tokens = tf.reduce_sum(tf.cast(target[:, 1:] != 0, tf.float32))
+    global_tokens = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_tokens)
+    scale = scale_fn()
+    grads, loss_sum = grad_fn(source, target, global_tokens, scale)
+    grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [g / scale for g in grads])
+    grad_norm = tf.linalg.global_norm(grads)
+    if clip:
+      grads, _ = tf.clip_by_global_norm(grads, clip, use_norm=grad_norm)
+    return grads, loss_sum, local_tokens, grad_norm
+
+  return global_gradients
+
+
+def make_replica_step(model, optimizer, config, strategy):
+  """Per-replica train step: global gradients, then an update unless they are not finite.
+
+  Keras 3 optimizers all-reduce (sum) inside apply(), *after* their own clipping, which
+  would clip per-replica gradients. We reduce and clip first and hand over grads / N so
+  that Keras' sum gives back the clipped global gradient.
+  """
+  fp16 = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+  scale_fn = ((lambda: tf.identity(optimizer.dynamic_scale)) if fp16
+              else (lambda: tf.constant(1.0)))
+  global_gradients = make_gradient_fn(model, config, scale_fn)
+  variables = model.trainable_variables
+  n = strategy.num_replicas_in_sync
+
+  def apply_if_finite(strategy, grads, finite):
+    finite = strategy.experimental_local_results(finite)[0]
+
+    def apply():
+      strategy.extended.call_for_each_replica(optimizer.apply, args=(grads, variables))
+
+    tf.cond(finite, apply, lambda: None)
+
+  def replica_step(batch):
+    grads, loss_sum, local_tokens, grad_norm = global_gradients(batch)
+    finite = tf.math.is_finite(grad_norm)
+    scale = scale_fn()
+    grads = [g * (scale / n) for g in grads]
+    if fp16:  # LossScaleOptimizer skips non-finite steps and lowers its scale itself.
+      optimizer.apply(grads, variables)
+    else:
+      tf.distribute.get_replica_context().merge_call(apply_if_finite,
+                                                     args=(grads, finite))
+    shape = tf.shape(batch["source"])
+    return dict(loss_sum=loss_sum, tokens=local_tokens,
+                examples=tf.cast(shape[0], tf.float32), grad_norm=grad_norm,
+                finite=tf.cast(finite, tf.float32), length=tf.cast(shape[1], tf.float32))
+  return replica_step
+
+
+def make_train_loop(strategy, replica_step):
+  """tf.function (iterator, num_steps) -> per-step metrics [num_steps] and input wait (s).
+
+  Several steps per call cut host overhead; the time spent in get_next is measured in-graph.
+  """
+  sum_keys = ("loss_sum", "tokens", "examples")
+
+  @tf.function
+  def train_loop(iterator, num_steps):
+    arrays = {k: tf.TensorArray(tf.float32, size=num_steps)
+              for k in ("loss", "tokens", "examples", "grad_norm", "finite", "length")}
+    input_wait = tf.constant(0.0, tf.float64)
+    for i in tf.range(num_steps):
+      t0 = tf.timestamp()
+      with tf.control_dependencies([t0]):
+        batch = next(iterator)
+      with tf.control_dependencies(tf.nest.flatten(
+          strategy.experimental_local_results(batch))):
+        input_wait += tf.timestamp() - t0
+      out = strategy.run(replica_step, args=(batch,))
+      red = {k: strategy.reduce("SUM", out[k], axis=None) for k in sum_keys}
+      first = {k: strategy.experimental_local_results(out[k])[0]
+               for k in ("grad_norm", "finite", "length")}
+      values = dict(loss=red["loss_sum"] / tf.maximum(red["tokens"], 1.0),
+                    tokens=red["tokens"], examples=red["examples"], **first)
+      arrays = {k: arrays[k].write(i, values[k]) for k in arrays}
+    return {k: a.stack() for k, a in arrays.items()}, input_wait
+
+  return train_loop
+
+
+@dataclasses.dataclass
+class _StopFlag:
+  """Set by SIGTERM/SIGINT so the loop can save a checkpoint and exit cleanly."""
+  signal_name: Optional[str] = None
+
+  def __call__(self, signum, frame):
+    self.signal_name = signal.Signals(signum).name
+
+
+def _install_signal_handlers(flag: _StopFlag):
+  previous = {}
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    try:
+      previous[sig] = signal.signal(sig, flag)
+    except ValueError:  # Not the main thread (e.g. a test runner thread).
+      pass
+  return previous
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything one training run holds: built once by `setup`, used by the loop."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  strategy: tf.distribute.Strategy
+  policy: str
+  tokenizer: tokenizer_lib.Tokenizer
+  model: model_lib.Seq2Seq
+  optimizer: keras.optimizers.Optimizer
+  checkpoint: tf.train.Checkpoint
+  manager: tf.train.CheckpointManager
+  best_manager: tf.train.CheckpointManager
+  best_eval_loss: tf.Variable
+  iterator: object
+  is_chief: bool
+
+
+def build_model(config, tokenizer, policy: str, xla: str) -> model_lib.Seq2Seq:
+  model = model_lib.create_model(config, tokenizer.source_vocab_size,
+                                 tokenizer.target_vocab_size, policy)
+  if xla == "decoder_step":
+    model.step_fn = tf.function(model.decoder.step, jit_compile=True)
+  return model
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str,
+          strategy: Optional[tf.distribute.Strategy] = None) -> Run:
+  """Strategy, tokenizer, model, optimizer, dataset iterator, checkpoint (restored if any)."""
+  validate_train_config(config)
+  strategy = strategy or distribute.create_strategy(config)
+  chief = distribute.is_chief(strategy)
+  # Non-chief workers write to a scratch dir that is removed at the end (MWMS pattern).
+  run_dir = workdir if chief else os.path.join(workdir, "tmp_workers",
+                                               f"worker_{strategy.cluster_resolver.task_id}")
+  tf.io.gfile.makedirs(run_dir)
+  policy = resolve_precision(config.train.precision)
+  tokenizer = tokenizer_lib.load_or_train(config.tokenizer, run_dir,
+                                          pipeline.tokenizer_sample(config))
+  tf.random.set_seed(config.seed)
+  keras.utils.set_random_seed(config.seed)
+  with strategy.scope():
+    model = build_model(config, tokenizer, policy, config.train.xla)
+    optimizer = create_optimizer(config, policy)
+    optimizer.build(model.trainable_variables)
+    best_eval_loss = tf.Variable(np.inf, dtype=tf.float32, trainable=False)
+  dataset = strategy.distribute_datasets_from_function(
+      lambda ctx: pipeline.make_dataset(config, tokenizer, "train", input_context=ctx))
+  iterator = iter(dataset)
+  checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, iterator=iterator,
+                                   best_eval_loss=best_eval_loss)
+  manager = tf.train.CheckpointManager(
+      checkpoint, os.path.join(run_dir, "checkpoints"),
+      max_to_keep=config.train.keep_checkpoints, step_counter=optimizer.iterations)
+  best_manager = tf.train.CheckpointManager(
+      checkpoint, os.path.join(run_dir, "checkpoints", "best"), max_to_keep=1,
+      step_counter=optimizer.iterations)
+  if manager.latest_checkpoint:
+    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    logging.info("Resumed from %s at step %d.", manager.latest_checkpoint,
+                 int(optimizer.iterations.numpy()))
+  return Run(config, run_dir, strategy, policy, tokenizer, model, optimizer, checkpoint,
+             manager, best_manager, best_eval_loss, iterator, chief)
+
+
+class Evaluator:
+  """Held-out loss, BLEU/chrF, attention heatmaps and sample translations for a Run."""
+
+  def __init__(self, run: Run):
+    config = run.config
+    self.run = run
+    self.eval_step = evaluate.make_eval_loss_fn(run.model)
+    self.translate_ids = evaluate.make_translate_fn(run.model, config)
+    self.dataset = pipeline.make_dataset(config, run.tokenizer, "eval")
+    limit = config.data.eval_examples or None
+    pairs = list(pipeline.corpora.read_pairs(config.data.eval, config.data, limit=limit))
+    self.sources = [s for s, _ in pairs]
+    self.references = [t for _, t in pairs]
+    self.probes = list(config.eval.probe_sentences) + self.sources[:config.eval.num_probes]
+
+  def __call__(self, step: int, writer: Optional[tf.summary.SummaryWriter]) -> Dict:
+    run = self.run
+    metrics = {"loss": evaluate.eval_loss(self.eval_step, self.dataset)}
+    metrics["perplexity"] = float(np.exp(min(metrics["loss"], 50.0)))
+    hyps, _, _, _ = evaluate.translate(self.translate_ids, run.tokenizer, self.sources,
+                                       run.config)
+    metrics.update(evaluate.score(hyps, self.references))
+    if writer is not None:
+      summaries.write_scalars(writer, step, metrics)
+      _, ids, weights, srcs = evaluate.translate(self.translate_ids, run.tokenizer,
+                                                 self.probes, run.config)
+      names = [f"attention/greedy/probe_{i}" for i in range(len(self.probes))]
+      summaries.write_images(writer, step, evaluate.attention_pngs(
+          run.tokenizer, srcs, ids, weights, names))
+      rows = [("source", "reference", "translation")] + [
+          (s, r, h) for s, r, h in zip(self.sources[:8], self.references, hyps)]
+      summaries.write_text(writer, step, "samples", rows)
+    return metrics
+
+
+def _log_progress(step: int, total: int, window: Dict[str, List[float]],
+                  elapsed: float, start_step: int, run_elapsed: float) -> Dict[str, float]:
+  """Turns the metrics gathered since the last log into scalars; logs one line."""
+  tokens, examples = sum(window["tokens"]), sum(window["examples"])
+  loss = float(np.sum(np.array(window["loss"]) * np.array(window["tokens"])) /
+               max(tokens, 1.0))
+  scalars = {
+      "loss": loss, "perplexity": float(np.exp(min(loss, 50.0))),
+      "grad_norm": float(np.mean(window["grad_norm"])),
+      "target_tokens_per_sec": tokens / elapsed, "examples_per_sec": examples / elapsed,
+      "step_time_s": elapsed / len(window["loss"]),
+      "input_wait_fraction": sum(window["input_wait"]) / elapsed,
+  }
+  eta = (total - step) * run_elapsed / max(step - start_step, 1)
+  logging.info("step %d/%d  loss %.4f  %.0f tok/s  %.1f ex/s  %.3f s/step  ETA %s",
+               step, total, loss, scalars["target_tokens_per_sec"],
+               scalars["examples_per_sec"], scalars["step_time_s"],
+               time.strftime("%H:%M:%S", time.gmtime(eta)))
+  return scalars
+
+
+def _check_finite(history_finite: List[float], step: int, limit: int) -> None:
+  """Stops the run after `limit` non-finite losses in a row (each was skipped)."""
+  run = 0
+  for f in reversed(history_finite):
+    if f:
+      break
+    run += 1
+  if run:
+    logging.warning("Non-finite gradients at step %d: update skipped (%d in a row).",
+                    step, run)
+  if run >= limit:
+    raise FloatingPointError(
+        f"{run} non-finite losses in a row up to step {step} "
+        f"(config.train.max_nonfinite_steps={limit}); lower config.train.learning_rate, "
+        "enable config.train.clip_norm or use float32.")
+
+
+def _steps_until_boundary(step: int, config) -> int:
+  """Steps to run in the next loop call so that logs, evals and checkpoints land exactly."""
+  t = config.train
+  n = min(t.steps_per_loop, t.steps - step)
+  for every in (t.log_every, t.eval_every, t.checkpoint_every):
+    n = min(n, every - step % every)
+  return n
+
+
+def _profile(step: int, spec: str, logdir: str, state: Dict) -> None:
+  """Starts/stops the TensorBoard profiler for config.train.profile_steps='START,END'."""
+  if not spec:
+    return
+  try:
+    start, end = (int(x) for x in spec.split(","))
+  except ValueError as e:
+    raise ValueError(f"config.train.profile_steps={spec!r} must be 'START,END'") from e
+  if not state.get("on") and start <= step < end and not state.get("done"):
+    tf.profiler.experimental.start(logdir)
+    state["on"] = True
+  elif state.get("on") and step >= end:
+    tf.profiler.experimental.stop()
+    state.update(on=False, done=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       strategy: Optional[tf.distribute.Strategy] = None) -> Dict:
+  """Trains (resuming from workdir's latest checkpoint) and evaluates; returns a summary.
+
+  The summary holds per-step training losses of this invocation ("losses"), the final
+  eval metrics ("eval"), the steps run and the distinct compiled batch lengths.
+  """
+  run = setup(config, workdir, strategy)
+  t = config.train
+  train_loop = make_train_loop(run.strategy, make_replica_step(
+      run.model, run.optimizer, config, run.strategy))
+  evaluator = Evaluator(run) if run.is_chief else None
+  writers = {}
+  if run.is_chief:
+    writers = {k: tf.summary.create_file_writer(os.path.join(workdir, k))
+               for k in ("train", "eval")}
+    summaries.write_hparams(writers["train"], _flatten(config))
+  stop, profile_state = _StopFlag(), {}
+  previous_handlers = _install_signal_handlers(stop)
+  step = start_step = int(run.optimizer.iterations.numpy())
+  history = {k: [] for k in ("loss", "finite", "length")}
+  window = {k: [] for k in ("loss", "tokens", "examples", "grad_norm", "input_wait")}
+  eval_metrics, compile_lengths = {}, set()
+  run_start = window_start = time.time()
+  logging.info("Training %s from step %d to %d; TensorBoard: tensorboard --logdir %s",
+               run.policy, step, t.steps, workdir)
+  try:
+    while step < t.steps and stop.signal_name is None:
+      _profile(step, t.profile_steps, os.path.join(workdir, "train"), profile_state)
+      n = _steps_until_boundary(step, config)
+      out, input_wait = train_loop(run.iterator, tf.constant(n))
+      out = {k: v.numpy().tolist() for k, v in out.items()}
+      step += n
+      for k in history:
+        history[k] += out[k]
+      for k in ("loss", "tokens", "examples", "grad_norm"):
+        window[k] += out[k]
+      window["input_wait"].append(float(input_wait))
+      compile_lengths.update(int(x) for x in out["length"])
+      _check_finite(history["finite"], step, t.max_nonfinite_steps)
+      if step % t.log_every == 0 or step == t.steps:
+        now = time.time()
+        scalars = _log_progress(step, t.steps, window, now - window_start, start_step,
+                                now - run_start)
+        scalars.update(learning_rate=float(np.asarray(run.optimizer.learning_rate)),
+                       compiled_shapes=len(compile_lengths))
+        if run.policy == "mixed_float16":
+          scalars["loss_scale"] = float(run.optimizer.dynamic_scale.numpy())
+        if writers:
+          summaries.write_scalars(writers["train"], step, scalars)
+        window = {k: [] for k in window}
+        window_start = time.time()
+      if step % t.checkpoint_every == 0:
+        run.manager.save(checkpoint_number=step)
+      if evaluator and (step % t.eval_every == 0 or step == t.steps):
+        eval_metrics = _evaluate_and_keep_best(run, evaluator, step, writers["eval"])
+        window_start = time.time()  # Eval time is not training time.
+  finally:
+    for sig, handler in previous_handlers.items():
+      signal.signal(sig, handler)
+    if profile_state.get("on"):
+      tf.profiler.experimental.stop()
+  run.manager.save(checkpoint_number=step)
+  if stop.signal_name:
+    logging.warning("%s received: checkpoint saved at step %d; rerun to resume.",
+                    stop.signal_name, step)
+  logging.info("Compiled batch lengths: %s (%d shapes).", sorted(compile_lengths),
+               len(compile_lengths))
+  summary = dict(step=step, losses=history["loss"], eval=eval_metrics,
+                 compiled_lengths=sorted(compile_lengths), workdir=workdir,
+                 seconds=time.time() - run_start, interrupted=stop.signal_name)
+  _cleanup_non_chief(run)
+  return summary
+
+
+def _evaluate_and_keep_best(run: Run, evaluator: Evaluator, step: int, writer) -> Dict:
+  metrics = evaluator(step, writer)
+  logging.info("eval at step %d: loss %.4f  BLEU %.2f  chrF %.2f", step,
+               metrics["loss"], metrics["bleu"], metrics["chrf"])
+  if metrics["loss"] < float(run.best_eval_loss.numpy()):
+    run.best_eval_loss.assign(metrics["loss"])
+    run.best_manager.save(checkpoint_number=step)
+  return metrics
+
+
+def _cleanup_non_chief(run: Run) -> None:
+  if not run.is_chief and tf.io.gfile.exists(run.workdir):
+    tf.io.gfile.rmtree(run.workdir)
+
+
+def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> Dict:
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
