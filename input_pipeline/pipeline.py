@@ -223,28 +223,17 @@ def padded_shapes(config) -> list[int]:
 
 
 def validate_config(config) -> None:
-  """Checks the pipeline's own config keys; raises ValueError naming key and value."""
+  """Checks what corpora.validate_data_config does not; raises ValueError naming the key."""
   data = config.data
-  boundaries = tuple(data.bucket_boundaries)
-  if not boundaries or any(b <= 0 for b in boundaries) or list(boundaries) != sorted(
-      set(boundaries)):
-    raise ValueError(f"data.bucket_boundaries={boundaries}: must be positive and "
-                     "strictly increasing.")
   if data.max_source_length < 2 or data.max_target_length < 3:
     raise ValueError(f"data.max_source_length={data.max_source_length} (>= 2) and "
                      f"data.max_target_length={data.max_target_length} (>= 3) must leave "
                      "room for one token besides BOS/EOS.")
-  if data.length_policy not in ("drop", "truncate"):
-    raise ValueError(f"data.length_policy={data.length_policy!r}; valid: drop | truncate.")
-  if data.batch_by not in ("sentences", "tokens"):
-    raise ValueError(f"data.batch_by={data.batch_by!r}; valid: sentences | tokens.")
   if data.batch_by == "sentences" and config.train.batch_size <= 0:
     raise ValueError(f"train.batch_size={config.train.batch_size}; must be > 0.")
   if data.batch_by == "tokens" and config.train.tokens_per_batch <= 0:
     raise ValueError(f"train.tokens_per_batch={config.train.tokens_per_batch}; must be "
                      "> 0 when data.batch_by = tokens.")
-  if data.shuffle_buffer < 0:
-    raise ValueError(f"data.shuffle_buffer={data.shuffle_buffer}; must be >= 0.")
   padded_shapes(config)
 
 

@@ -1,0 +1,555 @@
+"""Reads parallel corpora into (source, target) string pairs, skipping and counting bad lines.
+
+A source string (`data.train`, `data.eval`) names one corpus:
+  embedded[:SPLIT]              the generated cldr_numbers TFDS corpus (default split train)
+  tsv:PATH[:SRC_COL:TGT_COL]    tab-separated pairs, Tatoeba/Anki style; columns count from 0
+                                and default to 0:1, extra columns are ignored
+  text:SRC_GLOB,TGT_GLOB        Moses-style aligned plain text: line i of one side
+                                translates line i of the other
+  tfds:NAME[:SPLIT]             any TFDS dataset, e.g. tfds:wmt14_translate/de-en:train
+PATH and the globs may match several shards (read in sorted order) and may be gzipped
+(`.gz`). Bad lines of tsv/text files are skipped, logged with file:line and counted; more
+than `data.max_skip_fraction` of a file skipped is a CorpusError.
+"""
+import collections
+import contextlib
+import dataclasses
+import functools
+import gzip
+import itertools
+import os
+import re
+import threading
+from typing import Callable, Iterable, Iterator, NamedTuple
+import zlib
+
+from absl import logging
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+# A side (source or target text) longer than this many UTF-8 bytes is skipped as over-long:
+# no sentence is that long, so it is a broken line (a missing newline, a pasted document),
+# and tokenizing it would cost more time and memory than the rest of its batch.
+MAX_SIDE_BYTES = 10_000
+# A whole line longer than this is dropped while it streams past, never held in memory,
+# so a binary file or one without newlines cannot exhaust memory.
+_MAX_LINE_BYTES = 1 << 20
+_READ_BYTES = 1 << 18  # Must not exceed _MAX_LINE_BYTES (see _lines).
+_UTF8_BOM = b"\xef\xbb\xbf"
+_CHUNK_PAIRS = 2048  # Pairs per from_generator element: amortizes its per-call cost.
+_CHUNK_SIGNATURE = (tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.string))
+_LOGGED_SKIPS_PER_FILE = 10
+_END = object()  # Marks the end of the shorter file of an aligned pair.
+_FORMS = ("embedded[:SPLIT], tsv:PATH[:SRC_COL:TGT_COL], text:SRC_GLOB,TGT_GLOB, "
+          "tfds:NAME[:SPLIT]")
+# NAME may carry a TFDS version (mnist:3.0.1) and SPLIT a slice (train[:10%]).
+_TFDS_SOURCE = re.compile(r"(?P<name>[^:\[]+(?::\d+\.[\d*]+\.[\d*]+)?)(?::(?P<split>.+))?")
+
+
+class CorpusError(ValueError):
+  """A corpus cannot be read as asked: the message names the file (and line) or source."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+  """A parsed source string; `source` is the original, for error messages."""
+  source: str
+  kind: str  # embedded | tsv | text | tfds
+  paths: tuple[str, ...] = ()  # tsv: (PATH,); text: (SRC_GLOB, TGT_GLOB).
+  columns: tuple[int, int] = (0, 1)  # tsv: source and target column, from 0.
+  name: str = ""  # embedded/tfds: the TFDS name, with config and version if given.
+  split: str = ""  # embedded/tfds: the TFDS split, slices allowed.
+
+
+class _Shard(NamedTuple):
+  count: int  # Number of input pipelines.
+  index: int  # This pipeline's index.
+
+
+class _Skip(Exception):
+  """A line to skip; `reason` is what is counted, `detail` what is logged."""
+
+  def __init__(self, reason: str, detail: str, side: str = ""):
+    super().__init__(detail)
+    self.reason, self.detail, self.side = reason, detail, side
+
+
+class SkipStats:
+  """Kept and skipped line counts per file, added by read()'s readers at the end of each file.
+
+  Pass one to read(..., stats=) to inspect what was skipped; the reader threads of one
+  pipeline share it, hence the lock. Counts add up over epochs if the dataset is repeated.
+  """
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._files: dict[str, tuple[int, collections.Counter]] = {}
+
+  def add(self, name: str, read: int, skipped: dict[str, int]) -> None:
+    with self._lock:
+      old_read, old_skipped = self._files.get(name, (0, collections.Counter()))
+      self._files[name] = (old_read + read, old_skipped + collections.Counter(skipped))
+
+  def per_file(self) -> dict[str, tuple[int, dict[str, int]]]:
+    """{file (or "src,tgt" pair): (pairs read, {reason: lines skipped})}."""
+    with self._lock:
+      return {name: (read, dict(skipped)) for name, (read, skipped) in self._files.items()}
+
+  @property
+  def read(self) -> int:
+    return sum(read for read, _ in self.per_file().values())
+
+  @property
+  def skipped(self) -> dict[str, int]:
+    """Lines skipped over all files, by reason."""
+    total = collections.Counter()
+    for _, skipped in self.per_file().values():
+      total.update(skipped)
+    return dict(total)
+
+
+def parse_source(source: str) -> SourceSpec:
+  """Parses a source string; ValueError (CorpusError) naming it and the valid forms if bad."""
+  kind, colon, rest = source.partition(":")
+  if kind == "embedded":
+    if colon and not rest:
+      raise _bad_source(source, "embedded: needs a SPLIT after the colon")
+    return SourceSpec(source, kind, name="cldr_numbers", split=rest or "train")
+  if kind == "tsv":
+    return _parse_tsv(source, rest)
+  if kind == "text":
+    globs = tuple(rest.split(","))
+    if len(globs) != 2 or not all(globs):
+      raise _bad_source(source, "text: needs exactly two comma-separated globs")
+    return SourceSpec(source, kind, paths=globs)
+  if kind == "tfds":
+    match = _TFDS_SOURCE.fullmatch(rest)
+    if not match:
+      raise _bad_source(source, "tfds: needs NAME or NAME:SPLIT")
+    return SourceSpec(source, kind, name=match["name"], split=match["split"] or "train")
+  raise _bad_source(source, f"unknown kind {kind!r}" if colon or kind else "empty")
+
+
+def _parse_tsv(source: str, rest: str) -> SourceSpec:
+  """Splits PATH[:SRC_COL:TGT_COL]; a last field with a '/' is part of a URL path (gs://)."""
+  path, columns = rest, "0:1"
+  head, _, last = rest.rpartition(":")
+  if head and "/" not in last:  # rest ends with a column spec.
+    path, _, first = head.rpartition(":")
+    columns = f"{first}:{last}"
+  if not re.fullmatch(r"\d+:\d+", columns):
+    raise _bad_source(source, f"columns must be two column numbers counted from 0, like "
+                              f"tsv:PATH:0:1, got {columns!r}")
+  if not path:
+    raise _bad_source(source, "tsv: needs a PATH")
+  src_col, tgt_col = map(int, columns.split(":"))
+  return SourceSpec(source, "tsv", paths=(path,), columns=(src_col, tgt_col))
+
+
+def _bad_source(source: str, why: str) -> CorpusError:
+  return CorpusError(f"data source {source!r} is not valid ({why}); valid forms: {_FORMS}")
+
+
+def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first invalid data.* key, its value and what is valid.
+
+  read() calls it, so a bad config fails before any file is opened or any step is run.
+  """
+  for key in ("train", "eval"):
+    try:
+      parse_source(data_config[key])
+    except ValueError as e:
+      raise ValueError(f"data.{key}: {e}") from None
+  for key, choices in (("length_policy", ("drop", "truncate")),
+                       ("batch_by", ("sentences", "tokens"))):
+    if data_config[key] not in choices:
+      raise _invalid(key, data_config[key], "one of " + " | ".join(choices))
+  fraction = data_config.max_skip_fraction
+  if not _is_number(fraction) or not 0 <= fraction <= 1:
+    raise _invalid("max_skip_fraction", fraction, "a number from 0 to 1")
+  for key, least in (("max_source_length", 1), ("max_target_length", 1),
+                     ("shuffle_buffer", 0), ("eval_examples", 0)):
+    if not _is_int(data_config[key]) or data_config[key] < least:
+      raise _invalid(key, data_config[key], f"an integer >= {least}")
+  _validate_buckets(data_config)
+
+
+def _validate_buckets(data_config: ml_collections.ConfigDict) -> None:
+  boundaries = data_config.bucket_boundaries
+  if (not isinstance(boundaries, (tuple, list)) or not boundaries
+      or not all(_is_int(b) and b > 0 for b in boundaries)):
+    raise _invalid("bucket_boundaries", boundaries, "a non-empty sequence of positive integers")
+  if any(a >= b for a, b in zip(boundaries, boundaries[1:])):
+    raise _invalid("bucket_boundaries", boundaries, "strictly increasing")
+  longest = max(data_config.max_source_length, data_config.max_target_length)
+  if boundaries[-1] < longest:
+    raise _invalid("bucket_boundaries", boundaries,
+                   f"ending in a boundary >= max(data.max_source_length, "
+                   f"data.max_target_length) = {longest}")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _invalid(key: str, value, valid: str) -> ValueError:
+  return ValueError(f"data.{key} = {value!r} is invalid: it must be {valid}")
+
+
+def read(source: str, data_config: ml_collections.ConfigDict, *,
+         input_context: tf.distribute.InputContext | None = None,
+         shuffle_files: bool = False, seed: int = 0,
+         stats: SkipStats | None = None) -> tf.data.Dataset:
+  """Dataset of (source, target) scalar tf.string pairs from one source string; finite (one epoch).
+
+  With an input_context the pipelines get disjoint parts that together cover the corpus once:
+  whole files if there are at least as many files as pipelines, else every N-th line (or
+  TFDS record). Errors found while iterating are CorpusErrors wrapped by tf.data in an
+  InvalidArgumentError; iterate inside surface_corpus_errors() to get them back as raised.
+  """
+  validate_data_config(data_config)
+  spec = parse_source(source)
+  shard = _Shard(1, 0)
+  if input_context is not None:
+    shard = _Shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+  if spec.kind in ("embedded", "tfds"):
+    return _read_tfds(spec, data_config, shard, shuffle_files, seed)
+  return _read_files(spec, data_config, shard, shuffle_files, seed, stats)
+
+
+def read_pairs(source: str, data_config: ml_collections.ConfigDict,
+               limit: int | None = None, *,
+               stats: SkipStats | None = None) -> Iterator[tuple[str, str]]:
+  """Yields (source, target) Python strings, the first `limit` (None = all), in file order.
+
+  For tokenizer training samples and BLEU references; a CorpusError is raised as itself.
+  """
+  if limit is not None and (not _is_int(limit) or limit < 0):
+    raise ValueError(f"read_pairs: limit = {limit!r} is invalid: it must be None or >= 0")
+  dataset = read(source, data_config, stats=stats)  # Now, so that bad sources fail here.
+  if limit is not None:
+    dataset = dataset.take(limit)
+
+  def pairs() -> Iterator[tuple[str, str]]:
+    with surface_corpus_errors():
+      for sources, targets in dataset.batch(1024).as_numpy_iterator():
+        for src, tgt in zip(sources, targets):
+          yield src.decode("utf-8"), tgt.decode("utf-8")
+
+  return pairs()
+
+
+@contextlib.contextmanager
+def surface_corpus_errors() -> Iterator[None]:
+  """Re-raises a CorpusError from a reader thread as itself, without the tf.data wrapping.
+
+  tf.data reports an exception raised in a from_generator reader as an InvalidArgumentError
+  whose message buries ours in a Python traceback; wrap loops over read()'s datasets in this.
+  """
+  try:
+    yield
+  except tf.errors.InvalidArgumentError as e:
+    messages = re.findall(r"CorpusError: (.+)", e.message)
+    if not messages:
+      raise
+    raise CorpusError(messages[-1]) from None
+
+
+def _read_tfds(spec: SourceSpec, data_config: ml_collections.ConfigDict, shard: _Shard,
+               shuffle_files: bool, seed: int) -> tf.data.Dataset:
+  """Reads an embedded or tfds: source, preparing it first (generating, for embedded)."""
+  import tensorflow_datasets as tfds  # Here, not at the top: it takes seconds to import.
+  if spec.kind == "embedded":
+    from input_pipeline import cldr_numbers  # noqa: F401  (registers the builder)
+  builder = tfds.builder(spec.name, data_dir=data_config.tfds_data_dir or None)
+  src_key, tgt_key = _feature_keys(spec, list(builder.info.features.keys()), data_config)
+  builder.download_and_prepare()
+  split = spec.split
+  if shard.count > 1:  # By record: TFDS shards by file only if there are enough files.
+    split = tfds.even_splits(split, n=shard.count)[shard.index]
+  options = tf.data.Options()
+  options.deterministic = data_config.deterministic
+  read_config = tfds.ReadConfig(shuffle_seed=seed, options=options)
+  examples = builder.as_dataset(split=split, shuffle_files=shuffle_files,
+                                read_config=read_config)
+  return examples.map(lambda example: (example[src_key], example[tgt_key]),
+                      num_parallel_calls=tf.data.AUTOTUNE,
+                      deterministic=data_config.deterministic)
+
+
+def _feature_keys(spec: SourceSpec, available: list[str],
+                  data_config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """The source and target feature keys: from the config, else the config name (de-en)."""
+  if spec.kind == "embedded":
+    return "source", "target"
+  config_name = spec.name.split(":")[0].partition("/")[2]
+  languages = config_name.split("-") if config_name.count("-") == 1 else ["", ""]
+  keys = []
+  for config_key, default in zip(("tfds_source_key", "tfds_target_key"), languages):
+    key = data_config[config_key] or default
+    if key not in available:
+      given = (f"data.{config_key} = {key!r}" if data_config[config_key] else
+               f"{key!r} from the config name" if key else
+               f"data.{config_key} is empty and the config name {config_name!r} is not "
+               f"SRC-TGT (like de-en)")
+      raise CorpusError(f"{spec.source}: {given}, but the dataset has no such feature; "
+                        f"available feature keys: {', '.join(sorted(available))}")
+    keys.append(key)
+  return keys[0], keys[1]
+
+
+def _read_files(spec: SourceSpec, data_config: ml_collections.ConfigDict, shard: _Shard,
+                shuffle_files: bool, seed: int, stats: SkipStats | None) -> tf.data.Dataset:
+  """Reads a tsv: or text: source: one Python reader per file (pair), interleaved.
+
+  Each reader is a from_generator over the file's bytes, not a chain of tf.data text ops,
+  because skipping needs the file and line number in the log and per-file counts, which
+  in-graph ops cannot report; reading in chunks of _CHUNK_PAIRS pairs keeps it fast.
+  """
+  units = _nonempty(spec, _find_units(spec))  # A unit: (path,) for tsv, (src, tgt) for text.
+  record_shard = shard
+  if len(units) >= shard.count:  # By file: file i goes to pipeline i % N.
+    units, record_shard = units[shard.index::shard.count], _Shard(1, 0)
+  if spec.kind == "text":
+    for src, tgt in units:  # Up front: the reader would only notice at the end of an epoch.
+      error = _alignment_error(src, tgt)
+      if error:
+        raise error
+    pairs_fn = functools.partial(_text_pairs, shard=record_shard)
+  else:
+    pairs_fn = functools.partial(_tsv_pairs, columns=spec.columns, shard=record_shard)
+  reader = _make_reader(pairs_fn, data_config.max_skip_fraction, stats)
+  files = tf.data.Dataset.from_tensor_slices(tuple(list(paths) for paths in zip(*units)))
+  if shuffle_files:
+    files = files.shuffle(len(units), seed=seed)
+  chunks = files.interleave(
+      lambda *paths: tf.data.Dataset.from_generator(
+          reader, args=paths, output_signature=_CHUNK_SIGNATURE),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=data_config.deterministic)
+  return chunks.unbatch()
+
+
+def _find_units(spec: SourceSpec) -> list[tuple[str, ...]]:
+  """The files of a tsv/text source, sorted; for text, the i-th match of each side paired."""
+  matches = [_glob(spec.source, pattern) for pattern in spec.paths]
+  if len(matches) == 2 and len(matches[0]) != len(matches[1]):
+    raise CorpusError(
+        f"{spec.source}: {spec.paths[0]!r} matches {len(matches[0])} files but "
+        f"{spec.paths[1]!r} matches {len(matches[1])}; the sorted matches are paired in "
+        f"order, so both sides need the same number of files")
+  return list(zip(*matches))
+
+
+def _glob(source: str, pattern: str) -> list[str]:
+  paths = sorted(p for p in tf.io.gfile.glob(pattern) if not tf.io.gfile.isdir(p))
+  if not paths:
+    raise CorpusError(f"{source}: no file matches {pattern!r} "
+                      f"(working directory {os.getcwd()})")
+  return paths
+
+
+def _nonempty(spec: SourceSpec, units: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+  """Drops empty files with a warning; all of them empty is a CorpusError."""
+  empty = [unit for unit in units if all(_is_empty(path) for path in unit)]
+  if len(empty) == len(units):
+    raise CorpusError(f"{spec.source}: every matching file is empty: "
+                      f"{'; '.join(','.join(unit) for unit in units)}")
+  for unit in empty:
+    logging.warning("%s: empty file, skipped (other files of %s have data)",
+                    ",".join(unit), spec.source)
+  empty = set(empty)
+  return [unit for unit in units if unit not in empty]
+
+
+def _make_reader(pairs_fn: Callable[[list[str], "_Tally"], Iterable[tuple[str, str]]],
+                 max_skip_fraction: float,
+                 stats: SkipStats | None) -> Callable[..., Iterator[tuple[np.ndarray, ...]]]:
+  """The from_generator callable reading one file (pair): yields chunks of pairs as arrays."""
+
+  def reader(*paths: bytes) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    paths = [path.decode("utf-8") for path in paths]
+    tally = _Tally(",".join(paths), max_skip_fraction, stats)
+    sources, targets = [], []
+    for src, tgt in pairs_fn(paths, tally):
+      sources.append(src)
+      targets.append(tgt)
+      if len(sources) == _CHUNK_PAIRS:
+        tally.read += len(sources)
+        yield np.array(sources, dtype=object), np.array(targets, dtype=object)
+        sources, targets = [], []
+    if sources:
+      tally.read += len(sources)
+      yield np.array(sources, dtype=object), np.array(targets, dtype=object)
+    tally.finish()
+
+  return reader
+
+
+def _tsv_pairs(paths: list[str], tally: "_Tally", *, columns: tuple[int, int],
+               shard: _Shard) -> Iterator[tuple[str, str]]:
+  """Yields the pairs of the good lines of one TSV file (this shard's lines); tallies the bad."""
+  (path,) = paths
+  src_col, tgt_col = columns
+  needed = max(columns) + 1
+  with _open(path) as f:
+    numbered = itertools.islice(enumerate(_lines(f, path), 1), shard.index, None, shard.count)
+    for lineno, line in numbered:
+      try:
+        if line is None:
+          raise _Skip("over-long", f"line over {_MAX_LINE_BYTES} bytes")
+        fields = line.split(b"\t")
+        if len(fields) < needed:
+          raise _Skip("too few columns",
+                      f"{len(fields)} tab-separated columns, need at least {needed}")
+        pair = _side(fields[src_col], "source"), _side(fields[tgt_col], "target")
+      except _Skip as skip:
+        tally.skip(path, lineno, skip)
+        continue
+      yield pair
+
+
+def _text_pairs(paths: list[str], tally: "_Tally", *,
+                shard: _Shard) -> Iterator[tuple[str, str]]:
+  """Yields the pairs of the good lines of two aligned text files; tallies the bad."""
+  src_path, tgt_path = paths
+  with _open(src_path) as src_file, _open(tgt_path) as tgt_file:
+    lines = itertools.zip_longest(_lines(src_file, src_path), _lines(tgt_file, tgt_path),
+                                  fillvalue=_END)
+    numbered = itertools.islice(enumerate(lines, 1), shard.index, None, shard.count)
+    for lineno, (src, tgt) in numbered:
+      if src is _END or tgt is _END:  # The files changed since read() compared them.
+        raise (_alignment_error(src_path, tgt_path)
+               or CorpusError(f"{src_path} and {tgt_path} changed while being read"))
+      try:
+        pair = _side(src, "source"), _side(tgt, "target")
+      except _Skip as skip:
+        tally.skip(tgt_path if skip.side == "target" else src_path, lineno, skip)
+        continue
+      yield pair
+
+
+def _side(raw: bytes | None, side: str) -> str:
+  """Decodes and strips one side of a pair; raises _Skip saying why it is unusable."""
+  if raw is None or len(raw) > MAX_SIDE_BYTES:
+    raise _Skip("over-long", f"{side} over {MAX_SIDE_BYTES} bytes", side)
+  if b"\0" in raw:
+    raise _Skip("NUL byte", f"NUL byte in the {side}", side)
+  try:
+    text = raw.decode("utf-8").strip()
+  except UnicodeDecodeError as e:
+    raise _Skip("invalid UTF-8", f"invalid UTF-8 in the {side} at byte {e.start}",
+                side) from None
+  if not text:
+    raise _Skip("empty side", f"empty {side}", side)
+  return text
+
+
+class _Tally:
+  """One file's kept and skipped lines: logs the first skips, a summary at the end of the
+  file, and enforces data.max_skip_fraction there (for files of any size)."""
+
+  def __init__(self, name: str, max_skip_fraction: float, stats: SkipStats | None):
+    self.name, self.max_skip_fraction, self.stats = name, max_skip_fraction, stats
+    self.read = 0
+    self.skipped = collections.Counter()
+
+  def skip(self, path: str, lineno: int, skip: _Skip) -> None:
+    self.skipped[skip.reason] += 1
+    total = self.skipped.total()
+    if total <= _LOGGED_SKIPS_PER_FILE:
+      logging.warning("%s:%d: skipped line: %s", path, lineno, skip.detail)
+    if total == _LOGGED_SKIPS_PER_FILE + 1:
+      logging.warning("%s: further skipped lines are only counted; the end-of-file "
+                      "summary has the totals", self.name)
+
+  def finish(self) -> None:
+    skipped = self.skipped.total()
+    reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
+    logging.info("%s: %d read, %d skipped%s", self.name, self.read, skipped,
+                 f" ({reasons})" if reasons else "")
+    if self.stats is not None:
+      self.stats.add(self.name, self.read, self.skipped)
+    seen = self.read + skipped
+    if seen and skipped / seen > self.max_skip_fraction:
+      message = (f"{self.name}: {skipped} of {seen} lines skipped as malformed ({reasons}), "
+                 f"more than data.max_skip_fraction = {self.max_skip_fraction}; fix the "
+                 f"file (the log names the first bad lines) or raise data.max_skip_fraction")
+      logging.error("%s", message)
+      raise CorpusError(message)
+
+
+@contextlib.contextmanager
+def _open(path: str) -> Iterator:
+  """Opens a local or remote (gs://...) file for binary reading, decompressing .gz."""
+  with tf.io.gfile.GFile(path, "rb") as f:
+    if path.endswith(".gz"):
+      with gzip.GzipFile(fileobj=f, mode="rb") as unzipped:
+        yield unzipped
+    else:
+      yield f
+
+
+def _read_chunks(f, path: str) -> Iterator[bytes]:
+  """Yields an open file's bytes in chunks, minus a leading UTF-8 byte-order mark."""
+  try:
+    yield f.read(_READ_BYTES).removeprefix(_UTF8_BOM)
+    while chunk := f.read(_READ_BYTES):
+      yield chunk
+  except (OSError, EOFError, zlib.error, tf.errors.OpError) as e:  # E.g. a corrupt .gz.
+    raise CorpusError(f"{path}: cannot read the file: {e}") from e
+
+
+def _lines(f, path: str) -> Iterator[bytes | None]:
+  """Yields the lines of an open file without their newline; None for a line longer than
+  _MAX_LINE_BYTES, which is dropped as it streams past so memory stays bounded.
+
+  Splitting large chunks is several times faster than reading line by line, and a line
+  wholly inside one chunk is shorter than _READ_BYTES <= _MAX_LINE_BYTES.
+  """
+  tail, dropping = b"", False  # The unfinished last line of the chunks so far.
+  for chunk in _read_chunks(f, path):
+    lines = chunk.split(b"\n")
+    rest = lines.pop()
+    if lines:
+      too_long = dropping or len(tail) + len(lines[0]) > _MAX_LINE_BYTES
+      lines[0] = None if too_long else tail + lines[0]
+      yield from lines
+      tail, dropping = b"", False
+    if not dropping:
+      tail += rest
+      if len(tail) > _MAX_LINE_BYTES:
+        tail, dropping = b"", True
+  if dropping:
+    yield None
+  elif tail:
+    yield tail
+
+
+def _count_lines(path: str) -> int:
+  """Counts lines as _lines yields them (a last line without a newline counts)."""
+  count, last = 0, b"\n"
+  with _open(path) as f:
+    for chunk in _read_chunks(f, path):
+      count += chunk.count(b"\n")
+      last = chunk[-1:] or last
+  return count + (last != b"\n")
+
+
+def _is_empty(path: str) -> bool:
+  with _open(path) as f:
+    return not any(_read_chunks(f, path))
+
+
+def _alignment_error(src_path: str, tgt_path: str) -> CorpusError | None:
+  """A CorpusError naming both files and their line counts if these differ, else None."""
+  src_lines, tgt_lines = _count_lines(src_path), _count_lines(tgt_path)
+  if src_lines == tgt_lines:
+    return None
+  return CorpusError(f"aligned text files differ in length: {src_path} has {src_lines} "
+                     f"lines but {tgt_path} has {tgt_lines}; line i of one must be the "
+                     f"translation of line i of the other")

@@ -1,0 +1,119 @@
+"""Train step: distributed gradients, XLA modes, precisions, non-finite handling."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import tiny
+from trainer import train
+
+VOCAB = 40
+
+
+class _Vocab:
+  source_vocab_size = VOCAB
+  target_vocab_size = VOCAB
+
+
+def _batches(per_replica_batch: int, seed: int = 0):
+  """A copy task with reversal and padding: deterministic synthetic batches."""
+  rng = np.random.RandomState(seed)
+  src = rng.randint(4, VOCAB, size=(512, 10)).astype(np.int32)
+  lengths = rng.randint(3, 10, size=512)
+  src[np.arange(10)[None, :] >= lengths[:, None]] = 0
+  src[np.arange(512), lengths - 1] = 3
+  tgt = np.zeros((512, 11), np.int32)
+  tgt[:, 0] = 2
+  for i, n in enumerate(lengths):
+    tgt[i, 1:n] = src[i, :n - 1][::-1]
+    tgt[i, n] = 3
+  ds = tf.data.Dataset.from_tensor_slices({"source": src, "target": tgt})
+  return ds.repeat().batch(per_replica_batch, drop_remainder=True)
+
+
+def _setup(strategy, config, policy="float32"):
+  keras.utils.set_random_seed(0)
+  with strategy.scope():
+    model = train.build_model(config, _Vocab(), policy, config.train.xla)
+    optimizer = train.create_optimizer(config, policy)
+    optimizer.build(model.trainable_variables)
+  return model, optimizer
+
+
+def _one(): return tf.distribute.OneDeviceStrategy("/cpu:0")
+def _two(): return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+def test_two_replicas_give_the_same_gradients_as_one():
+  config = tiny.get_config()
+  config.train.clip_norm = 0.0
+  batch = next(iter(_batches(32)))
+  grads = {}
+  for name, strategy in (("one", _one()), ("two", _two())):
+    model, _ = _setup(strategy, config)
+    fn = train.make_gradient_fn(model, config, lambda: tf.constant(1.0))
+    # Split the same global batch across replicas; per-replica loss sums use the global
+    # token count, so their all-reduced gradient equals the single-replica one.
+    dataset = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensors(batch).unbatch().batch(32))
+    result = strategy.run(tf.function(fn), args=(next(iter(dataset)),))
+    grads[name] = [g.numpy() for g in strategy.experimental_local_results(result[0])[0]]
+  assert len(grads["one"]) == len(grads["two"])
+  for a, b in zip(grads["one"], grads["two"]):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _losses(strategy, config, steps, policy="float32"):
+  model, optimizer = _setup(strategy, config, policy)
+  per_replica = 32 // strategy.num_replicas_in_sync
+  iterator = iter(strategy.distribute_datasets_from_function(
+      lambda ctx: _batches(per_replica, seed=ctx.input_pipeline_id)))
+  loop = train.make_train_loop(strategy, train.make_replica_step(
+      model, optimizer, config, strategy))
+  out, _ = loop(iterator, tf.constant(steps))
+  return out["loss"].numpy(), model, optimizer
+
+
+@pytest.mark.parametrize("xla", ["decoder_step", "train_step"])
+def test_xla_modes_match_no_xla(xla):
+  config = tiny.get_config()
+  reference, _, _ = _losses(_one(), config, 5)
+  config.train.xla = xla
+  compiled, _, _ = _losses(_one(), config, 5)
+  np.testing.assert_allclose(compiled, reference, rtol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_trains(policy):
+  config = tiny.get_config()
+  config.train.learning_rate = 1e-2
+  losses, model, optimizer = _losses(_one(), config, 40, policy)
+  assert np.all(np.isfinite(losses))
+  assert losses[-5:].mean() < 0.9 * losses[:5].mean()
+  if policy == "mixed_float16":
+    assert float(optimizer.dynamic_scale.numpy()) > 1.0
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run():
+  config = tiny.get_config()
+  model, optimizer = _setup(_one(), config)
+  bias = model.decoder.projection.bias
+  bias.assign(np.full(bias.shape, np.nan, np.float32))
+  kernel_before = model.decoder.cell.kernel.numpy().copy()
+  loop = train.make_train_loop(_one(), train.make_replica_step(
+      model, optimizer, config, _one()))
+  out, _ = loop(iter(_batches(32)), tf.constant(3))
+  assert out["finite"].numpy().tolist() == [0.0, 0.0, 0.0]
+  np.testing.assert_array_equal(model.decoder.cell.kernel.numpy(), kernel_before)
+  with pytest.raises(FloatingPointError, match="max_nonfinite_steps=3"):
+    train._check_finite([1.0, 0.0, 0.0, 0.0], step=4, limit=3)
+
+
+@pytest.mark.parametrize("key,value", [("xla", "all"), ("precision", "fp8"),
+                                       ("steps_per_loop", 0), ("decay", "linear")])
+def test_invalid_train_config_names_key_and_value(key, value):
+  config = tiny.get_config()
+  config.train[key] = value
+  with pytest.raises(ValueError, match=f"config.train.{key}={value!r}"):
+    train.validate_train_config(config)
+    train.WarmupDecay(1.0, 1, config.train.decay, 10)
