@@ -23,6 +23,7 @@ setuptools.setup(
         "num2words>=0.5.13,<0.6",
         "matplotlib>=3.8,<4",
         "numpy>=1.26",
+        "importlib_resources>=6",  # tensorflow-datasets needs it to prepare builders; etils 1.15 no longer pulls it in
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
     entry_points={

@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.length_penalty = 0.6  # GNMT length-penalty alpha (0 = none; larger favours longer outputs).
   ev.max_length_ratio = 2.0  # Longest output as a multiple of the source length (plus 5 tokens).
   ev.batch_size = 128  # Sentences per decoding batch.
-  ev.probe_sentences = ("am 3. März 2021", "le vingt-deux juin")  # Extra sources whose attention is plotted.
+  ev.probe_sentences = ("am dreiundzwanzigsten April zweitausendzweiundachtzig", "le vingt-trois mai mille neuf cent treize")  # Extra sources whose attention is plotted.
   ev.num_probes = 4  # Eval-set sentences whose attention is plotted, besides probe_sentences.
 
   config.distribute = dist = ml_collections.ConfigDict()

@@ -35,8 +35,8 @@ def run(config, workdir: str, num_batches: int = 200, *, warmup_batches: int = 1
     batch = next(iterator)
     source, target = batch["source"].numpy(), batch["target"].numpy()
     examples += source.shape[0]
-    source_tokens += np.count_nonzero(source != tokenizer_lib.PAD_ID)
-    target_tokens += np.count_nonzero(target != tokenizer_lib.PAD_ID)
+    source_tokens += int(np.count_nonzero(source != tokenizer_lib.PAD_ID))
+    target_tokens += int(np.count_nonzero(target != tokenizer_lib.PAD_ID))
     cells += source.size + target.size
     shapes.add(source.shape)
   seconds = time.perf_counter() - start

@@ -1,6 +1,30 @@
 """The embedded default corpus: numbers, dates, times and amounts from six languages to English.
 
-STATS_PLACEHOLDER
+A parallel corpus generated offline and deterministically, so that the default config trains
+on a real reordering task with nothing to download: German unit-before-tens ("dreiundzwanzig"
+-> "twenty-three"), day-month order ("am 3. März 2021" -> "on March 3, 2021"), spoken clock
+times ("um halb drei" -> "at half past two") and spelled numbers inside phrases
+("dreiundzwanzig Euro fünfzig" -> "twenty-three euros and fifty cents"), with spelled and
+digit forms on either side. Sources are German, French, Spanish, Italian, Dutch and European
+Portuguese; targets are US English.
+
+Measured for seed 0: 113,466 distinct pairs, one target per source; train 111,258,
+validation 1,109, test 1,099 (the split is fixed by an md5 hash of the source). Languages:
+de, fr, es, it, nl 16.8% each, pt 16.1% (long Portuguese phrases are dropped more often).
+Categories: date 28.9%, cardinal 20.0% (with measurements such as "23 Kilometer"), year 17.4%,
+amount 16.7%, time 15.4%, ordinal 1.6%. Every source and target has at most 12 words and 80
+characters (3.6 words on average).
+
+How it is built: no corpus text is copied. Month, weekday, unit and currency names and the
+date and time patterns come from CLDR via babel; numbers are spelled by num2words; the short
+phrases around them ("am", "zum ... Mal", "y cuarto") are in _LANGUAGES below. Per language,
+each category's forms are either enumerated (numbers 0..999, years 1000..2099, every minute,
+every day of the year, ordinals 1..100) or sampled with random.Random(seed) (larger numbers,
+dates of 1900..2099, amounts, measurements). Over-long pairs are dropped, a repeated source
+keeps its first target, and the result is shuffled with the same generator.
+
+Importing this module registers the TFDS builder: `tfds.load("cldr_numbers", data_dir=...)`.
+generate_pairs() returns the same pairs without TFDS.
 """
 import dataclasses
 import datetime
@@ -12,14 +36,14 @@ import re
 from typing import Iterator
 
 from absl import logging
+import babel
 from babel import dates as babel_dates
 from babel import numbers as babel_numbers
 from babel import units as babel_units
 from num2words import num2words
-import babel
 import tensorflow_datasets as tfds
 
-MAX_WORDS = 12  # Longest source or target in whitespace-separated words; longer pairs are dropped.
+MAX_WORDS = 12  # Longest source or target in words; longer pairs are dropped.
 MAX_CHARS = 80  # Longest source or target in characters; longer pairs are dropped.
 SPLITS = ("train", "validation", "test")
 
@@ -28,8 +52,10 @@ _BIG_CARDINALS = 800  # Spelled numbers from 2,100..99,999 (0..999 are all inclu
 _QUANTITIES = 1000  # Number-unit pairs per direction: spelled -> digits and digits -> spelled.
 _DATES = (1600, 1600, 1000, 600)  # Long with digits, long spelled, with weekday, short numeric.
 _AMOUNTS = (1200, 1200, 800)  # Spelled with cents, CLDR digits, spelled whole units.
+# CLDR units whose noun is masculine in every source language, so a spelled number before it
+# needs no feminine form.
 _UNITS = ("length-kilometer", "length-meter", "length-centimeter", "mass-kilogram", "mass-gram",
-          "volume-liter", "temperature-celsius", "speed-kilometer-per-hour")  # Masculine everywhere.
+          "volume-liter", "temperature-celsius", "speed-kilometer-per-hour")
 _CURRENCIES = ("EUR", "USD", "CHF", "JPY")
 _CENT_CURRENCIES = ("EUR", "USD")  # English names their subunit "cent".
 
@@ -53,24 +79,48 @@ class _Language:
 
 
 _LANGUAGES = (
-    _Language("de", "de", "am {}", "im Jahr {}", "um {} Uhr", "um {} Uhr", "zum {}n Mal",
-              "im {}. Stock", "{units} {currency} {cents}", "{at} {minutes}", "{at}",
-              ("um Viertel nach {hour}", "um halb {hour}", "um Viertel vor {hour}"), True),
-    _Language("fr", "fr", "le {}", "en {}", "à {}", "à {}", "pour la {} fois", "au {} étage",
-              "{units} {currency} {cents}", "{at} {minutes}", "{at}",
-              ("{at} et quart", "{at} et demie", "{at} moins le quart"), False),
-    _Language("es", "es", "el {}", "en el año {}", "a las {}", "a la {}", "por {} vez",
-              "en la {}.ª planta", "{units} {currency} con {cents}", "{at} y {minutes}",
-              "{at} en punto", ("{at} y cuarto", "{at} y media", "{at} menos cuarto"), False),
-    _Language("it", "it", "il {}", "nel {}", "alle ore {}", "alle ore {}", "per la {} volta",
-              "al {}º piano", "{units} {currency} e {cents}", "{at} e {minutes}", "{at}",
-              ("{at} e un quarto", "{at} e mezza", "{at} meno un quarto"), False),
-    _Language("nl", "nl", "op {}", "in {}", "om {}", "om {}", "voor de {} keer",
-              "op de {}e verdieping", "{units} {currency} {cents}", "{at} {minutes}", "{at}",
-              ("om kwart over {hour}", "om half {hour}", "om kwart voor {hour}"), True),
-    _Language("pt", "pt_PT", "em {}", "em {}", "às {}", "à {}", "pela {} vez", "no {}.º andar",
-              "{units} {currency} e {cents}", "{at} e {minutes}", "{at} em ponto",
-              ("{at} e um quarto", "{at} e meia", "{at} menos um quarto"), False),
+    _Language(
+        code="de", locale="de", on_date="am {}", in_year="im Jahr {}",
+        at_clock="um {} Uhr", at_one="um {} Uhr", nth_time="zum {}n Mal",
+        on_floor="im {}. Stock", cents="{units} {currency} {cents}",
+        minutes="{at} {minutes}", on_the_hour="{at}",
+        quarters=("um Viertel nach {hour}", "um halb {hour}", "um Viertel vor {hour}"),
+        half_names_next_hour=True),
+    _Language(
+        code="fr", locale="fr", on_date="le {}", in_year="en {}",
+        at_clock="à {}", at_one="à {}", nth_time="pour la {} fois",
+        on_floor="au {} étage", cents="{units} {currency} {cents}",
+        minutes="{at} {minutes}", on_the_hour="{at}",
+        quarters=("{at} et quart", "{at} et demie", "{at} moins le quart"),
+        half_names_next_hour=False),
+    _Language(
+        code="es", locale="es", on_date="el {}", in_year="en el año {}",
+        at_clock="a las {}", at_one="a la {}", nth_time="por {} vez",
+        on_floor="en la {}.ª planta", cents="{units} {currency} con {cents}",
+        minutes="{at} y {minutes}", on_the_hour="{at} en punto",
+        quarters=("{at} y cuarto", "{at} y media", "{at} menos cuarto"),
+        half_names_next_hour=False),
+    _Language(
+        code="it", locale="it", on_date="il {}", in_year="nel {}",
+        at_clock="alle ore {}", at_one="alle ore {}", nth_time="per la {} volta",
+        on_floor="al {}º piano", cents="{units} {currency} e {cents}",
+        minutes="{at} e {minutes}", on_the_hour="{at}",
+        quarters=("{at} e un quarto", "{at} e mezza", "{at} meno un quarto"),
+        half_names_next_hour=False),
+    _Language(
+        code="nl", locale="nl", on_date="op {}", in_year="in {}",
+        at_clock="om {}", at_one="om {}", nth_time="voor de {} keer",
+        on_floor="op de {}e verdieping", cents="{units} {currency} {cents}",
+        minutes="{at} {minutes}", on_the_hour="{at}",
+        quarters=("om kwart over {hour}", "om half {hour}", "om kwart voor {hour}"),
+        half_names_next_hour=True),
+    _Language(
+        code="pt", locale="pt_PT", on_date="em {}", in_year="em {}",
+        at_clock="às {}", at_one="à {}", nth_time="pela {} vez",
+        on_floor="no {}.º andar", cents="{units} {currency} e {cents}",
+        minutes="{at} e {minutes}", on_the_hour="{at} em ponto",
+        quarters=("{at} e um quarto", "{at} e meia", "{at} menos um quarto"),
+        half_names_next_hour=False),
 )
 
 
@@ -186,7 +236,8 @@ def _quantities(lang: _Language, cldr: _Cldr, rng: random.Random) -> list[tuple]
         words = _before_noun(lang.code, cldr.spell(lang.code, number))
         pairs.append((source.format(words), english.format(number), "cardinal"))
       else:
-        pairs.append((source.format(number), english.format(cldr.spell("en", number)), "cardinal"))
+        english = english.format(cldr.spell("en", number))
+        pairs.append((source.format(number), english, "cardinal"))
   return pairs
 
 
@@ -197,7 +248,9 @@ def _ordinals(lang: _Language, cldr: _Cldr, rng: random.Random) -> list[tuple]:
   pairs = []
   for n in range(1, 101):
     ordinal, english = cldr.spell(lang.code, n, "ordinal"), cldr.spell("en", n, "ordinal")
-    digits = {"fr": "1er" if n == 1 else f"{n}e"}.get(lang.code, str(n))
+    digits = str(n)
+    if lang.code == "fr":
+      digits = "1er" if n == 1 else f"{n}e"
     pairs += [
         (ordinal, english, "ordinal"),
         (lang.nth_time.format(_feminine_ordinal(lang.code, ordinal)),
@@ -227,6 +280,8 @@ def _day_token(lang: _Language, cldr: _Cldr, day: int, spelled: bool) -> str:
     return "premier" if spelled else "1er"
   if day == 1 and lang.code == "it":
     return "primo" if spelled else "1º"
+  if day == 1 and lang.code == "pt" and spelled:
+    return "primeiro"
   return cldr.spell(lang.code, day) if spelled else str(day)
 
 
@@ -247,13 +302,13 @@ def _on_date(lang: _Language, text: str) -> str:
 
 def _date_source(lang: _Language, cldr: _Cldr, day: datetime.date, form: str) -> str:
   """One date in the source language: form is digits, spelled, full (with weekday) or short."""
+  locale = cldr.locale(lang.locale)
   if form == "full":
-    return _clean(babel_dates.format_date(day, "full", locale=cldr.locale(lang.locale)))
+    return _clean(babel_dates.format_date(day, "full", locale=locale))
   if form == "short":  # CLDR's short pattern, but with all four digits of the year.
-    pattern = babel_dates.get_date_format("short", locale=cldr.locale(lang.locale)).pattern
-    pattern = re.sub(r"y+", "y", pattern)
-    return _on_date(lang, _clean(babel_dates.format_date(day, pattern, locale=cldr.locale(lang.locale))))
-  text = _clean(babel_dates.format_date(day, "long", locale=cldr.locale(lang.locale)))
+    pattern = re.sub(r"y+", "y", babel_dates.get_date_format("short", locale=locale).pattern)
+    return _on_date(lang, _clean(babel_dates.format_date(day, pattern, locale=locale)))
+  text = _clean(babel_dates.format_date(day, "long", locale=locale))
   if form == "spelled":
     text = text.replace(str(day.year), cldr.spell(lang.code, day.year, "year"))
   return _on_date(lang, _say_day(lang, cldr, text, day.day, form == "spelled"))
@@ -286,7 +341,8 @@ def _days_of_year(lang: _Language, cldr: _Cldr, rng: random.Random) -> list[tupl
     text = _clean(babel_dates.format_skeleton("MMMMd", day, locale=cldr.locale(lang.locale)))
     english = "on " + _clean(babel_dates.format_skeleton("MMMMd", day, locale=cldr.locale("en")))
     for spelled in (False, True):
-      pairs.append((_on_date(lang, _say_day(lang, cldr, text, day.day, spelled)), english, "date"))
+      source = _on_date(lang, _say_day(lang, cldr, text, day.day, spelled))
+      pairs.append((source, english, "date"))
   return pairs
 
 
@@ -319,11 +375,14 @@ def _times(lang: _Language, cldr: _Cldr, rng: random.Random) -> list[tuple]:
       clock = datetime.time(hour, minute)
       english = "at " + _clean(babel_dates.format_time(clock, "short", locale=cldr.locale("en")))
       digits = _clean(babel_dates.format_time(clock, "short", locale=cldr.locale(lang.locale)))
-      pairs.append(((lang.at_one if hour == 1 else lang.at_clock).format(digits), english, "time"))
+      at_clock = lang.at_one if hour == 1 else lang.at_clock
+      pairs.append((at_clock.format(digits), english, "time"))
       minutes = cldr.spell(lang.code, minute)
       minutes = _feminine_cardinal("fr", minutes) if lang.code == "fr" else minutes
-      spoken = lang.minutes.format(at=at, minutes=minutes) if minute else lang.on_the_hour.format(at=at)
-      pairs.append((spoken, english, "time"))
+      if minute:
+        pairs.append((lang.minutes.format(at=at, minutes=minutes), english, "time"))
+      else:
+        pairs.append((lang.on_the_hour.format(at=at), english, "time"))
   return pairs + _quarter_hours(lang, cldr)
 
 
@@ -336,7 +395,8 @@ def _quarter_hours(lang: _Language, cldr: _Cldr) -> list[tuple]:
     for quarter, (template, target) in enumerate(zip(lang.quarters, english)):
       named = next_hour if quarter == 2 or (quarter == 1 and lang.half_names_next_hour) else hour
       source = template.format(at=_at_hour(lang, cldr, named), hour=cldr.spell(lang.code, named))
-      pairs.append((source, target.format(cldr.spell("en", next_hour if quarter == 2 else hour)), "time"))
+      english_hour = cldr.spell("en", next_hour if quarter == 2 else hour)
+      pairs.append((source, target.format(english_hour), "time"))
   return pairs
 
 
@@ -355,11 +415,13 @@ def _amounts(lang: _Language, cldr: _Cldr, rng: random.Random) -> list[tuple]:
     pairs.append((source, english, "amount"))
   for units, cents, code in _sample(rng, digits, range(1, 10000), range(100), _CURRENCIES):
     value = decimal.Decimal(units if code == "JPY" else f"{units}.{cents:02d}")
-    source = babel_numbers.format_currency(value, code, locale=cldr.locale(lang.locale), format_type="name")
+    source = babel_numbers.format_currency(value, code, locale=cldr.locale(lang.locale),
+                                           format_type="name")
     english = babel_numbers.format_currency(value, code, locale=cldr.locale("en"))
     pairs.append((_clean(source), _clean(english), "amount"))
   for units, code in _sample(rng, whole, range(2, 1000), _CURRENCIES):
-    source = f"{_before_noun(lang.code, cldr.spell(lang.code, units))} {cldr.currency(lang.locale, code, units)}"
+    words = _before_noun(lang.code, cldr.spell(lang.code, units))
+    source = f"{words} {cldr.currency(lang.locale, code, units)}"
     pairs.append((source, f"{units} {cldr.currency('en', code, units)}", "amount"))
   return pairs
 
@@ -427,7 +489,7 @@ def _dedupe(pairs: list[dict]) -> tuple[list[dict], int]:
 
 
 def split_of(source: str) -> str:
-  """The split of a pair, fixed by a stable hash of its source: ~98% train, 1% validation, 1% test.
+  """The split of a pair, fixed by a stable hash of its source: 98% train, 1% validation, 1% test.
 
   Hashing the source (not the pair) keeps every source string in exactly one split.
   """

@@ -1,8 +1,15 @@
-"""Decoding: greedy search, in-graph and batched (beam search lives here too)."""
+"""Decoding: greedy and beam search, in-graph and batched.
+
+Both run the decoder cell in a `tf.while_loop`, so they work eagerly, inside tf.function
+and in a SavedModel. Beam search keeps fixed-size tensors, so it also compiles under XLA
+(`jit_compile=True`) when `max_length` is a compile-time constant (a Python int).
+"""
+from typing import Tuple, Union
+
 import tensorflow as tf
 
-from input_pipeline.tokenizer import BOS_ID, EOS_ID
-from trainer.model import Seq2Seq
+from input_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from trainer.model import NEG_INF, Seq2Seq
 
 
 def max_output_length(source: tf.Tensor, max_length_ratio: float) -> tf.Tensor:
@@ -14,7 +21,8 @@ def max_output_length(source: tf.Tensor, max_length_ratio: float) -> tf.Tensor:
 def greedy(model: Seq2Seq, source: tf.Tensor, max_length: tf.Tensor):
   """Greedy search: source [B,S] -> ids [B,T] (0 after EOS) and weights [B,T,S] f32.
 
-  Stops when every sentence has produced EOS or after `max_length` steps.
+  Stops when every sentence has produced EOS or after `max_length` steps. Weights are 0
+  after a sentence's EOS, as in `beam_search`.
   """
   values, keys, mask, state = model.encode(source)
   batch = tf.shape(source)[0]
@@ -29,8 +37,114 @@ def greedy(model: Seq2Seq, source: tf.Tensor, max_length: tf.Tensor):
     token = tf.argmax(model.decoder.logits(state), axis=-1, output_type=tf.int32)
     token = tf.where(done, 0, token)
     ids = ids.write(t, token)
-    weights = weights.write(t, attention_weights)
+    weights = weights.write(t, tf.where(done[:, tf.newaxis], 0.0, attention_weights))
     done = done | tf.equal(token, EOS_ID)
     t += 1
   return (tf.transpose(ids.stack(), [1, 0]),
           tf.transpose(weights.stack(), [1, 0, 2]))
+
+
+def length_penalty(length: tf.Tensor, alpha: float) -> tf.Tensor:
+  """GNMT lp(Y) = ((5 + |Y|) / 6)^alpha (Wu et al. 2016, eq. 14); |Y| counts EOS.
+
+  Hypotheses are ranked by log P(Y) / lp(Y). log P < 0, so a larger alpha divides longer
+  hypotheses by more and favours longer outputs; alpha = 0 ranks by log P alone.
+  """
+  return tf.pow((5.0 + tf.cast(length, tf.float32)) / 6.0, alpha)
+
+
+def beam_search(model: Seq2Seq, source: tf.Tensor, beam_size: int,
+                max_length: Union[int, tf.Tensor], length_penalty_alpha: float = 0.0
+                ) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """Beam search: source [B,S] -> ids [B,T] int32, weights [B,T,S] f32, scores [B] f32.
+
+  T = max_length (fixed, for XLA); ids are 0 after EOS and weights are the attention of
+  the returned hypothesis (0 after EOS). Scores are log P(Y) / lp(Y), see
+  `length_penalty`. Finished hypotheses keep their place and score while they rank in the
+  top `beam_size`; the loop stops when all beams of all sentences are finished. With
+  beam_size 1 the result equals `greedy` (padded to T), for any alpha.
+  """
+  vocab_size = int(model.decoder.projection.units)
+  if not 1 <= beam_size <= vocab_size:
+    raise ValueError(f"beam_size={beam_size!r} must be between 1 and the target "
+                     f"vocabulary size {vocab_size} (config.eval.beam_size / --beam_size).")
+  values, keys, mask, state = model.encode(source)
+  # Each sentence's encoder outputs are repeated once per beam: [B*K, ...], batch-major.
+  encoded = [tf.repeat(x, beam_size, axis=0) for x in (values, keys, mask)]
+  batch, source_len = tf.shape(source)[0], tf.shape(source)[1]
+  beams = _initial_beams(batch, beam_size, max_length, source_len)
+  beams["state"] = tf.repeat(state, beam_size, axis=0)
+
+  def not_done(t, beams):
+    return tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(beams["finished"])))
+
+  def body(t, beams):
+    return t + 1, _beam_step(model, encoded, beams, t, beam_size, vocab_size,
+                             length_penalty_alpha)
+
+  _, beams = tf.while_loop(not_done, body, (tf.constant(0), beams))
+  # top_k sorts, so beam 0 is the best hypothesis of each sentence.
+  return beams["ids"][:, 0], beams["weights"][:, 0], beams["scores"][:, 0]
+
+
+def _initial_beams(batch, beam_size: int, max_length, source_len) -> dict:
+  """Loop state, [B,K,...] tensors. Only beam 0 is live at first, so the first step
+  does not pick the same token K times."""
+  first = tf.one_hot(0, beam_size, on_value=0.0, off_value=NEG_INF)
+  return dict(
+      ids=tf.zeros([batch, beam_size, max_length], tf.int32),
+      weights=tf.zeros([batch, beam_size, max_length, source_len], tf.float32),
+      log_probs=tf.tile(first[tf.newaxis], [batch, 1]),
+      scores=tf.tile(first[tf.newaxis], [batch, 1]),
+      lengths=tf.zeros([batch, beam_size], tf.int32),
+      finished=tf.zeros([batch, beam_size], tf.bool),
+      token=tf.fill([batch * beam_size], BOS_ID))
+
+
+def _beam_step(model: Seq2Seq, encoded, beams: dict, t, beam_size: int, vocab_size: int,
+               alpha: float) -> dict:
+  """Extends every beam by every token, keeps the K best by length-penalised score.
+
+  A finished beam has a single extension, PAD at no cost, so it keeps its log P, length
+  and score, and stays unless K better hypotheses appear.
+  """
+  embedded = model.decoder.embedding(beams["token"])
+  state, attention_weights = model.step_fn(embedded, beams["state"], *encoded)
+  step_log_probs = tf.reshape(tf.nn.log_softmax(model.decoder.logits(state)),
+                              [-1, beam_size, vocab_size])
+  finished = beams["finished"]
+  pad_only = tf.one_hot(PAD_ID, vocab_size, on_value=0.0, off_value=NEG_INF)
+  step_log_probs = tf.where(finished[..., tf.newaxis], pad_only, step_log_probs)
+  log_probs = beams["log_probs"][..., tf.newaxis] + step_log_probs  # [B,K,V]
+  lengths = tf.where(finished, beams["lengths"], t + 1)  # [B,K]
+  scores = log_probs / length_penalty(lengths, alpha)[..., tf.newaxis]
+  scores, best = tf.math.top_k(tf.reshape(scores, [-1, beam_size * vocab_size]), beam_size)
+  parent, token = best // vocab_size, best % vocab_size  # [B,K] each
+
+  def pick(x):  # Rows of x [B,K,...] chosen by `parent`.
+    return tf.gather(x, parent, batch_dims=1)
+
+  was_finished = pick(finished)
+  step_weights = pick(tf.reshape(attention_weights, [-1, beam_size,
+                                                     tf.shape(attention_weights)[-1]]))
+  step_weights = tf.where(was_finished[..., tf.newaxis], 0.0, step_weights)
+  at_t = tf.equal(tf.range(tf.shape(beams["ids"])[-1]), t)  # [T]
+  return dict(
+      ids=tf.where(at_t, token[..., tf.newaxis], pick(beams["ids"])),
+      weights=tf.where(at_t[:, tf.newaxis], step_weights[:, :, tf.newaxis],
+                       pick(beams["weights"])),
+      log_probs=tf.gather(tf.reshape(log_probs, [-1, beam_size * vocab_size]), best,
+                          batch_dims=1),
+      scores=scores,
+      lengths=pick(lengths),
+      finished=was_finished | tf.equal(token, EOS_ID),
+      state=tf.reshape(pick(tf.reshape(state, [-1, beam_size, state.shape[-1]])),
+                       [-1, state.shape[-1]]),
+      token=tf.reshape(token, [-1]))
+
+
+def trim(ids: tf.Tensor, weights: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+  """Drops trailing all-padding time steps: ids [B,T], weights [B,T,S] -> [B,T'], [B,T',S]."""
+  used = tf.reduce_any(ids != PAD_ID, axis=0)
+  length = tf.reduce_max(tf.where(used, tf.range(1, tf.shape(ids)[1] + 1), 0))
+  return ids[:, :length], weights[:, :length]

@@ -1,10 +1,17 @@
 """Evaluation: held-out loss, translation of sentence lists, BLEU/chrF, attention probes."""
-from typing import Dict, List, Sequence, Tuple
+import contextlib
+import io
+import os
+import sys
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from absl import logging
 import numpy as np
 import sacrebleu
 import tensorflow as tf
 
+from input_pipeline import corpora
+from input_pipeline import pipeline
 from input_pipeline.tokenizer import EOS_ID
 from trainer import decode
 from trainer import summaries
@@ -45,39 +52,176 @@ def eval_loss(eval_step, dataset: tf.data.Dataset) -> float:
   return loss_sum / max(tokens, 1.0)
 
 
-def encode_sources(tokenizer, sentences: Sequence[str], max_length: int) -> tf.Tensor:
-  """Strings -> [B,S] int32 source ids with EOS, truncated to max_length, 0-padded."""
-  ids = tokenizer.tokenize_source(tf.constant(list(sentences)))
-  ids = ids[:, :max_length - 1]
+def encode_sources(tokenizer, sentences, max_length: int) -> tf.Tensor:
+  """Strings -> [B,S] int32 source ids with EOS, truncated to max_length, 0-padded.
+
+  `sentences` is a list of str or a tf.string [B] tensor (so it also works in-graph).
+  """
+  if not tf.is_tensor(sentences):
+    sentences = tf.constant(list(sentences), tf.string)
+  ids = tf.cast(tokenizer.tokenize_source(sentences)[:, :max_length - 1], tf.int32)
   eos = tf.fill([ids.nrows(), 1], EOS_ID)
-  ids = tf.concat([tf.cast(ids, tf.int32), tf.RaggedTensor.from_tensor(eos)], axis=1)
+  ids = tf.concat([ids, tf.RaggedTensor.from_tensor(eos)], axis=1)
   return ids.to_tensor(0)
 
 
-def make_translate_fn(model, config):
-  """tf.function source ids [B,S] -> (ids [B,T], weights [B,T,S]) by greedy search."""
+def resolve_beam_size(config, beam_size: Optional[int] = None) -> int:
+  """beam_size, or config.eval.beam_size when None; ValueError unless an int >= 1."""
+  beam_size = config.eval.beam_size if beam_size is None else beam_size
+  if not isinstance(beam_size, int) or beam_size < 1:
+    raise ValueError(f"beam size {beam_size!r} (--beam_size or config.eval.beam_size) "
+                     "must be an integer >= 1; 1 means greedy search.")
+  return beam_size
+
+
+def decode_ids(model, source: tf.Tensor, beam_size: int, max_length_ratio: float,
+               length_penalty: float) -> Tuple[tf.Tensor, tf.Tensor]:
+  """source [B,S] -> ids [B,T], weights [B,T,S]: beam search if beam_size > 1, else greedy."""
+  max_len = decode.max_output_length(source, max_length_ratio)
+  if beam_size > 1:
+    ids, weights, _ = decode.beam_search(model, source, beam_size, max_len, length_penalty)
+    return decode.trim(ids, weights)
+  return decode.greedy(model, source, max_len)
+
+
+def make_translate_fn(model, config, beam_size: Optional[int] = None):
+  """tf.function source ids [B,S] -> (ids [B,T], weights [B,T,S]).
+
+  Beam search with `beam_size` (default config.eval.beam_size) beams, greedy if it is 1.
+  """
+  beam_size = resolve_beam_size(config, beam_size)
+  ratio, alpha = float(config.eval.max_length_ratio), float(config.eval.length_penalty)
 
   @tf.function(reduce_retracing=True)
   def translate_ids(source):
-    max_len = decode.max_output_length(source, config.eval.max_length_ratio)
-    return decode.greedy(model, source, max_len)
+    return decode_ids(model, source, beam_size, ratio, alpha)
 
   return translate_ids
 
 
 def translate(translate_ids, tokenizer, sentences: Sequence[str], config
-              ) -> Tuple[List[str], List[np.ndarray], List[np.ndarray], tf.Tensor]:
-  """Translates strings in batches -> hypotheses, output ids, attention weights, sources."""
+              ) -> Tuple[List[str], List[np.ndarray], List[np.ndarray], List[np.ndarray]]:
+  """Translates strings in batches -> hypotheses, output ids, attention weights, sources.
+
+  Empty (or whitespace-only) sentences are not decoded: they give "" and empty arrays.
+  """
   hyps, out_ids, weights, sources = [], [], [], []
   bs = config.eval.batch_size
   for i in range(0, len(sentences), bs):
-    source = encode_sources(tokenizer, sentences[i:i + bs], config.data.max_source_length)
-    ids, w = translate_ids(source)
-    hyps += [s.decode("utf-8") for s in tokenizer.detokenize_target(ids).numpy()]
-    out_ids += list(ids.numpy())
-    weights += list(w.numpy())
-    sources += list(source.numpy())
+    batch = list(sentences[i:i + bs])
+    nonempty = [s for s in batch if s.strip()]
+    results = iter(())
+    if nonempty:
+      source = encode_sources(tokenizer, nonempty, config.data.max_source_length)
+      ids, w = translate_ids(source)
+      texts = [s.decode("utf-8") for s in tokenizer.detokenize_target(ids).numpy()]
+      results = zip(texts, ids.numpy(), w.numpy(), source.numpy())
+    for sentence in batch:
+      empty = ("", np.zeros([0], np.int32), np.zeros([0, 0], np.float32),
+               np.zeros([0], np.int32))
+      hyp, ids_i, w_i, src_i = next(results) if sentence.strip() else empty
+      hyps.append(hyp)
+      out_ids.append(ids_i)
+      weights.append(w_i)
+      sources.append(src_i)
   return hyps, out_ids, weights, sources
+
+
+def translate_lines(translate_ids, tokenizer, lines: Iterable[str], config,
+                    attention_dir: Optional[str] = None) -> Iterator[str]:
+  """Yields one translation per input line, decoding config.eval.batch_size lines at once.
+
+  Empty lines give empty translations; lines longer than data.max_source_length tokens
+  are truncated with a warning naming the line (numbered from 1). With `attention_dir`,
+  the attention of line N is written to attention_dir/00000N.png (none for empty lines).
+  """
+  if attention_dir:
+    tf.io.gfile.makedirs(attention_dir)
+  said_empty = False
+  for first, batch in _numbered_batches(lines, config.eval.batch_size):
+    _warn_if_truncated(tokenizer, batch, first, config.data.max_source_length)
+    if not said_empty and any(not line.strip() for line in batch):
+      number = first + next(i for i, line in enumerate(batch) if not line.strip())
+      logging.info("Empty input lines (the first is line %d) give empty output lines.",
+                   number)
+      said_empty = True
+    hyps, ids, weights, sources = translate(translate_ids, tokenizer, batch, config)
+    if attention_dir:
+      _write_attention(tokenizer, batch, first, sources, ids, weights, attention_dir)
+    yield from hyps
+
+
+def translate_file(translate_ids, tokenizer, config, input_path: Optional[str] = None,
+                   output_path: Optional[str] = None,
+                   attention_dir: Optional[str] = None) -> None:
+  """Translates a UTF-8 text file (default stdin) line by line into `output_path` (stdout).
+
+  Undecodable bytes become U+FFFD (the tokenizer's UNK); see `translate_lines`.
+  """
+  if input_path and not tf.io.gfile.exists(input_path):
+    raise ValueError(f"--input={input_path}: no such file.")
+  with contextlib.ExitStack() as stack:
+    if input_path:
+      raw = stack.enter_context(tf.io.gfile.GFile(input_path, "rb"))
+    else:
+      raw = sys.stdin.buffer
+    lines = (line.decode("utf-8", errors="replace") for line in raw)
+    if output_path:
+      out = stack.enter_context(tf.io.gfile.GFile(output_path, "w"))
+    else:
+      out = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", line_buffering=True)
+      stack.callback(out.detach)  # Leaves sys.stdout open.
+    for hyp in translate_lines(translate_ids, tokenizer, lines, config, attention_dir):
+      out.write(hyp + "\n")
+    out.flush()
+
+
+def _numbered_batches(lines: Iterable[str], batch_size: int
+                      ) -> Iterator[Tuple[int, List[str]]]:
+  """(number of the batch's first line, counted from 1, lines without newline) pairs."""
+  batch, first = [], 1
+  for number, line in enumerate(lines, start=1):
+    batch.append(line.rstrip("\r\n"))
+    if len(batch) == batch_size:
+      yield first, batch
+      batch, first = [], number + 1
+  if batch:
+    yield first, batch
+
+
+def _warn_if_truncated(tokenizer, batch: List[str], first: int, max_length: int) -> None:
+  lengths = tokenizer.tokenize_source(tf.constant(batch, tf.string)).row_lengths().numpy()
+  for i, length in enumerate(lengths):
+    if length + 1 > max_length:  # + EOS
+      logging.warning("line %d: %d tokens + EOS is longer than data.max_source_length=%d "
+                      "of this model; translating only its first %d tokens.",
+                      first + i, length, max_length, max_length - 1)
+
+
+def _write_attention(tokenizer, batch, first, sources, ids, weights, directory) -> None:
+  keep = [i for i, line in enumerate(batch) if line.strip()]
+  pngs = attention_pngs(tokenizer, [sources[i] for i in keep], [ids[i] for i in keep],
+                        [weights[i] for i in keep], [f"{first + i:06d}" for i in keep])
+  for name, png in pngs.items():
+    with tf.io.gfile.GFile(os.path.join(directory, name + ".png"), "wb") as f:
+      f.write(png)
+
+
+def evaluate_checkpoint(config, tokenizer, model, beam_size: Optional[int] = None
+                        ) -> Dict[str, float]:
+  """Loss on config.data.eval (teacher forcing) and BLEU/chrF of its translations.
+
+  Translates the first data.eval_examples sentences (0 = all), as the training Evaluator
+  does, with `beam_size` beams (default config.eval.beam_size).
+  """
+  loss = eval_loss(make_eval_loss_fn(model), pipeline.make_dataset(config, tokenizer, "eval"))
+  limit = config.data.eval_examples or None
+  pairs = list(corpora.read_pairs(config.data.eval, config.data, limit=limit))
+  translate_ids = make_translate_fn(model, config, beam_size)
+  hyps, _, _, _ = translate(translate_ids, tokenizer, [s for s, _ in pairs], config)
+  metrics = score(hyps, [t for _, t in pairs])
+  metrics.update(loss=loss, examples=len(pairs))
+  return metrics
 
 
 def score(hypotheses: Sequence[str], references: Sequence[str]) -> Dict[str, float]:
@@ -96,7 +240,9 @@ def attention_pngs(tokenizer, sources, out_ids, weights, names) -> Dict[str, byt
       if x == 0:
         break
       tgt.append(int(x))
-    src_tokens = [p.decode() for p in tokenizer.source_pieces(tf.constant(src)).numpy()]
-    tgt_tokens = [p.decode() for p in tokenizer.target_pieces(tf.constant(tgt)).numpy()]
+    src_tokens = [p.decode() for p in
+                  tokenizer.source_pieces(tf.constant(src, tf.int32)).numpy()]
+    tgt_tokens = [p.decode() for p in
+                  tokenizer.target_pieces(tf.constant(tgt, tf.int32)).numpy()]
     pngs[name] = summaries.plot_attention(w[:len(tgt), :len(src)], src_tokens, tgt_tokens)
   return pngs

@@ -65,3 +65,79 @@ def run_bench() -> None:
 def _fail(message: str) -> None:
   logging.error(message)
   sys.exit(f"error: {message}")
+
+
+def _define_inference_flags() -> None:
+  flags.DEFINE_string("workdir", None, "Run directory written by nmt-train (config.json, "
+                      "tokenizer, checkpoints).")
+  flags.DEFINE_string("checkpoint", None, "Checkpoint prefix or directory; default: the "
+                      "workdir's latest.")
+  flags.DEFINE_integer("beam_size", None, "Beam width (1 = greedy); default: the run's "
+                       "config.eval.beam_size.")
+  flags.mark_flags_as_required(["workdir"])
+
+
+def _eval_main(argv) -> None:
+  del argv
+  from trainer import checkpoints, evaluate
+  try:
+    loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint)
+    if FLAGS.data:
+      loaded.config.data.eval = FLAGS.data
+    metrics = evaluate.evaluate_checkpoint(loaded.config, loaded.tokenizer, loaded.model,
+                                           FLAGS.beam_size)
+  except ValueError as e:
+    _fail(str(e))
+  print(json.dumps(dict(bleu=metrics["bleu"], chrf=metrics["chrf"], loss=metrics["loss"],
+                        examples=metrics["examples"], checkpoint=loaded.checkpoint,
+                        step=loaded.step), default=float))
+
+
+def run_eval() -> None:
+  _define_inference_flags()
+  flags.DEFINE_string("data", None, "Corpus to score instead of the run's config.data.eval "
+                      "(same syntax, e.g. tsv:test.tsv).")
+  app.run(_eval_main)
+
+
+def _translate_main(argv) -> None:
+  del argv
+  from trainer import checkpoints, evaluate
+  try:
+    loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint)
+    translate_ids = evaluate.make_translate_fn(loaded.model, loaded.config,
+                                               FLAGS.beam_size)
+    evaluate.translate_file(translate_ids, loaded.tokenizer, loaded.config, FLAGS.input,
+                            FLAGS.output, FLAGS.attention_dir)
+  except (ValueError, OSError) as e:
+    _fail(str(e))
+
+
+def run_translate() -> None:
+  _define_inference_flags()
+  flags.DEFINE_string("input", None, "Text file, one sentence per line; default: stdin.")
+  flags.DEFINE_string("output", None, "Where to write translations; default: stdout.")
+  flags.DEFINE_string("attention_dir", None, "Write line N's attention as DIR/00000N.png.")
+  app.run(_translate_main)
+
+
+def _export_main(argv) -> None:
+  del argv
+  from trainer import checkpoints, export
+  try:
+    loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint,
+                                            jit_decoder_step=False)
+    translator = export.export(loaded.config, loaded.tokenizer, loaded.model,
+                               FLAGS.export_dir, FLAGS.beam_size)
+  except ValueError as e:
+    _fail(str(e))
+  print(json.dumps(dict(export_dir=FLAGS.export_dir, checkpoint=loaded.checkpoint,
+                        step=loaded.step, beam_size=translator.beam_size)))
+
+
+def run_export() -> None:
+  _define_inference_flags()
+  flags.DEFINE_string("export_dir", None, "SavedModel directory to write, e.g. "
+                      "exports/nmt/1 for TensorFlow Serving.")
+  flags.mark_flags_as_required(["export_dir"])
+  app.run(_export_main)

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from input_pipeline import pipeline
 from input_pipeline import tokenizer as tokenizer_lib
+from trainer import checkpoints
 from trainer import distribute
 from trainer import evaluate
 from trainer import model as model_lib
@@ -256,10 +257,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
                                                f"worker_{strategy.cluster_resolver.task_id}")
   tf.io.gfile.makedirs(run_dir)
   policy = resolve_precision(config.train.precision)
-  tokenizer = tokenizer_lib.load_or_train(config.tokenizer, run_dir,
-                                          pipeline.tokenizer_sample(config))
+  # Seed first: set_seed clears TF's kernel cache, which deletes the tokenizer's
+  # kernel-owned SentencePiece resources if they already exist.
   tf.random.set_seed(config.seed)
   keras.utils.set_random_seed(config.seed)
+  tokenizer = tokenizer_lib.load_or_train(config.tokenizer, run_dir,
+                                          pipeline.tokenizer_sample(config))
   with strategy.scope():
     model = build_model(config, tokenizer, policy, config.train.xla)
     optimizer = create_optimizer(config, policy)
@@ -268,7 +271,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   dataset = strategy.distribute_datasets_from_function(
       lambda ctx: pipeline.make_dataset(config, tokenizer, "train", input_context=ctx))
   iterator = iter(dataset)
-  checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, iterator=iterator,
+  checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                    best_eval_loss=best_eval_loss)
   manager = tf.train.CheckpointManager(
       checkpoint, os.path.join(run_dir, "checkpoints"),
@@ -280,6 +283,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
     checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
     logging.info("Resumed from %s at step %d.", manager.latest_checkpoint,
                  int(optimizer.iterations.numpy()))
+  if chief:  # After a successful restore, so it always describes the checkpoints.
+    checkpoints.save_config(config, run_dir)
   return Run(config, run_dir, strategy, policy, tokenizer, model, optimizer, checkpoint,
              manager, best_manager, best_eval_loss, iterator, chief)
 
@@ -291,7 +296,8 @@ class Evaluator:
     config = run.config
     self.run = run
     self.eval_step = evaluate.make_eval_loss_fn(run.model)
-    self.translate_ids = evaluate.make_translate_fn(run.model, config)
+    self.translate_ids = evaluate.make_translate_fn(run.model, config)  # Beam search.
+    self.greedy_ids = evaluate.make_translate_fn(run.model, config, beam_size=1)
     self.dataset = pipeline.make_dataset(config, run.tokenizer, "eval")
     limit = config.data.eval_examples or None
     pairs = list(pipeline.corpora.read_pairs(config.data.eval, config.data, limit=limit))
@@ -308,11 +314,15 @@ class Evaluator:
     metrics.update(evaluate.score(hyps, self.references))
     if writer is not None:
       summaries.write_scalars(writer, step, metrics)
-      _, ids, weights, srcs = evaluate.translate(self.translate_ids, run.tokenizer,
-                                                 self.probes, run.config)
-      names = [f"attention/greedy/probe_{i}" for i in range(len(self.probes))]
-      summaries.write_images(writer, step, evaluate.attention_pngs(
-          run.tokenizer, srcs, ids, weights, names))
+      searches = {"greedy": self.greedy_ids}
+      if run.config.eval.beam_size > 1:
+        searches["beam"] = self.translate_ids
+      for search, translate_ids in searches.items():
+        _, ids, weights, srcs = evaluate.translate(translate_ids, run.tokenizer,
+                                                   self.probes, run.config)
+        names = [f"attention/{search}/probe_{i}" for i in range(len(self.probes))]
+        summaries.write_images(writer, step, evaluate.attention_pngs(
+            run.tokenizer, srcs, ids, weights, names))
       rows = [("source", "reference", "translation")] + [
           (s, r, h) for s, r, h in zip(self.sources[:8], self.references, hyps)]
       summaries.write_text(writer, step, "samples", rows)

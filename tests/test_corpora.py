@@ -1,0 +1,405 @@
+"""Tests of input_pipeline/corpora.py: every source kind against a plain-Python reading of the
+same files, sharding over input pipelines, and every kind of bad input."""
+import gzip
+import logging
+import pathlib
+import re
+import time
+
+import pytest
+import tensorflow as tf
+
+from configs import default
+from input_pipeline import corpora
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_PAIRS = [(f"Satz {i}: Grüße, ä\u2028ö", f"sentence {i}: greetings ☃") for i in range(12)]
+
+
+def _data_config(**overrides):
+  data = default.get_config().data
+  for key, value in overrides.items():
+    data[key] = value
+  return data
+
+
+def _read(source, data_config=None, **kwargs):
+  """What a caller gets from read(): (source, target) Python strings, in order."""
+  dataset = corpora.read(source, data_config or _data_config(), **kwargs)
+  with corpora.surface_corpus_errors():
+    return [(s.decode(), t.decode()) for s, t in dataset.as_numpy_iterator()]
+
+
+def _write(path, content):
+  """Writes str (as UTF-8) or bytes to path, gzipped if it ends in .gz; returns str(path)."""
+  data = content.encode("utf-8") if isinstance(content, str) else content
+  path.write_bytes(gzip.compress(data) if str(path).endswith(".gz") else data)
+  return str(path)
+
+
+def _reference_lines(path):
+  """A file's lines read the obvious way: UTF-8, split on "\\n" only, BOM dropped."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
+    lines = f.read().split("\n")
+  return lines[:-1] if lines[-1] == "" else lines
+
+
+def _reference_tsv(paths, src_col=0, tgt_col=1):
+  return [(cols[src_col].strip(), cols[tgt_col].strip())
+          for path in paths for cols in (line.split("\t") for line in _reference_lines(path))]
+
+
+def _reference_text(src_paths, tgt_paths):
+  return [(s.strip(), t.strip()) for src, tgt in zip(src_paths, tgt_paths)
+          for s, t in zip(_reference_lines(src), _reference_lines(tgt), strict=True)]
+
+
+def _tsv(pairs):
+  return "".join(f"{s}\t{t}\n" for s, t in pairs)
+
+
+def test_tsv_matches_plain_python_reading(tmp_path):
+  # BOM, CRLF, padding spaces and a last line without newline: all read like plain Python.
+  content = "\ufeff" + "".join(f"  {s}\t{t} \r\n" for s, t in _PAIRS) + "last\tletzte"
+  path = _write(tmp_path / "pairs.tsv", content)
+  assert _read(f"tsv:{path}") == _reference_tsv([path])
+  assert _read(f"tsv:{path}")[0] == _PAIRS[0]
+
+
+def test_tsv_columns_and_extra_columns(tmp_path):
+  # Tatoeba/Anki export: id, sentence, id, translation, attribution.
+  content = "".join(f"{i}\t{s}\t{i + 100}\t{t}\tCC-BY 2.0 (France) #{i}\n"
+                    for i, (s, t) in enumerate(_PAIRS))
+  path = _write(tmp_path / "tatoeba.tsv", content)
+  assert _read(f"tsv:{path}:3:1") == _reference_tsv([path], 3, 1)
+  assert _read(f"tsv:{path}:3:1")[0] == (_PAIRS[0][1], _PAIRS[0][0])
+  assert _read(f"tsv:{path}")[0] == ("0", _PAIRS[0][0])  # Default columns: 0 and 1.
+
+
+def test_tsv_gz_shards_by_glob(tmp_path):
+  paths = [_write(tmp_path / f"part-{i}.tsv.gz", _tsv(_PAIRS[i::3])) for i in range(3)]
+  _write(tmp_path / "other.tsv", "not\tmatched\n")
+  got = _read(f"tsv:{tmp_path}/part-*.tsv.gz")
+  assert sorted(got) == sorted(_reference_tsv(paths)) == sorted(_PAIRS)
+
+
+def test_text_sharded_matches_plain_python_reading(tmp_path):
+  src = [_write(tmp_path / f"train.de-{i}", "".join(s + "\n" for s, _ in _PAIRS[i::2]))
+         for i in range(2)]
+  tgt = [_write(tmp_path / f"train.en-{i}", "".join(t + "\r\n" for _, t in _PAIRS[i::2]))
+         for i in range(2)]
+  got = _read(f"text:{tmp_path}/train.de-*,{tmp_path}/train.en-*")
+  assert sorted(got) == sorted(_reference_text(src, tgt)) == sorted(_PAIRS)
+
+
+def test_text_gz(tmp_path):
+  src = _write(tmp_path / "a.de.gz", "".join(s + "\n" for s, _ in _PAIRS))
+  tgt = _write(tmp_path / "a.en.gz", "".join(t + "\n" for _, t in _PAIRS))
+  assert _read(f"text:{src},{tgt}") == _reference_text([src], [tgt]) == _PAIRS
+
+
+@pytest.fixture(scope="module")
+def tiny_tfds_dir(tmp_path_factory):
+  """A TFDS data dir holding tiny_parallel/de-en (40 examples), built here: nothing downloads."""
+  import tensorflow_datasets as tfds
+
+  class TinyParallel(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="de-en")]
+
+    def _info(self):
+      features = tfds.features.FeaturesDict({"de": tfds.features.Text(),
+                                             "en": tfds.features.Text()})
+      return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(40):
+        yield i, {"de": f"eins {i}", "en": f"one {i}"}
+
+  data_dir = str(tmp_path_factory.mktemp("tiny_tfds"))
+  TinyParallel(data_dir=data_dir).download_and_prepare()
+  return data_dir
+
+
+def test_tfds_source(tiny_tfds_dir):
+  expected = sorted((f"eins {i}", f"one {i}") for i in range(40))
+  config = _data_config(tfds_data_dir=tiny_tfds_dir)
+  assert sorted(_read("tfds:tiny_parallel/de-en:train", config)) == expected
+  config = _data_config(tfds_data_dir=tiny_tfds_dir, tfds_source_key="en",
+                        tfds_target_key="de")
+  assert sorted(_read("tfds:tiny_parallel/de-en", config)) == sorted(
+      (t, s) for s, t in expected)
+  halves = [_read("tfds:tiny_parallel/de-en:train", _data_config(tfds_data_dir=tiny_tfds_dir),
+                  input_context=tf.distribute.InputContext(2, i, 2)) for i in range(2)]
+  assert not set(halves[0]) & set(halves[1])
+  assert sorted(halves[0] + halves[1]) == expected
+
+
+def test_tfds_missing_feature_key_lists_available_keys(tiny_tfds_dir):
+  config = _data_config(tfds_data_dir=tiny_tfds_dir, tfds_target_key="fr")
+  with pytest.raises(corpora.CorpusError,
+                     match=r"data.tfds_target_key = 'fr'.*available feature keys: de, en"):
+    corpora.read("tfds:tiny_parallel/de-en", config)
+
+
+def test_embedded_corpus(request):
+  if not (_ROOT / "input_pipeline" / "cldr_numbers.py").exists():
+    pytest.skip("input_pipeline/cldr_numbers.py is not written yet")
+  import tensorflow_datasets as tfds
+  data_dir = request.getfixturevalue("embedded_data_dir")
+  got = _read("embedded:validation", _data_config(tfds_data_dir=data_dir))
+  expected = [(ex["source"].decode(), ex["target"].decode()) for ex in tfds.as_numpy(
+      tfds.load("cldr_numbers", split="validation", data_dir=data_dir))]
+  assert got and sorted(got) == sorted(expected)
+
+
+def _unique_pairs(prefix, n):
+  return [(f"{prefix} src {i}", f"{prefix} tgt {i}") for i in range(n)]
+
+
+@pytest.mark.parametrize("num_files", [3, 1])  # 3 files: by file; 1 file: by record.
+def test_two_pipelines_see_disjoint_halves(tmp_path, num_files):
+  files = [_unique_pairs(f"f{i}", 7) for i in range(num_files)]
+  for i, pairs in enumerate(files):
+    _write(tmp_path / f"shard-{i}.tsv", _tsv(pairs))
+  parts = [_read(f"tsv:{tmp_path}/shard-*.tsv",
+                 input_context=tf.distribute.InputContext(2, i, 2)) for i in range(2)]
+  assert not set(parts[0]) & set(parts[1])
+  assert sorted(parts[0] + parts[1]) == sorted(sum(files, []))
+  if num_files == 3:  # File i goes to pipeline i % 2.
+    assert sorted(parts[0]) == sorted(files[0] + files[2])
+  else:
+    assert parts == [files[0][0::2], files[0][1::2]]
+
+
+def test_text_record_sharding(tmp_path):
+  pairs = _unique_pairs("t", 9)
+  src = _write(tmp_path / "a.src", "".join(s + "\n" for s, _ in pairs))
+  tgt = _write(tmp_path / "a.tgt", "".join(t + "\n" for _, t in pairs))
+  parts = [_read(f"text:{src},{tgt}", input_context=tf.distribute.InputContext(2, i, 2))
+           for i in range(2)]
+  assert parts == [pairs[0::2], pairs[1::2]]
+
+
+def test_shuffle_files_is_seeded(tmp_path):
+  for i in range(4):
+    _write(tmp_path / f"s{i}.tsv", _tsv(_unique_pairs(f"f{i}", 2)))
+  source = f"tsv:{tmp_path}/s*.tsv"
+  in_order = _read(source)
+  orders = [_read(source, shuffle_files=True, seed=seed) for seed in range(4)]
+  assert all(sorted(order) == sorted(in_order) for order in orders)
+  assert any(order != in_order for order in orders)
+  assert _read(source, shuffle_files=True, seed=3) == orders[3]
+
+
+# (bad line as bytes, reason counted, what the log says)
+_BAD_TSV_LINES = {
+    "too few columns": (b"only one column", "too few columns",
+                        "1 tab-separated columns, need at least 2"),
+    "whitespace-only side": (b"hallo\t \t", "empty side", "empty target"),
+    "unicode-space side": ("\u3000\thello".encode(), "empty side", "empty source"),
+    "invalid UTF-8": (b"caf\xe9\tcoffee", "invalid UTF-8", "invalid UTF-8 in the source at byte 3"),
+    "NUL byte": (b"ok\tn\x00l", "NUL byte", "NUL byte in the target"),
+    "100k-char line": (b"x" * 100_000 + b"\tshort", "over-long", "source over 10000 bytes"),
+    "2 MiB line": (b"y" * (2 << 20), "over-long", "line over 1048576 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", _BAD_TSV_LINES)
+def test_bad_tsv_line_is_skipped_counted_and_logged(tmp_path, caplog, case):
+  bad, reason, logged = _BAD_TSV_LINES[case]
+  good = _unique_pairs("g", 30)
+  path = _write(tmp_path / "bad.tsv", _tsv(good[:10]).encode() + bad + b"\n" +
+                _tsv(good[10:]).encode())
+  stats = corpora.SkipStats()
+  caplog.set_level(logging.INFO, logger="absl")
+  start = time.perf_counter()
+  assert _read(f"tsv:{path}", _data_config(max_skip_fraction=0.05), stats=stats) == good
+  assert time.perf_counter() - start < 5
+  assert stats.per_file() == {path: (30, {reason: 1})}
+  assert f"{path}:11: skipped line: {logged}" in caplog.text
+  assert f"{path}: 30 read, 1 skipped (1 {reason})" in caplog.text
+
+
+@pytest.mark.parametrize("side", ["src", "tgt"])
+@pytest.mark.parametrize("bad, reason", [(b"   ", "empty side"), (b"\xff\xfe", "invalid UTF-8"),
+                                         (b"a\x00", "NUL byte"), (b"z" * 10_001, "over-long")])
+def test_bad_text_line_names_its_file(tmp_path, caplog, side, bad, reason):
+  good = _unique_pairs("g", 20)
+  lines = {"src": [s.encode() for s, _ in good], "tgt": [t.encode() for _, t in good]}
+  lines[side][4] = bad
+  paths = {k: _write(tmp_path / f"a.{k}", b"\n".join(v) + b"\n") for k, v in lines.items()}
+  stats = corpora.SkipStats()
+  caplog.set_level(logging.WARNING, logger="absl")
+  got = _read(f"text:{paths['src']},{paths['tgt']}", _data_config(max_skip_fraction=0.1),
+              stats=stats)
+  assert got == good[:4] + good[5:]
+  assert stats.skipped == {reason: 1} and stats.read == 19
+  assert f"{paths[side]}:5: skipped line" in caplog.text
+
+
+def test_skip_logging_is_rate_limited(tmp_path, caplog):
+  path = _write(tmp_path / "many.tsv", "bad\n" * 15 + _tsv(_unique_pairs("g", 85)))
+  caplog.set_level(logging.INFO, logger="absl")
+  stats = corpora.SkipStats()
+  assert len(_read(f"tsv:{path}", _data_config(max_skip_fraction=0.2), stats=stats)) == 85
+  assert caplog.text.count("skipped line:") == 10
+  assert f"{path}:10: skipped line" in caplog.text
+  assert f"{path}:11: skipped line" not in caplog.text
+  assert "further skipped lines are only counted" in caplog.text
+  assert f"{path}: 85 read, 15 skipped (15 too few columns)" in caplog.text
+  assert stats.skipped == {"too few columns": 15}
+
+
+def test_too_many_skipped_lines_fail_with_the_config_key(tmp_path):
+  path = _write(tmp_path / "mostly-bad.tsv", "a\tb\nbroken\nc\td\ne\tf\n")
+  message = (rf"{re.escape(path)}: 1 of 4 lines skipped as malformed \(1 too few columns\), more than "
+             r"data.max_skip_fraction = 0.01")
+  stats = corpora.SkipStats()
+  with pytest.raises(corpora.CorpusError, match=message):  # What read_pairs' callers see.
+    list(corpora.read_pairs(f"tsv:{path}", _data_config(), stats=stats))
+  assert stats.per_file() == {path: (3, {"too few columns": 1})}
+  with pytest.raises(corpora.CorpusError, match=message):  # Iterating read()'s dataset.
+    _read(f"tsv:{path}")
+  # Without surface_corpus_errors tf.data still carries the message, inside its own error.
+  with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+    list(corpora.read(f"tsv:{path}", _data_config()))
+  assert _read(f"tsv:{path}", _data_config(max_skip_fraction=0.25)) == [
+      ("a", "b"), ("c", "d"), ("e", "f")]
+
+
+def test_misaligned_text_files_fail_naming_both(tmp_path):
+  src = _write(tmp_path / "x.de", "eins\nzwei\ndrei\n")
+  tgt = _write(tmp_path / "x.en", "one\ntwo\n")
+  with pytest.raises(corpora.CorpusError,
+                     match=re.escape(f"{src} has 3 lines but {tgt} has 2")):
+    corpora.read(f"text:{src},{tgt}", _data_config())
+
+
+def test_text_file_changed_after_read_fails_naming_both(tmp_path):
+  src = _write(tmp_path / "x.de", "eins\nzwei\n")
+  tgt = _write(tmp_path / "x.en", "one\ntwo\n")
+  dataset = corpora.read(f"text:{src},{tgt}", _data_config())
+  _write(tmp_path / "x.en", "one\n")
+  with pytest.raises(corpora.CorpusError, match=re.escape(f"{src} has 2 lines but {tgt} has 1")):
+    with corpora.surface_corpus_errors():
+      list(dataset)
+
+
+def test_text_globs_matching_different_numbers_of_files(tmp_path):
+  for name in ("a.de.0", "a.de.1", "a.en.0"):
+    _write(tmp_path / name, "x\n")
+  with pytest.raises(corpora.CorpusError, match=r"matches 2 files but .* matches 1"):
+    corpora.read(f"text:{tmp_path}/a.de.*,{tmp_path}/a.en.*", _data_config())
+
+
+@pytest.mark.parametrize("source", ["tsv:{d}/missing.tsv", "tsv:{d}/*.none:0:1",
+                                    "text:{d}/present.txt,{d}/missing.txt"])
+def test_missing_files_are_named(tmp_path, source):
+  _write(tmp_path / "present.txt", "x\n")
+  source = source.format(d=tmp_path)
+  missing = source.rsplit(",", 1)[-1].removeprefix("tsv:").removesuffix(":0:1")
+  with pytest.raises(corpora.CorpusError, match=re.escape(f"no file matches '{missing}'")):
+    corpora.read(source, _data_config())
+
+
+@pytest.mark.parametrize("name", ["empty.tsv", "empty.tsv.gz"])
+def test_empty_file_is_an_error(tmp_path, name):
+  path = _write(tmp_path / name, b"")
+  with pytest.raises(corpora.CorpusError, match=re.escape(f"every matching file is empty: {path}")):
+    corpora.read(f"tsv:{path}", _data_config())
+
+
+def test_empty_shard_among_others_is_a_warning(tmp_path, caplog):
+  empty = _write(tmp_path / "p0.tsv", b"")
+  _write(tmp_path / "p1.tsv", _tsv(_PAIRS))
+  caplog.set_level(logging.WARNING, logger="absl")
+  assert _read(f"tsv:{tmp_path}/p*.tsv") == _PAIRS
+  assert f"{empty}: empty file, skipped" in caplog.text
+
+
+def test_corrupt_gzip_is_named(tmp_path):
+  path = tmp_path / "broken.tsv.gz"
+  path.write_bytes(gzip.compress(_tsv(_PAIRS).encode())[:40])  # Truncated.
+  with pytest.raises(corpora.CorpusError, match=re.escape(f"{path}: cannot read the file")):
+    list(corpora.read_pairs(f"tsv:{path}", _data_config()))
+
+
+@pytest.mark.parametrize("source", ["csv:foo", "tsv:", "tsv:f.tsv:a:b", "tsv:f.tsv:1",
+                                    "text:only-one", "text:a,", "tfds:", "embedded:", "",
+                                    "train.tsv"])
+def test_bad_source_strings_list_the_valid_forms(source):
+  with pytest.raises(ValueError, match=r"valid forms: embedded\[:SPLIT\], "
+                                       r"tsv:PATH\[:SRC_COL:TGT_COL\], text:SRC_GLOB,TGT_GLOB, "
+                                       r"tfds:NAME\[:SPLIT\]") as error:
+    corpora.parse_source(source)
+  assert repr(source) in str(error.value)
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("embedded", dict(kind="embedded", name="cldr_numbers", split="train")),
+    ("embedded:validation", dict(kind="embedded", split="validation")),
+    ("tsv:data/a.tsv", dict(kind="tsv", paths=("data/a.tsv",), columns=(0, 1))),
+    ("tsv:gs://bucket/a-*.tsv.gz:3:1", dict(paths=("gs://bucket/a-*.tsv.gz",), columns=(3, 1))),
+    ("tsv:gs://bucket/a.tsv", dict(paths=("gs://bucket/a.tsv",), columns=(0, 1))),
+    ("text:a.de*,a.en*", dict(kind="text", paths=("a.de*", "a.en*"))),
+    ("tfds:wmt14_translate/de-en:train[:10%]",
+     dict(kind="tfds", name="wmt14_translate/de-en", split="train[:10%]")),
+    ("tfds:wmt14_translate/de-en:1.0.0:test", dict(name="wmt14_translate/de-en:1.0.0",
+                                                   split="test")),
+    ("tfds:tiny", dict(name="tiny", split="train")),
+])
+def test_parse_source(source, expected):
+  spec = corpora.parse_source(source)
+  assert {key: getattr(spec, key) for key in expected} == expected
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("length_policy", "clip", "data.length_policy = 'clip' is invalid: it must be one of "
+                              "drop | truncate"),
+    ("batch_by", "words", "data.batch_by = 'words' is invalid: it must be one of "
+                          "sentences | tokens"),
+    ("max_skip_fraction", 1.5, "data.max_skip_fraction = 1.5 is invalid: it must be a number "
+                               "from 0 to 1"),
+    ("max_skip_fraction", -0.1, "data.max_skip_fraction = -0.1 is invalid"),
+    ("max_source_length", -1, "data.max_source_length = -1 is invalid: it must be an integer"
+                              " >= 1"),
+    ("max_target_length", 0, "data.max_target_length = 0 is invalid"),
+    ("shuffle_buffer", -5, "data.shuffle_buffer = -5 is invalid: it must be an integer >= 0"),
+    ("bucket_boundaries", (8, 8, 64), "data.bucket_boundaries = (8, 8, 64) is invalid: it "
+                                      "must be strictly increasing"),
+    ("bucket_boundaries", (16, 8, 64), "strictly increasing"),
+    ("bucket_boundaries", (8, 16, 32), "ending in a boundary >= max(data.max_source_length, "
+                                       "data.max_target_length) = 64"),
+    ("bucket_boundaries", (), "a non-empty sequence of positive integers"),
+    ("train", "csv:train.csv", "data.train: data source 'csv:train.csv' is not valid"),
+    ("eval", "tsv:", "data.eval: data source 'tsv:' is not valid"),
+])
+def test_validate_data_config_names_key_and_value(key, value, message):
+  with pytest.raises(ValueError) as error:
+    corpora.validate_data_config(_data_config(**{key: value}))
+  assert message in str(error.value)
+
+
+def test_default_configs_are_valid():
+  from configs import tiny
+  corpora.validate_data_config(default.get_config().data)
+  corpora.validate_data_config(tiny.get_config().data)
+
+
+def test_read_validates_the_config(tmp_path):
+  path = _write(tmp_path / "a.tsv", _tsv(_PAIRS))
+  with pytest.raises(ValueError, match="data.length_policy = 'clip'"):
+    corpora.read(f"tsv:{path}", _data_config(length_policy="clip"))
+
+
+def test_read_pairs_limit(tmp_path):
+  path = _write(tmp_path / "a.tsv", _tsv(_PAIRS))
+  assert list(corpora.read_pairs(f"tsv:{path}", _data_config(), limit=3)) == _PAIRS[:3]
+  assert list(corpora.read_pairs(f"tsv:{path}", _data_config())) == _PAIRS
+  with pytest.raises(ValueError, match="limit = -1"):
+    corpora.read_pairs(f"tsv:{path}", _data_config(), limit=-1)
