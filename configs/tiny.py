@@ -14,17 +14,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.eval_examples = 200
   config.tokenizer.vocab_size = 500
   config.tokenizer.sample_size = 20000
-  config.model.units = 64
-  config.model.embed_dim = 32
-  config.train.batch_size = 32
-  config.train.steps = 200
+  config.model.units = 128
+  config.model.embed_dim = 64
+  config.train.batch_size = 64
+  config.train.steps = 600
   config.train.steps_per_loop = 10
-  config.train.learning_rate = 3e-3
-  config.train.warmup_steps = 20
+  config.train.learning_rate = 5e-3
+  config.train.warmup_steps = 50
+  config.train.decay = "constant"
   config.train.precision = "float32"
-  config.train.log_every = 50
-  config.train.checkpoint_every = 100
-  config.train.eval_every = 100
+  config.train.log_every = 100
+  config.train.checkpoint_every = 300
+  config.train.eval_every = 300
   config.eval.beam_size = 2
   config.eval.num_probes = 1
   return config

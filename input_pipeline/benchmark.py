@@ -8,6 +8,7 @@ import time
 from absl import logging
 import numpy as np
 
+from input_pipeline import corpora
 from input_pipeline import pipeline
 from input_pipeline import tokenizer as tokenizer_lib
 
@@ -25,21 +26,21 @@ def run(config, workdir: str, num_batches: int = 200, *, warmup_batches: int = 1
   length_stats = pipeline.LengthStats()
   iterator = iter(pipeline.make_dataset(config, tokenizer, "train",
                                         length_stats=length_stats))
-  for _ in range(warmup_batches):
-    next(iterator)
-
   examples = source_tokens = target_tokens = cells = 0
   shapes = set()
-  start = time.perf_counter()
-  for _ in range(num_batches):
-    batch = next(iterator)
-    source, target = batch["source"].numpy(), batch["target"].numpy()
-    examples += source.shape[0]
-    source_tokens += int(np.count_nonzero(source != tokenizer_lib.PAD_ID))
-    target_tokens += int(np.count_nonzero(target != tokenizer_lib.PAD_ID))
-    cells += source.size + target.size
-    shapes.add(source.shape)
-  seconds = time.perf_counter() - start
+  with corpora.surface_corpus_errors():
+    for _ in range(warmup_batches):
+      next(iterator)
+    start = time.perf_counter()
+    for _ in range(num_batches):
+      batch = next(iterator)
+      source, target = batch["source"].numpy(), batch["target"].numpy()
+      examples += source.shape[0]
+      source_tokens += int(np.count_nonzero(source != tokenizer_lib.PAD_ID))
+      target_tokens += int(np.count_nonzero(target != tokenizer_lib.PAD_ID))
+      cells += source.size + target.size
+      shapes.add(source.shape)
+    seconds = time.perf_counter() - start
 
   length_stats.log()
   result = {

@@ -128,7 +128,7 @@ def parse_source(source: str) -> SourceSpec:
     if not match:
       raise _bad_source(source, "tfds: needs NAME or NAME:SPLIT")
     return SourceSpec(source, kind, name=match["name"], split=match["split"] or "train")
-  raise _bad_source(source, f"unknown kind {kind!r}" if colon or kind else "empty")
+  raise _bad_source(source, f"unknown kind {kind!r}" if source else "empty")
 
 
 def _parse_tsv(source: str, rest: str) -> SourceSpec:
@@ -275,6 +275,9 @@ def _read_tfds(spec: SourceSpec, data_config: ml_collections.ConfigDict, shard: 
   options = tf.data.Options()
   options.deterministic = data_config.deterministic
   read_config = tfds.ReadConfig(shuffle_seed=seed, options=options)
+  # Ordered datasets (disable_shuffling) refuse shuffle_files; the example shuffle
+  # buffer downstream still mixes them.
+  shuffle_files = shuffle_files and not builder.info.disable_shuffling
   examples = builder.as_dataset(split=split, shuffle_files=shuffle_files,
                                 read_config=read_config)
   return examples.map(lambda example: (example[src_key], example[tgt_key]),
@@ -362,7 +365,6 @@ def _nonempty(spec: SourceSpec, units: list[tuple[str, ...]]) -> list[tuple[str,
   for unit in empty:
     logging.warning("%s: empty file, skipped (other files of %s have data)",
                     ",".join(unit), spec.source)
-  empty = set(empty)
   return [unit for unit in units if unit not in empty]
 
 
@@ -412,19 +414,25 @@ def _text_pairs(paths: list[str], tally: "_Tally", *,
   """Yields the pairs of the good lines of two aligned text files; tallies the bad."""
   src_path, tgt_path = paths
   with _open(src_path) as src_file, _open(tgt_path) as tgt_file:
-    lines = itertools.zip_longest(_lines(src_file, src_path), _lines(tgt_file, tgt_path),
-                                  fillvalue=_END)
+    lines = _aligned(src_path, tgt_path, _lines(src_file, src_path), _lines(tgt_file, tgt_path))
     numbered = itertools.islice(enumerate(lines, 1), shard.index, None, shard.count)
     for lineno, (src, tgt) in numbered:
-      if src is _END or tgt is _END:  # The files changed since read() compared them.
-        raise (_alignment_error(src_path, tgt_path)
-               or CorpusError(f"{src_path} and {tgt_path} changed while being read"))
       try:
         pair = _pair(src, tgt)
       except _Skip as skip:
         tally.skip(tgt_path if skip.side == "target" else src_path, lineno, skip)
         continue
       yield pair
+
+
+def _aligned(src_path: str, tgt_path: str, src_lines: Iterator, tgt_lines: Iterator
+             ) -> Iterator[tuple[bytes | None, bytes | None]]:
+  """Pairs the lines of two aligned files; every record shard sees a length mismatch."""
+  for src, tgt in itertools.zip_longest(src_lines, tgt_lines, fillvalue=_END):
+    if src is _END or tgt is _END:  # The files changed since read() compared them.
+      raise (_alignment_error(src_path, tgt_path)
+             or CorpusError(f"{src_path} and {tgt_path} changed while being read"))
+    yield src, tgt
 
 
 def _pair(src: bytes | None, tgt: bytes | None) -> tuple[str, str]:

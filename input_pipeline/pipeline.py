@@ -138,8 +138,8 @@ def filter_length(dataset: tf.data.Dataset, data_config,
     return {"source": tf.ragged.boolean_mask(source, keep),
             "target": tf.ragged.boolean_mask(target, keep)}
 
-  # Not parallel: the work is tiny, and the counter updates stay in order.
-  return dataset.map(limit)
+  return dataset.map(limit, num_parallel_calls=tf.data.AUTOTUNE,
+                     deterministic=data_config.deterministic)
 
 
 def add_special_tokens(dataset: tf.data.Dataset) -> tf.data.Dataset:

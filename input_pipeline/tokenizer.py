@@ -92,11 +92,11 @@ def load_or_train(tok_config, workdir: str,
   stored = _read_stored_config(directory)
   if stored is None:
     _train_and_store(config, directory, sample)
+    stored = _read_stored_config(directory)
   else:
     _check_same_config(stored["config"], config, directory)
     logging.info("Reusing the tokenizer in %s.", directory)
-  files = _read_stored_config(directory)["files"]
-  source_model, target_model = (_read_bytes(os.path.join(directory, files[side]))
+  source_model, target_model = (_read_bytes(os.path.join(directory, stored["files"][side]))
                                 for side in ("source", "target"))
   tokenizer = Tokenizer(source_model, target_model)
   logging.info("Tokenizer: source vocab %d, target vocab %d (joint=%s).",

@@ -21,3 +21,16 @@ def embedded_data_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   tfds.builder("cldr_numbers", data_dir=data_dir).download_and_prepare()
   return data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run(embedded_data_dir, tmp_path_factory):
+  """configs/tiny.py trained once on the embedded corpus: (config, workdir, summary)."""
+  from configs import tiny
+  from trainer import train
+  config = tiny.get_config()
+  config.data.tfds_data_dir = embedded_data_dir
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  summary = train.train_and_evaluate(config, workdir,
+                                     tf.distribute.OneDeviceStrategy("/cpu:0"))
+  return config, workdir, summary

@@ -149,10 +149,19 @@ def test_token_budget_batching(config, tokenizer):
     assert rows * length <= 64 and rows == 64 // length
 
 
-def test_two_pipelines_split_the_corpus_exactly_once(config, tokenizer):
-  epochs = []
+def _expected_sources(pairs, tokenizer, max_length=16):
+  """EOS-terminated source ids of the pairs that fit both max lengths (the drop policy)."""
+  sources = tokenizer.tokenize_source([p[0] for p in pairs]).to_list()
+  targets = tokenizer.tokenize_target([p[1] for p in pairs]).to_list()
+  return collections.Counter(tuple(s) + (tokenizer_lib.EOS_ID,) for s, t in zip(
+      sources, targets) if len(s) + 1 <= max_length and len(t) + 2 <= max_length)
+
+
+def test_two_pipelines_split_the_corpus_exactly_once(config, tokenizer, corpus):
+  expected = _expected_sources(corpus[0], tokenizer)
+  assert max(expected.values()) == 1 and len(expected) > _NUM_PAIRS // 2
+  config.train.batch_size = 2  # 1 per replica: no remainder to drop in train.
   for split in ("eval", "train"):
-    config.train.batch_size = 2  # 1 per replica: no remainder dropped in train.
     per_pipeline = []
     for index in range(2):
       context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=index,
@@ -162,12 +171,8 @@ def test_two_pipelines_split_the_corpus_exactly_once(config, tokenizer):
       per_pipeline.append(collections.Counter(
           row for b in batches for row in _rows(b, "source")))
     assert per_pipeline[0] and per_pipeline[1]
-    assert not per_pipeline[0] & per_pipeline[1]
-    epochs.append(per_pipeline[0] + per_pipeline[1])
-  everything = collections.Counter(row for b in _all_batches(config, tokenizer)
-                                   for row in _rows(b, "source"))
-  assert epochs[0] == epochs[1] == everything
-  assert max(everything.values()) == 1
+    assert not per_pipeline[0] & per_pipeline[1], split
+    assert per_pipeline[0] + per_pipeline[1] == expected, split
 
 
 def test_plugs_into_distribute_datasets_from_function(config, tokenizer):
@@ -189,3 +194,17 @@ def test_bad_config_values_are_named(config, tokenizer):
   config.data.length_policy = "drop"
   with pytest.raises(ValueError, match="split"):
     pipeline.make_dataset(config, tokenizer, "test")
+
+
+@pytest.mark.slow
+def test_embedded_corpus_batches_on_the_tiny_grid(request, tmp_path):
+  pytest.importorskip("input_pipeline.cldr_numbers")
+  config = tiny.get_config()
+  config.data.tfds_data_dir = request.getfixturevalue("embedded_data_dir")
+  config.tokenizer.sample_size = 5000
+  tok = tokenizer_lib.load_or_train(config.tokenizer, str(tmp_path),
+                                    pipeline.tokenizer_sample(config))
+  grid = pipeline.padded_shapes(config)
+  for batch in pipeline.make_dataset(config, tok, "train").take(20).as_numpy_iterator():
+    assert batch["source"].shape[1] == batch["target"].shape[1]
+    assert batch["source"].shape[1] in grid

@@ -109,10 +109,17 @@ def _load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
 
 def restore_model(model: model_lib.Seq2Seq, path: str, config: ml_collections.ConfigDict,
                   workdir: str) -> None:
-  """Restores the model's variables; ValueError naming the differing config keys if not."""
+  """Restores the model's variables; ValueError naming the differing config keys if not.
+
+  nmt-train's checkpoints store each variable once, under its shortest path: the Keras
+  optimizer's `_trainable_variables` list, not the model. A stand-in holding that list
+  restores them whatever optimizer or loss scaling the run used.
+  """
+  optimizer = tf.Module()
+  optimizer._trainable_variables = list(model.trainable_variables)
   try:
-    status = tf.train.Checkpoint(model=model).restore(path).expect_partial()
-    status.assert_existing_objects_matched()
+    status = tf.train.Checkpoint(model=model, optimizer=optimizer).restore(path)
+    status.expect_partial().assert_existing_objects_matched()
   except (ValueError, AssertionError, tf.errors.OpError) as e:
     raise ValueError(_mismatch_message(path, config, workdir, e)) from e
 
@@ -131,7 +138,7 @@ def _mismatch_message(path: str, config, workdir: str, error: Exception) -> str:
   model_keys = ", ".join(f"model.{k}={v!r}" for k, v in config.model.items())
   return (f"checkpoint {path} does not fit the model built from {ours} ({model_keys}, "
           f"tokenizer.vocab_size={config.tokenizer.vocab_size}); was it trained with a "
-          f"different config? Restore error: {str(error).splitlines()[0]}")
+          f"different config? Restore error: {str(error).splitlines()[0][:300]}")
 
 
 def _config_near(path: str) -> Optional[str]:

@@ -14,7 +14,8 @@ from trainer.model import NEG_INF, Seq2Seq
 
 def max_output_length(source: tf.Tensor, max_length_ratio: float) -> tf.Tensor:
   """Longest output for a batch: ratio x longest real source length + 5 tokens."""
-  source_len = tf.reduce_max(tf.reduce_sum(tf.cast(source != 0, tf.float32), axis=1))
+  lengths = tf.reduce_sum(tf.cast(source != 0, tf.float32), axis=1)
+  source_len = tf.reduce_max(tf.concat([lengths, [0.0]], 0))  # An empty batch gives 5.
   return tf.cast(tf.math.ceil(source_len * max_length_ratio), tf.int32) + 5
 
 

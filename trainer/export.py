@@ -13,6 +13,7 @@ from absl import logging
 import ml_collections
 import tensorflow as tf
 
+from trainer import decode
 from trainer import evaluate
 
 
@@ -38,9 +39,14 @@ class Translator(tf.Module):
     non-empty source_tokens[b] (columns) and target_tokens[b] (rows). Empty or
     whitespace-only sources give "" and no tokens.
     """
-    source = evaluate.encode_sources(self.tokenizer, sources, self.max_source_length)
+    # One extra empty sentence, dropped below, keeps an empty request from reaching the
+    # encoder GRU with zero time steps (which fails) and costs little.
+    source = evaluate.encode_sources(self.tokenizer, tf.concat([sources, [""]], 0),
+                                     self.max_source_length)
     ids, weights = evaluate.decode_ids(self.model, source, self.beam_size,
                                        self.max_length_ratio, self.length_penalty)
+    source = source[:-1]
+    ids, weights = decode.trim(ids[:-1], weights[:-1])
     empty = tf.equal(tf.strings.length(tf.strings.strip(sources)), 0)
     source = tf.where(empty[:, tf.newaxis], 0, source)
     ids = tf.where(empty[:, tf.newaxis], 0, ids)
