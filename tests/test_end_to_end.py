@@ -59,6 +59,8 @@ def _short_config(data_dir, steps):
   config = tiny.get_config()
   config.data.tfds_data_dir = data_dir
   config.data.eval_examples = 16
+  config.eval.beam_size = 1
+  config.train.xla = "off"  # Compiling is slower than these 20 steps.
   config.train.update(steps=steps, steps_per_loop=5, log_every=5, checkpoint_every=10,
                       eval_every=1000)
   return config

@@ -82,7 +82,8 @@ def test_export_reloads_with_only_tensorflow_text_and_translates_the_same(workdi
       "text = lambda x: [text(y) for y in x] if isinstance(x, list) else x.decode()\n"
       "out = {k: v.numpy().tolist() if v.dtype == tf.float32 else text(v.numpy().tolist())\n"
       "       for k, v in out.items()}\n"
-      "out['own'] = [m for m in sys.modules if m.split('.')[0] in ('trainer', 'input_pipeline')]\n"
+      "out['own'] = [m for m in sys.modules\n"
+      "              if m.split('.')[0] in ('trainer', 'input_pipeline')]\n"
       "print(json.dumps(out))\n")
   result = subprocess.run([sys.executable, "-c", script, export_dir, json.dumps(SENTENCES)],
                           cwd=str(tmp_path), capture_output=True, text=True, timeout=300)

@@ -33,7 +33,9 @@ def test_attention_sums_to_one_and_is_zero_on_padding():
 def test_bidirectional_multilayer_shapes():
   model = _model(bidirectional=True, encoder_layers=2)
   values, keys, mask, state = model.encode(SOURCE)
-  assert values.shape == (2, 6, 64) and keys.shape == (2, 6, 64) and state.shape == (2, 64)
+  units = tiny.get_config().model.units
+  assert values.shape == (2, 6, units) and keys.shape == (2, 6, units)
+  assert state.shape == (2, units)
 
 
 def test_padding_does_not_change_encoding():

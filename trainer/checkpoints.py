@@ -107,18 +107,20 @@ def _load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
   return tokenizer_lib.load_or_train(config.tokenizer, workdir, no_sample)
 
 
+def model_variables(model: model_lib.Seq2Seq) -> dict:
+  """The model's tf.Variables keyed by their Keras path: what checkpoints save as `model`.
+
+  TensorFlow's checkpoint graph does not see Keras 3 variables as children of their layers,
+  so the checkpoint names them explicitly; a model-only restore then needs no optimizer.
+  """
+  return {v.path: v.value for v in model.weights}
+
+
 def restore_model(model: model_lib.Seq2Seq, path: str, config: ml_collections.ConfigDict,
                   workdir: str) -> None:
-  """Restores the model's variables; ValueError naming the differing config keys if not.
-
-  nmt-train's checkpoints store each variable once, under its shortest path: the Keras
-  optimizer's `_trainable_variables` list, not the model. A stand-in holding that list
-  restores them whatever optimizer or loss scaling the run used.
-  """
-  optimizer = tf.Module()
-  optimizer._trainable_variables = list(model.trainable_variables)
+  """Restores the model's variables; ValueError naming the differing config keys if not."""
   try:
-    status = tf.train.Checkpoint(model=model, optimizer=optimizer).restore(path)
+    status = tf.train.Checkpoint(model=model_variables(model)).restore(path)
     status.expect_partial().assert_existing_objects_matched()
   except (ValueError, AssertionError, tf.errors.OpError) as e:
     raise ValueError(_mismatch_message(path, config, workdir, e)) from e

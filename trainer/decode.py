@@ -63,7 +63,7 @@ def beam_search(model: Seq2Seq, source: tf.Tensor, beam_size: int,
   the returned hypothesis (0 after EOS). Scores are log P(Y) / lp(Y), see
   `length_penalty`. Finished hypotheses keep their place and score while they rank in the
   top `beam_size`; the loop stops when all beams of all sentences are finished. With
-  beam_size 1 the result equals `greedy` (padded to T), for any alpha.
+  beam_size 1 the result equals `greedy`, for any alpha.
   """
   vocab_size = int(model.decoder.projection.units)
   if not 1 <= beam_size <= vocab_size:

@@ -76,12 +76,16 @@ def resolve_beam_size(config, beam_size: Optional[int] = None) -> int:
 
 def decode_ids(model, source: tf.Tensor, beam_size: int, max_length_ratio: float,
                length_penalty: float) -> Tuple[tf.Tensor, tf.Tensor]:
-  """source [B,S] -> ids [B,T], weights [B,T,S]: beam search if beam_size > 1, else greedy."""
+  """source [B,S] -> ids [B,T], weights [B,T,S]: beam search if beam_size > 1, else greedy.
+
+  T is the longest output of the batch (EOS included); shorter rows are 0-padded.
+  """
   max_len = decode.max_output_length(source, max_length_ratio)
   if beam_size > 1:
     ids, weights, _ = decode.beam_search(model, source, beam_size, max_len, length_penalty)
-    return decode.trim(ids, weights)
-  return decode.greedy(model, source, max_len)
+  else:
+    ids, weights = decode.greedy(model, source, max_len)
+  return decode.trim(ids, weights)
 
 
 def make_translate_fn(model, config, beam_size: Optional[int] = None):
@@ -106,6 +110,7 @@ def translate(translate_ids, tokenizer, sentences: Sequence[str], config
   Empty (or whitespace-only) sentences are not decoded: they give "" and empty arrays.
   """
   hyps, out_ids, weights, sources = [], [], [], []
+  empty = ("", np.zeros([0], np.int32), np.zeros([0, 0], np.float32), np.zeros([0], np.int32))
   bs = config.eval.batch_size
   for i in range(0, len(sentences), bs):
     batch = list(sentences[i:i + bs])
@@ -117,8 +122,6 @@ def translate(translate_ids, tokenizer, sentences: Sequence[str], config
       texts = [s.decode("utf-8") for s in tokenizer.detokenize_target(ids).numpy()]
       results = zip(texts, ids.numpy(), w.numpy(), source.numpy())
     for sentence in batch:
-      empty = ("", np.zeros([0], np.int32), np.zeros([0, 0], np.float32),
-               np.zeros([0], np.int32))
       hyp, ids_i, w_i, src_i = next(results) if sentence.strip() else empty
       hyps.append(hyp)
       out_ids.append(ids_i)
@@ -156,7 +159,8 @@ def translate_file(translate_ids, tokenizer, config, input_path: Optional[str] =
                    attention_dir: Optional[str] = None) -> None:
   """Translates a UTF-8 text file (default stdin) line by line into `output_path` (stdout).
 
-  Undecodable bytes become U+FFFD (the tokenizer's UNK); see `translate_lines`.
+  Undecodable bytes become U+FFFD, which the tokenizer maps to UNK like any unknown
+  character; see `translate_lines`.
   """
   if input_path and not tf.io.gfile.exists(input_path):
     raise ValueError(f"--input={input_path}: no such file.")
@@ -167,6 +171,8 @@ def translate_file(translate_ids, tokenizer, config, input_path: Optional[str] =
       raw = sys.stdin.buffer
     lines = (line.decode("utf-8", errors="replace") for line in raw)
     if output_path:
+      if os.path.dirname(output_path):
+        tf.io.gfile.makedirs(os.path.dirname(output_path))
       out = stack.enter_context(tf.io.gfile.GFile(output_path, "w"))
     else:
       out = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", line_buffering=True)

@@ -15,6 +15,7 @@ import keras
 import ml_collections
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_config
 
 from input_pipeline import pipeline
 from input_pipeline import tokenizer as tokenizer_lib
@@ -182,13 +183,17 @@ def make_train_loop(strategy, replica_step):
     arrays = {k: tf.TensorArray(tf.float32, size=num_steps)
               for k in ("loss", "tokens", "examples", "grad_norm", "finite", "length")}
     input_wait = tf.constant(0.0, tf.float64)
+    # tf.timestamp is refused under op determinism (tests); input wait then reads 0.
+    # (No public getter exists; tf.config.experimental only has the setter.)
+    timed = not tf_config.is_op_determinism_enabled()
     for i in tf.range(num_steps):
-      t0 = tf.timestamp()
+      t0 = tf.timestamp() if timed else tf.constant(0.0, tf.float64)
       with tf.control_dependencies([t0]):
         batch = next(iterator)
-      with tf.control_dependencies(tf.nest.flatten(
-          strategy.experimental_local_results(batch))):
-        input_wait += tf.timestamp() - t0
+      if timed:
+        with tf.control_dependencies(tf.nest.flatten(
+            strategy.experimental_local_results(batch))):
+          input_wait += tf.timestamp() - t0
       out = strategy.run(replica_step, args=(batch,))
       red = {k: strategy.reduce("SUM", out[k], axis=None) for k in sum_keys}
       first = {k: strategy.experimental_local_results(out[k])[0]
@@ -236,6 +241,7 @@ class Run:
   best_eval_loss: tf.Variable
   iterator: object
   is_chief: bool
+  length_stats: pipeline.LengthStats
 
 
 def build_model(config, tokenizer, policy: str, xla: str) -> model_lib.Seq2Seq:
@@ -244,6 +250,25 @@ def build_model(config, tokenizer, policy: str, xla: str) -> model_lib.Seq2Seq:
   if xla == "decoder_step":
     model.step_fn = tf.function(model.decoder.step, jit_compile=True)
   return model
+
+
+def make_train_dataset(config, tokenizer, strategy, start_step: int,
+                       length_stats: pipeline.LengthStats):
+  """Per-replica training batches, fast-forwarded past the `start_step` already trained on.
+
+  Distributed iterators cannot be checkpointed (and from_generator sources cannot be
+  either), so exact resume replays the deterministic pipeline: each replica's stream skips
+  the batches it consumed before. Costs one pass of input work up to `start_step`.
+  """
+  if start_step and not config.data.deterministic:
+    logging.warning("data.deterministic=False: the resumed data order will differ.")
+
+  def dataset_fn(ctx):
+    dataset = pipeline.make_dataset(config, tokenizer, "train", input_context=ctx,
+                                    length_stats=length_stats)
+    return dataset.skip(start_step) if start_step else dataset
+
+  return strategy.distribute_datasets_from_function(dataset_fn)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str,
@@ -268,11 +293,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
     optimizer = create_optimizer(config, policy)
     optimizer.build(model.trainable_variables)
     best_eval_loss = tf.Variable(np.inf, dtype=tf.float32, trainable=False)
-  dataset = strategy.distribute_datasets_from_function(
-      lambda ctx: pipeline.make_dataset(config, tokenizer, "train", input_context=ctx))
-  iterator = iter(dataset)
-  checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
-                                   best_eval_loss=best_eval_loss)
+  checkpoint = tf.train.Checkpoint(model=checkpoints.model_variables(model),
+                                   optimizer=optimizer, best_eval_loss=best_eval_loss)
   manager = tf.train.CheckpointManager(
       checkpoint, os.path.join(run_dir, "checkpoints"),
       max_to_keep=config.train.keep_checkpoints, step_counter=optimizer.iterations)
@@ -283,10 +305,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
     checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
     logging.info("Resumed from %s at step %d.", manager.latest_checkpoint,
                  int(optimizer.iterations.numpy()))
+  length_stats = pipeline.LengthStats(name="train_length_filter")
+  iterator = iter(make_train_dataset(config, tokenizer, strategy,
+                                     int(optimizer.iterations.numpy()), length_stats))
   if chief:  # After a successful restore, so it always describes the checkpoints.
     checkpoints.save_config(config, run_dir)
   return Run(config, run_dir, strategy, policy, tokenizer, model, optimizer, checkpoint,
-             manager, best_manager, best_eval_loss, iterator, chief)
+             manager, best_manager, best_eval_loss, iterator, chief, length_stats)
 
 
 class Evaluator:
@@ -422,7 +447,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     while step < t.steps and stop.signal_name is None:
       _profile(step, t.profile_steps, os.path.join(workdir, "train"), profile_state)
       n = _steps_until_boundary(step, config)
-      out, input_wait = train_loop(run.iterator, tf.constant(n))
+      with pipeline.corpora.surface_corpus_errors():
+        out, input_wait = train_loop(run.iterator, tf.constant(n))
       out = {k: v.numpy().tolist() for k, v in out.items()}
       step += n
       for k in history:
@@ -438,6 +464,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                 now - run_start)
         scalars.update(learning_rate=float(np.asarray(run.optimizer.learning_rate)),
                        compiled_shapes=len(compile_lengths))
+        lengths = run.length_stats.result()
+        scalars["data/over_long_fraction"] = (
+            (lengths["dropped"] + lengths["truncated"]) / max(lengths["seen"], 1))
         if run.policy == "mixed_float16":
           scalars["loss_scale"] = float(run.optimizer.dynamic_scale.numpy())
         if writers:
@@ -460,6 +489,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     stop.signal_name, step)
   logging.info("Compiled batch lengths: %s (%d shapes).", sorted(compile_lengths),
                len(compile_lengths))
+  run.length_stats.log()
   summary = dict(step=step, losses=history["loss"], eval=eval_metrics,
                  compiled_lengths=sorted(compile_lengths), workdir=workdir,
                  seconds=time.time() - run_start, interrupted=stop.signal_name)
