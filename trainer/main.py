@@ -31,6 +31,12 @@ def _train_main(argv) -> None:
   del argv
   from trainer import train
   summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  for source, reference, hypothesis in summary["samples"]:
+    print(f"  {source}\n    -> {hypothesis}\n    (reference: {reference})")
+  if summary["eval"]:
+    print(f"Step {summary['step']}: BLEU {summary['eval']['bleu']:.1f}, "
+          f"chrF {summary['eval']['chrf']:.1f}, eval loss {summary['eval']['loss']:.3f}. "
+          f"TensorBoard: tensorboard --logdir {os.path.abspath(FLAGS.workdir)}")
   final = {k: summary[k] for k in ("step", "eval", "seconds", "workdir", "interrupted")}
   print(json.dumps(final, default=float))
 

@@ -337,6 +337,7 @@ class Evaluator:
     hyps, _, _, _ = evaluate.translate(self.translate_ids, run.tokenizer, self.sources,
                                        run.config)
     metrics.update(evaluate.score(hyps, self.references))
+    self.samples = list(zip(self.sources[:8], self.references[:8], hyps[:8]))
     if writer is not None:
       summaries.write_scalars(writer, step, metrics)
       searches = {"greedy": self.greedy_ids}
@@ -491,6 +492,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                len(compile_lengths))
   run.length_stats.log()
   summary = dict(step=step, losses=history["loss"], eval=eval_metrics,
+                 samples=getattr(evaluator, "samples", []),
                  compiled_lengths=sorted(compile_lengths), workdir=workdir,
                  seconds=time.time() - run_start, interrupted=stop.signal_name)
   _cleanup_non_chief(run)
