@@ -78,3 +78,20 @@ def test_stop_and_resume_reproduces_uninterrupted_losses(embedded_data_dir, tmp_
   assert second["step"] == 20 and len(second["losses"]) == 10
   np.testing.assert_allclose(first["losses"] + second["losses"], straight["losses"],
                              rtol=1e-6)
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.data.train=csv:corpus.csv", "csv:corpus.csv"),
+    ("--config.train.xla=everything", "config.train.xla='everything'"),
+])
+def test_nmt_train_bad_input_is_a_clear_error_not_a_traceback(tmp_path, override, expected):
+  import subprocess
+  import sys
+  result = subprocess.run(
+      [sys.executable, "-c", "from trainer.main import run_train; run_train()",
+       "--config=configs/tiny.py", f"--workdir={tmp_path}", override],
+      capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode != 0
+  assert "error:" in result.stderr and expected in result.stderr, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr

@@ -30,7 +30,10 @@ def _define_common(config_required: bool = True) -> None:
 def _train_main(argv) -> None:
   del argv
   from trainer import train
-  summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ValueError, FloatingPointError, OSError) as e:  # CorpusError is a ValueError.
+    _fail(str(e))
   for source, reference, hypothesis in summary["samples"]:
     print(f"  {source}\n    -> {hypothesis}\n    (reference: {reference})")
   if summary["eval"]:
@@ -51,12 +54,15 @@ def _bench_main(argv) -> None:
   if len(argv) != 2 or argv[1] not in ("input", "train"):
     raise app.UsageError("usage: nmt-bench input|train --config=... [--workdir=DIR]")
   workdir = FLAGS.workdir or os.path.join("/tmp", "nmt_bench")
-  if argv[1] == "input":
-    from input_pipeline import benchmark
-    result = benchmark.run(FLAGS.config, workdir, num_batches=FLAGS.num_batches)
-  else:
-    from trainer import bench
-    result = bench.run(FLAGS.config, workdir, num_steps=FLAGS.num_steps)
+  try:
+    if argv[1] == "input":
+      from input_pipeline import benchmark
+      result = benchmark.run(FLAGS.config, workdir, num_batches=FLAGS.num_batches)
+    else:
+      from trainer import bench
+      result = bench.run(FLAGS.config, workdir, num_steps=FLAGS.num_steps)
+  except (ValueError, OSError) as e:
+    _fail(str(e))
   print(json.dumps(result, default=float))
 
 
