@@ -95,3 +95,18 @@ def test_nmt_train_bad_input_is_a_clear_error_not_a_traceback(tmp_path, override
   assert result.returncode != 0
   assert "error:" in result.stderr and expected in result.stderr, result.stderr[-2000:]
   assert "Traceback" not in result.stderr
+
+
+def test_nmt_eval_after_tiny_training_reports_bleu_above_threshold(tiny_run):
+  import json
+  import subprocess
+  import sys
+  _, workdir, summary = tiny_run
+  result = subprocess.run(
+      [sys.executable, "-c", "from trainer.main import run_eval; run_eval()",
+       f"--workdir={workdir}"], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  scores = json.loads(result.stdout.strip().splitlines()[-1])
+  assert scores["step"] == 600
+  assert scores["bleu"] > BLEU_THRESHOLD, scores
+  assert abs(scores["bleu"] - summary["eval"]["bleu"]) < 1.0  # Same checkpoint and search.

@@ -1,6 +1,7 @@
 """Choosing the tf.distribute strategy: one device, mirrored (local devices), multi-worker."""
 import json
 import os
+import re
 
 from absl import logging
 import ml_collections
@@ -37,11 +38,32 @@ def _multi_worker(config: ml_collections.ConfigDict) -> tf.distribute.Strategy:
   options = tf.distribute.experimental.CommunicationOptions(
       implementation=implementation,
       timeout_seconds=float(config.distribute.collective_timeout_s) or None)
-  resolver = None
+  resolver = None  # MWMS reads TF_CONFIG itself.
   if "TF_CONFIG" not in os.environ and "SLURM_JOB_ID" in os.environ:
-    resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
+    resolver = slurm_cluster_resolver()
   return tf.distribute.MultiWorkerMirroredStrategy(
       cluster_resolver=resolver, communication_options=options)
+
+
+def slurm_cluster_resolver() -> tf.distribute.cluster_resolver.ClusterResolver:
+  """The cluster of an `srun` step with one task per node (launch/slurm.sbatch).
+
+  Hosts, ports (8888) and ranks come from SlurmClusterResolver. Its GPU handling is
+  bypassed: it would split a node's GPUs between tasks (ours uses them all) and probe them
+  with nvidia-smi, which CPU-only nodes lack; TensorFlow counts the visible GPUs instead.
+  """
+  tasks_per_node = os.environ.get("SLURM_STEP_TASKS_PER_NODE", "1")
+  counts = [int(c) for c in re.sub(r"\(x\d+\)", "", tasks_per_node).split(",") if c]
+  if max(counts, default=1) > 1:
+    raise ValueError(f"SLURM_STEP_TASKS_PER_NODE={tasks_per_node}: start one nmt-train "
+                     "task per node (srun --ntasks-per-node=1); it uses all the node's "
+                     "GPUs.")
+  slurm = tf.distribute.cluster_resolver.SlurmClusterResolver(
+      gpus_per_node=1, gpus_per_task=1, auto_set_gpu=False)
+  cluster_spec = slurm.cluster_spec()  # Also sets slurm.task_type and task_id.
+  return tf.distribute.cluster_resolver.SimpleClusterResolver(
+      cluster_spec, task_type=slurm.task_type, task_id=slurm.task_id, rpc_layer="grpc",
+      num_accelerators={"GPU": len(tf.config.list_physical_devices("GPU"))})
 
 
 def create_strategy(config: ml_collections.ConfigDict) -> tf.distribute.Strategy:
@@ -65,6 +87,15 @@ def create_strategy(config: ml_collections.ConfigDict) -> tf.distribute.Strategy
   logging.info("Strategy %s with %d replica(s).", type(strategy).__name__,
                strategy.num_replicas_in_sync)
   return strategy
+
+
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+  """Whether `strategy` spans several processes (MWMS with more than one worker)."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None:
+    return False
+  return sum(len(tasks) for job, tasks in resolver.cluster_spec().as_dict().items()
+             if job in ("chief", "worker")) > 1
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

@@ -1,0 +1,1 @@
+"""Scripts that start processes (local multi-worker jobs, Slurm, Kubernetes); no model code."""

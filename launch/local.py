@@ -1,0 +1,206 @@
+"""Runs a multi-worker job on this machine: N `nmt-train` processes joined by TF_CONFIG.
+
+  python launch/local.py --num_workers=2 [--max_restarts=1] -- \
+      --config=configs/tiny.py --workdir=/tmp/nmt_cluster
+
+Every worker gets the same nmt-train arguments and a TF_CONFIG naming all workers on free
+localhost ports (worker 0 is the chief). Their output is streamed with a `[worker i]`
+prefix. If any worker fails, the others are stopped, since a multi-worker job cannot go
+on without one of its workers; with --max_restarts the whole job is started again (new
+ports, same command) and resumes from the chief's last checkpoint. SIGINT/SIGTERM to the
+launcher are passed to the workers, which then save a checkpoint together and exit; the
+launcher does not restart after that.
+
+Exit code: 0 if every worker exited 0, else the first failing worker's exit code
+(128 + signal number if it was killed by a signal); 128 + signal number if stopped.
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import List, Optional, Sequence
+
+_POLL_S = 0.2
+
+
+def free_ports(count: int) -> List[int]:
+  """`count` distinct TCP ports that are free on localhost right now."""
+  sockets = []
+  try:
+    for _ in range(count):
+      s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+      s.bind(("localhost", 0))
+      sockets.append(s)
+    return [s.getsockname()[1] for s in sockets]
+  finally:
+    for s in sockets:
+      s.close()
+
+
+def tf_config(ports: Sequence[int], index: int) -> str:
+  """The TF_CONFIG of worker `index` in a cluster of localhost workers (0 is the chief)."""
+  return json.dumps({"cluster": {"worker": [f"localhost:{p}" for p in ports]},
+                     "task": {"type": "worker", "index": index}})
+
+
+def _exit_code(returncode: int) -> int:
+  """Popen's -N for 'killed by signal N' as a shell would report it (128 + N)."""
+  return 128 - returncode if returncode < 0 else returncode
+
+
+def _describe(returncode: int) -> str:
+  if returncode < 0:
+    return f"was killed by {signal.Signals(-returncode).name}"
+  return f"exited with code {returncode}" + (
+      " (preempted: it saved a checkpoint with the others)" if returncode == 42 else "")
+
+
+class Output:
+  """Our stdout, shared by the worker streams and the launcher's own messages."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+
+  def write(self, prefix: str, line: str) -> None:
+    with self._lock:
+      sys.stdout.write(f"[{prefix}] {line.rstrip(chr(10))}\n")
+      sys.stdout.flush()
+
+  def stream(self, index: int, process: subprocess.Popen) -> None:
+    """Copies one worker's output line by line, with a `[worker i]` prefix."""
+    for line in process.stdout:
+      self.write(f"worker {index}", line)
+
+  def log(self, message: str) -> None:
+    self.write("launcher", message)
+
+
+class Job:
+  """One attempt: N worker processes started together and stopped together."""
+
+  def __init__(self, command: List[str], num_workers: int, output: Output):
+    ports = free_ports(num_workers)
+    self.processes, self.threads = [], []
+    for index in range(num_workers):
+      env = dict(os.environ, TF_CONFIG=tf_config(ports, index), PYTHONUNBUFFERED="1")
+      process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, errors="replace")
+      output.log(f"worker {index}: pid {process.pid}, localhost:{ports[index]}")
+      thread = threading.Thread(target=output.stream, args=(index, process), daemon=True)
+      thread.start()
+      self.processes.append(process)
+      self.threads.append(thread)
+
+  def first_failure(self) -> Optional[int]:
+    """Index of a worker that exited non-zero, or None."""
+    for index, process in enumerate(self.processes):
+      if process.poll() not in (None, 0):
+        return index
+    return None
+
+  def running(self) -> bool:
+    return any(p.poll() is None for p in self.processes)
+
+  def signal_all(self, signum: int) -> None:
+    for process in self.processes:
+      if process.poll() is None:
+        process.send_signal(signum)
+
+  def stop(self, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`: a worker blocked in a collective op whose
+    peer is gone cannot act on SIGTERM until the op fails."""
+    self.signal_all(signal.SIGTERM)
+    deadline = time.time() + grace_s
+    while self.running() and time.time() < deadline:
+      time.sleep(_POLL_S)
+    self.signal_all(signal.SIGKILL)
+    self.wait()
+
+  def wait(self) -> None:
+    for process in self.processes:
+      process.wait()
+    for thread in self.threads:
+      thread.join()
+
+
+def run_job(command: List[str], args, output: Output, stop_signals: List[int]) -> int:
+  """Runs one attempt to the end; returns its exit code (0 = every worker exited 0).
+
+  A first SIGINT/SIGTERM to the launcher becomes SIGTERM to every worker (they save
+  together and exit); a second one kills them.
+  """
+  job = Job(command, args.num_workers, output)
+  forwarded = 0
+  while job.running():
+    if len(stop_signals) > forwarded:
+      forwarded = len(stop_signals)
+      signum = signal.SIGTERM if forwarded == 1 else signal.SIGKILL
+      output.log(f"{signal.Signals(stop_signals[-1]).name} received: sending "
+                 f"{signum.name} to the workers")
+      job.signal_all(signum)
+    failed = job.first_failure()
+    if failed is not None and not forwarded:
+      output.log(f"worker {failed} {_describe(job.processes[failed].returncode)}; "
+                 "stopping the others (the job cannot continue without it)")
+      job.stop(args.grace_s)
+      return _exit_code(job.processes[failed].returncode)
+    time.sleep(_POLL_S)
+  job.wait()
+  codes = [p.returncode for p in job.processes]
+  output.log(f"workers exited with codes {codes}")
+  return next((_exit_code(c) for c in codes if c != 0), 0)
+
+
+def main(argv: Sequence[str]) -> int:
+  args = _parse(argv)
+  nmt_train = shutil.which("nmt-train")
+  if nmt_train is None:
+    sys.exit("error: nmt-train is not on PATH; install the project with `pip install -e .`")
+  command = [nmt_train, *args.train_args]
+  output, stop_signals = Output(), []
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, lambda s, _: stop_signals.append(s))
+  for attempt in range(args.max_restarts + 1):
+    if attempt:
+      output.log(f"restart {attempt}/{args.max_restarts}: starting all "
+                 f"{args.num_workers} workers again; they resume from the last checkpoint")
+    code = run_job(command, args, output, stop_signals)
+    if code == 0 or stop_signals:
+      break
+  if stop_signals:
+    code = 128 + stop_signals[0]
+  output.log("job succeeded" if code == 0 else f"job failed with exit code {code}")
+  return code
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+  argv = list(argv)
+  split = argv.index("--") if "--" in argv else len(argv)
+  parser = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0],
+      usage="python launch/local.py --num_workers=N [--max_restarts=K] -- <nmt-train args>")
+  parser.add_argument("--num_workers", type=int, required=True,
+                      help="Worker processes to start (each one replica on CPU).")
+  parser.add_argument("--max_restarts", type=int, default=0,
+                      help="Restart the whole job up to this many times after a failure.")
+  parser.add_argument("--grace_s", type=float, default=10.0,
+                      help="Seconds between SIGTERM and SIGKILL when stopping workers "
+                      "after one failed.")
+  args = parser.parse_args(argv[:split])
+  args.train_args = argv[split + 1:]
+  if args.num_workers < 1 or args.max_restarts < 0 or args.grace_s < 0:
+    parser.error(f"--num_workers={args.num_workers} must be >= 1, --max_restarts="
+                 f"{args.max_restarts} and --grace_s={args.grace_s} >= 0")
+  if not args.train_args:
+    parser.error("no nmt-train arguments after `--` (at least --config and --workdir)")
+  return args
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
