@@ -65,7 +65,10 @@ class BahdanauAttention(keras.layers.Layer):
     policy = self.dtype_policy
     self.W1 = keras.layers.Dense(units, use_bias=False, dtype=policy, name="W1")
     self.W2 = keras.layers.Dense(units, dtype=policy, name="W2")
-    self.V = keras.layers.Dense(1, use_bias=False, dtype=policy, name="V")
+    # V is the paper's vector v_a. Applied as multiply + sum rather than a Dense layer: a
+    # Dense on [B,S,U] lowers to Tensordot, whose gradient inside the decoder loop has
+    # shape-dependent transposes that XLA cannot compile when batch shapes vary.
+    self.V = self.add_weight(shape=(units,), initializer="glorot_uniform", name="V")
 
   def precompute_keys(self, values: tf.Tensor) -> tf.Tensor:
     """W2(encoder outputs): [B,S,U] -> [B,S,U]."""
@@ -73,7 +76,8 @@ class BahdanauAttention(keras.layers.Layer):
 
   def call(self, query: tf.Tensor, values: tf.Tensor, keys: tf.Tensor, mask: tf.Tensor):
     """query [B,U], values/keys [B,S,U], mask [B,S] bool -> context [B,U], weights [B,S] f32."""
-    score = self.V(tf.tanh(keys + self.W1(query)[:, tf.newaxis, :]))[..., 0]
+    v = tf.cast(self.V, keys.dtype)
+    score = tf.reduce_sum(tf.tanh(keys + self.W1(query)[:, tf.newaxis, :]) * v, axis=-1)
     # Softmax in float32 even under mixed precision; padded positions get weight 0.
     score = tf.where(mask, tf.cast(score, tf.float32), NEG_INF)
     attention_weights = tf.nn.softmax(score, axis=-1)
