@@ -20,12 +20,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.units = 256
   config.model.embed_dim = 128
   config.train.batch_size = 64
-  config.train.steps = 3000
+  config.train.steps = 1500
   config.train.learning_rate = 3e-3
   config.train.warmup_steps = 200
   config.train.decay = "cosine"
   config.train.xla = "train_step"
-  config.train.log_every = 250
-  config.train.checkpoint_every = 1000
-  config.train.eval_every = 1000
+  config.train.log_every = 100
+  config.train.checkpoint_every = 500
+  config.train.eval_every = 500
   return config
