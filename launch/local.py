@@ -5,11 +5,11 @@
 
 Every worker gets the same nmt-train arguments and a TF_CONFIG naming all workers on free
 localhost ports (worker 0 is the chief). Their output is streamed with a `[worker i]`
-prefix. If any worker fails, the others are stopped, since a multi-worker job cannot go
-on without one of its workers; with --max_restarts the whole job is started again (new
+prefix. If any worker fails, the others cannot go on: they fail within seconds too, or
+are killed after --grace_s; with --max_restarts the whole job is then started again (new
 ports, same command) and resumes from the chief's last checkpoint. SIGINT/SIGTERM to the
-launcher are passed to the workers, which then save a checkpoint together and exit; the
-launcher does not restart after that.
+launcher are passed on to the workers as SIGTERM: they save a checkpoint together and exit
+with code 42, and the launcher does not restart them; a second signal kills them.
 
 Exit code: 0 if every worker exited 0, else the first failing worker's exit code
 (128 + signal number if it was killed by a signal); 128 + signal number if stopped.
@@ -27,6 +27,9 @@ import time
 from typing import List, Optional, Sequence
 
 _POLL_S = 0.2
+# nmt-train's exit code after a coordinated checkpoint on SIGTERM/SIGINT (TF's convention
+# for PreemptionCheckpointHandler; trainer/train.py PREEMPTED_EXIT_CODE).
+PREEMPTED_EXIT_CODE = 42
 
 
 def free_ports(count: int) -> List[int]:
@@ -58,7 +61,8 @@ def _describe(returncode: int) -> str:
   if returncode < 0:
     return f"was killed by {signal.Signals(-returncode).name}"
   return f"exited with code {returncode}" + (
-      " (preempted: it saved a checkpoint with the others)" if returncode == 42 else "")
+      " (stopped by a signal after a checkpoint that all workers saved)"
+      if returncode == PREEMPTED_EXIT_CODE else "")
 
 
 class Output:
@@ -68,8 +72,9 @@ class Output:
     self._lock = threading.Lock()
 
   def write(self, prefix: str, line: str) -> None:
+    line = line.rstrip("\n")
     with self._lock:
-      sys.stdout.write(f"[{prefix}] {line.rstrip(chr(10))}\n")
+      sys.stdout.write(f"[{prefix}] {line}\n")
       sys.stdout.flush()
 
   def stream(self, index: int, process: subprocess.Popen) -> None:
@@ -98,11 +103,10 @@ class Job:
       self.threads.append(thread)
 
   def first_failure(self) -> Optional[int]:
-    """Index of a worker that exited non-zero, or None."""
-    for index, process in enumerate(self.processes):
-      if process.poll() not in (None, 0):
-        return index
-    return None
+    """Index of a worker that exited non-zero, or None. Among several, one killed by a
+    signal: the others most likely failed because it was gone."""
+    failed = [i for i, p in enumerate(self.processes) if p.poll() not in (None, 0)]
+    return min(failed, key=lambda i: (self.processes[i].returncode > 0, i), default=None)
 
   def running(self) -> bool:
     return any(p.poll() is None for p in self.processes)
@@ -113,9 +117,11 @@ class Job:
         process.send_signal(signum)
 
   def stop(self, grace_s: float) -> None:
-    """SIGTERM, then SIGKILL after `grace_s`: a worker blocked in a collective op whose
-    peer is gone cannot act on SIGTERM until the op fails."""
-    self.signal_all(signal.SIGTERM)
+    """Gives the others `grace_s` to exit by themselves, then kills them.
+
+    Without a peer they fail within seconds (refused connections, missed heartbeats) and
+    say why. SIGTERM would not help: saving together needs every worker.
+    """
     deadline = time.time() + grace_s
     while self.running() and time.time() < deadline:
       time.sleep(_POLL_S)
@@ -146,8 +152,11 @@ def run_job(command: List[str], args, output: Output, stop_signals: List[int]) -
       job.signal_all(signum)
     failed = job.first_failure()
     if failed is not None and not forwarded:
-      output.log(f"worker {failed} {_describe(job.processes[failed].returncode)}; "
-                 "stopping the others (the job cannot continue without it)")
+      code = job.processes[failed].returncode
+      output.log(f"worker {failed} {_describe(code)}; " + (
+          "the others do the same" if code == PREEMPTED_EXIT_CODE else
+          f"the others cannot continue without it (killed if still running in "
+          f"{args.grace_s:g} s)"))
       job.stop(args.grace_s)
       return _exit_code(job.processes[failed].returncode)
     time.sleep(_POLL_S)
@@ -175,7 +184,10 @@ def main(argv: Sequence[str]) -> int:
       break
   if stop_signals:
     code = 128 + stop_signals[0]
-  output.log("job succeeded" if code == 0 else f"job failed with exit code {code}")
+    output.log(f"job stopped by {signal.Signals(stop_signals[0]).name} (exit code {code}); "
+               "run the same command again to resume")
+  else:
+    output.log("job succeeded" if code == 0 else f"job failed with exit code {code}")
   return code
 
 
@@ -189,9 +201,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
                       help="Worker processes to start (each one replica on CPU).")
   parser.add_argument("--max_restarts", type=int, default=0,
                       help="Restart the whole job up to this many times after a failure.")
-  parser.add_argument("--grace_s", type=float, default=10.0,
-                      help="Seconds between SIGTERM and SIGKILL when stopping workers "
-                      "after one failed.")
+  parser.add_argument("--grace_s", type=float, default=30.0,
+                      help="After a worker failed, seconds the others get to fail by "
+                      "themselves (they log why) before they are killed.")
   args = parser.parse_args(argv[:split])
   args.train_args = argv[split + 1:]
   if args.num_workers < 1 or args.max_restarts < 0 or args.grace_s < 0:

@@ -98,6 +98,22 @@ def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
              if job in ("chief", "worker")) > 1
 
 
+def barrier(strategy: tf.distribute.Strategy, timeout_s: float) -> None:
+  """Returns once every worker has called it: an all-reduce of nothing.
+
+  For waits longer than config.distribute.collective_timeout_s (the chief alone training
+  the tokenizer or evaluating). A dead worker still fails it within seconds, through
+  MultiWorkerMirroredStrategy's heartbeats; `timeout_s` bounds a live but stuck one.
+  """
+  options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_s)
+
+  def all_reduce():
+    return tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.constant(0.0), options=options)
+
+  strategy.run(tf.function(all_reduce))
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
   """Whether this process writes summaries, checkpoints and exports."""
   resolver = getattr(strategy, "cluster_resolver", None)

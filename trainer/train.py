@@ -4,11 +4,14 @@ The step follows the house shape: encode once, run the decoder cell in an in-gra
 project all steps to the vocabulary at once, return the loss sum and the token count; the
 caller divides by the *global* token count, so the loss is right for any replica count.
 """
+import contextlib
 import dataclasses
 import os
+import re
 import signal
+import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 from absl import logging
 import keras
@@ -27,6 +30,12 @@ from trainer import summaries
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 XLA_MODES = ("off", "decoder_step", "train_step")
+# Exit code of a multi-worker run stopped by a signal (TF's PreemptionCheckpointHandler
+# convention): the job should be restarted and resumes from the checkpoint just saved.
+PREEMPTED_EXIT_CODE = 42
+# Barrier timeout while the chief alone trains the tokenizer or evaluates: generous, since
+# a dead chief is detected within seconds anyway (MultiWorkerMirroredStrategy heartbeats).
+BARRIER_TIMEOUT_S = 24 * 3600.0
 
 
 def resolve_precision(name: str) -> str:
@@ -242,6 +251,9 @@ class Run:
   iterator: object
   is_chief: bool
   length_stats: pipeline.LengthStats
+  stop: _StopFlag = dataclasses.field(default_factory=_StopFlag)
+  # Multi-worker only: makes every worker save at the same step when any is told to stop.
+  preemption: Optional[tf.distribute.experimental.PreemptionCheckpointHandler] = None
 
 
 def build_model(config, tokenizer, policy: str, xla: str) -> model_lib.Seq2Seq:
@@ -275,19 +287,17 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
           strategy: Optional[tf.distribute.Strategy] = None) -> Run:
   """Strategy, tokenizer, model, optimizer, dataset iterator, checkpoint (restored if any)."""
   validate_train_config(config)
+  # First: MultiWorkerMirroredStrategy must start TF's runtime itself (no TF op before).
   strategy = strategy or distribute.create_strategy(config)
   chief = distribute.is_chief(strategy)
-  # Non-chief workers write to a scratch dir that is removed at the end (MWMS pattern).
-  run_dir = workdir if chief else os.path.join(workdir, "tmp_workers",
-                                               f"worker_{strategy.cluster_resolver.task_id}")
+  run_dir = workdir if chief else _scratch_dir(workdir, strategy)
   tf.io.gfile.makedirs(run_dir)
   policy = resolve_precision(config.train.precision)
   # Seed first: set_seed clears TF's kernel cache, which deletes the tokenizer's
   # kernel-owned SentencePiece resources if they already exist.
   tf.random.set_seed(config.seed)
   keras.utils.set_random_seed(config.seed)
-  tokenizer = tokenizer_lib.load_or_train(config.tokenizer, run_dir,
-                                          pipeline.tokenizer_sample(config))
+  tokenizer = _load_tokenizer(config, workdir, strategy, chief)
   with strategy.scope():
     model = build_model(config, tokenizer, policy, config.train.xla)
     optimizer = create_optimizer(config, policy)
@@ -301,17 +311,81 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   best_manager = tf.train.CheckpointManager(
       checkpoint, os.path.join(run_dir, "checkpoints", "best"), max_to_keep=1,
       step_counter=optimizer.iterations)
-  if manager.latest_checkpoint:
-    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    logging.info("Resumed from %s at step %d.", manager.latest_checkpoint,
-                 int(optimizer.iterations.numpy()))
+  # Every worker resumes from the chief's checkpoints: the others' are scratch copies.
+  chief_manager = manager if chief else tf.train.CheckpointManager(
+      checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=None)
+  _restore_latest(chief_manager, optimizer)
   length_stats = pipeline.LengthStats(name="train_length_filter")
   iterator = iter(make_train_dataset(config, tokenizer, strategy,
                                      int(optimizer.iterations.numpy()), length_stats))
   if chief:  # After a successful restore, so it always describes the checkpoints.
     checkpoints.save_config(config, run_dir)
-  return Run(config, run_dir, strategy, policy, tokenizer, model, optimizer, checkpoint,
-             manager, best_manager, best_eval_loss, iterator, chief, length_stats)
+  run = Run(config, run_dir, strategy, policy, tokenizer, model, optimizer, checkpoint,
+            manager, best_manager, best_eval_loss, iterator, chief, length_stats)
+  if distribute.is_multi_worker(strategy):
+    run.preemption = _preemption_handler(run, chief_manager)
+  return run
+
+
+def _restore_latest(manager: tf.train.CheckpointManager, optimizer) -> None:
+  if manager.latest_checkpoint:
+    manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    logging.info("Resumed from %s at step %d.", manager.latest_checkpoint,
+                 int(optimizer.iterations.numpy()))
+
+
+def _scratch_dir(workdir: str, strategy: tf.distribute.Strategy) -> str:
+  """A non-chief worker's run dir (MWMS needs every worker to save; only the chief's
+  checkpoints count). Emptied first: a killed worker leaves stale checkpoints behind."""
+  scratch = os.path.join(workdir, "tmp_workers",
+                         f"worker_{strategy.cluster_resolver.task_id}")
+  if tf.io.gfile.exists(scratch):
+    tf.io.gfile.rmtree(scratch)
+  return scratch
+
+
+def _load_tokenizer(config: ml_collections.ConfigDict, workdir: str,
+                    strategy: tf.distribute.Strategy, chief: bool) -> tokenizer_lib.Tokenizer:
+  """The chief trains (or reuses) workdir's tokenizer; the other workers wait for it at a
+  barrier and load it, so that all map text to the same ids (the workdir must be shared)."""
+  sample = pipeline.tokenizer_sample(config)
+  if chief:
+    tokenizer = tokenizer_lib.load_or_train(config.tokenizer, workdir, sample)
+  if distribute.is_multi_worker(strategy):
+    distribute.barrier(strategy, BARRIER_TIMEOUT_S)
+  if not chief:
+    marker = os.path.join(workdir, "tokenizer", tokenizer_lib.CONFIG_FILE)
+    if not tf.io.gfile.exists(marker):
+      raise FileNotFoundError(
+          f"{marker} is missing although the chief has written it to its --workdir: all "
+          f"workers need the same --workdir={workdir}, on a filesystem they share.")
+    tokenizer = tokenizer_lib.load_or_train(config.tokenizer, workdir, sample)
+  return tokenizer
+
+
+def _preemption_handler(run: Run, chief_manager: tf.train.CheckpointManager
+                        ) -> tf.distribute.experimental.PreemptionCheckpointHandler:
+  """TF's handler for MWMS: once any worker sees SIGTERM/SIGINT (run.stop, polled each
+  second), all agree on a step, save there and exit with PREEMPTED_EXIT_CODE.
+
+  It restores from (and, on the chief, saves through) the chief's manager; non-chief
+  workers save through their scratch manager, as MWMS needs every worker to save.
+  """
+  termination = tf.distribute.experimental.TerminationConfig(
+      termination_watcher_fn=lambda: run.stop.signal_name is not None,
+      exit_fn=lambda: _exit_preempted(run), save_fn=run.manager.save)
+  return tf.distribute.experimental.PreemptionCheckpointHandler(
+      run.strategy.cluster_resolver, chief_manager, termination_config=termination)
+
+
+def _exit_preempted(run: Run) -> None:
+  cause = (f"{run.stop.signal_name} received" if run.stop.signal_name
+           else "another worker was told to stop")
+  logging.warning("%s: all workers saved a checkpoint at step %d; exiting with code %d so "
+                  "that the restarted job resumes from it.", cause,
+                  int(run.optimizer.iterations.numpy()), PREEMPTED_EXIT_CODE)
+  _cleanup_non_chief(run)
+  sys.exit(PREEMPTED_EXIT_CODE)
 
 
 class Evaluator:
@@ -435,7 +509,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writers = {k: tf.summary.create_file_writer(os.path.join(workdir, k))
                for k in ("train", "eval")}
     summaries.write_hparams(writers["train"], _flatten(config))
-  stop, profile_state = _StopFlag(), {}
+  stop, profile_state = run.stop, {}
   previous_handlers = _install_signal_handlers(stop)
   step = start_step = int(run.optimizer.iterations.numpy())
   history = {k: [] for k in ("loss", "finite", "length")}
@@ -445,10 +519,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   logging.info("Training %s from step %d to %d; TensorBoard: tensorboard --logdir %s",
                run.policy, step, t.steps, workdir)
   try:
-    while step < t.steps and stop.signal_name is None:
-      _profile(step, t.profile_steps, os.path.join(workdir, "train"), profile_state)
+    # Multi-worker, run.preemption acts on the signal instead: it stops all workers at one
+    # step (a worker leaving alone would block the others in their next all-reduce).
+    while step < t.steps and (stop.signal_name is None or run.preemption):
+      _profile(step, t.profile_steps, os.path.join(run.workdir, "train"), profile_state)
       n = _steps_until_boundary(step, config)
-      with pipeline.corpora.surface_corpus_errors():
+      with pipeline.corpora.surface_corpus_errors(), _peer_failures(run, step):
         out, input_wait = train_loop(run.iterator, tf.constant(n))
       out = {k: v.numpy().tolist() for k, v in out.items()}
       step += n
@@ -476,8 +552,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         window_start = time.time()
       if step % t.checkpoint_every == 0:
         run.manager.save(checkpoint_number=step)
-      if evaluator and (step % t.eval_every == 0 or step == t.steps):
-        eval_metrics = _evaluate_and_keep_best(run, evaluator, step, writers["eval"])
+      if run.preemption:  # Before eval: a preempted job may have seconds left.
+        run.preemption.save_checkpoint_if_preempted(checkpoint_number=step)
+      if step % t.eval_every == 0 or step == t.steps:
+        eval_metrics = _evaluate(run, evaluator, step, writers)
         window_start = time.time()  # Eval time is not training time.
   finally:
     for sig, handler in previous_handlers.items():
@@ -499,6 +577,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return summary
 
 
+def _evaluate(run: Run, evaluator: Optional[Evaluator], step: int, writers) -> Dict:
+  """Evaluates on the chief. Multi-worker, the others wait for it at a barrier: in their
+  next all-reduce they would give up after config.distribute.collective_timeout_s."""
+  metrics = {}
+  if evaluator:
+    metrics = _evaluate_and_keep_best(run, evaluator, step, writers["eval"])
+  if run.preemption:
+    with _peer_failures(run, step):
+      distribute.barrier(run.strategy, BARRIER_TIMEOUT_S)
+  return metrics
+
+
+@contextlib.contextmanager
+def _peer_failures(run: Run, step: int) -> Iterator[None]:
+  """Multi-worker: a collective that failed because a peer died or hung -> one clear error
+  (ConnectionError) saying what to do, instead of a page of gRPC details."""
+  try:
+    yield
+  except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+          tf.errors.AbortedError, tf.errors.CancelledError) as e:
+    if run.preemption is None:
+      raise
+    lines = [line.strip() for line in e.message.splitlines() if line.strip()] or [""]
+    reason = next((line for line in lines if re.search(
+        r"aborted by|timed out|unhealthy|heartbeat", line, re.IGNORECASE)), lines[0])
+    raise ConnectionError(
+        f"multi-worker training failed after step {step}: a worker died or stopped "
+        f"responding ({type(e).__name__}: {reason}). The others cannot go on "
+        "without it; restart the whole job (launch/local.py --max_restarts, a requeued "
+        "Slurm job, the Kubernetes Job) and it resumes from the chief's last checkpoint. "
+        "A live but stuck worker is given config.distribute.collective_timeout_s="
+        f"{run.config.distribute.collective_timeout_s}s.") from e
+
+
 def _evaluate_and_keep_best(run: Run, evaluator: Evaluator, step: int, writer) -> Dict:
   metrics = evaluator(step, writer)
   logging.info("eval at step %d: loss %.4f  BLEU %.2f  chrF %.2f", step,
@@ -510,8 +622,16 @@ def _evaluate_and_keep_best(run: Run, evaluator: Evaluator, step: int, writer) -
 
 
 def _cleanup_non_chief(run: Run) -> None:
-  if not run.is_chief and tf.io.gfile.exists(run.workdir):
-    tf.io.gfile.rmtree(run.workdir)
+  """Removes a non-chief worker's scratch dir, and tmp_workers/ once it is empty."""
+  if run.is_chief or not tf.io.gfile.exists(run.workdir):
+    return
+  tf.io.gfile.rmtree(run.workdir)
+  parent = os.path.dirname(run.workdir)
+  try:
+    if not tf.io.gfile.listdir(parent):
+      tf.io.gfile.rmtree(parent)
+  except tf.errors.NotFoundError:  # Another worker removed it first.
+    pass
 
 
 def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> Dict:
