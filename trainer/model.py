@@ -5,13 +5,19 @@ W2 on the encoder outputs, V for the score), `Decoder` (one GRU cell step per ta
 token, fed [context; embedded previous token] and its previous state), `Seq2Seq` (ties
 them together for teacher forcing). No training logic lives here.
 
+Teacher forcing runs the same math through trainer/fused_rnn.py (all steps at once, with
+hand-written backward passes: about twice as fast on CPU); `fused_recurrence = False`
+runs the Keras layers step by step instead (tests compare the two).
+
 Shapes: B batch, S source length, T target length, U units, E embedding size, V vocab.
 Token id 0 is padding everywhere.
 """
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import keras
 import tensorflow as tf
+
+from trainer import fused_rnn
 
 NEG_INF = -1e9  # Added to padded scores; exp() of it is exactly 0 in float32.
 
@@ -41,16 +47,52 @@ class Encoder(keras.layers.Layer):
                    keras.layers.Dense(units, activation="tanh", dtype=policy,
                                       name="bridge_state")) if bidirectional else None
 
-  def call(self, source: tf.Tensor, training: bool = False):
+  def call(self, source: tf.Tensor, training: bool = False, fused: bool = True):
     mask = tf.not_equal(source, 0)
     x = self.dropout(self.embedding(source), training=training)
     for gru in self.grus:
-      results = gru(x, mask=mask, training=training)
+      # The first call builds the Keras layers, so their variables keep their usual paths.
+      if fused and gru.built:
+        results = _fused_gru_layer(gru, x, mask)
+      else:
+        results = gru(x, mask=mask, training=training)
       x, state = results[0], (results[1] if len(results) == 2
                               else tf.concat(results[1:], axis=-1))
     if self.bridge is not None:
       x, state = self.bridge[0](x), self.bridge[1](state)
     return x, state
+
+
+def _fused_gru_layer(gru, x: tf.Tensor, mask: tf.Tensor) -> List[tf.Tensor]:
+  """What a Keras GRU or Bidirectional(GRU) layer returns, computed by fused_rnn."""
+  if isinstance(gru, keras.layers.Bidirectional):
+    forward, forward_state = _fused_gru(gru.forward_layer, x, mask)
+    backward, backward_state = _fused_gru(gru.backward_layer, x, mask)
+    outputs = tf.concat([forward, backward], -1)  # Bidirectional zeroes padded steps.
+    outputs = tf.where(mask[:, :, None], outputs, tf.zeros_like(outputs))
+    return [outputs, forward_state, backward_state]
+  return list(_fused_gru(gru, x, mask))
+
+
+def _fused_gru(gru: keras.layers.GRU, x: tf.Tensor, mask: tf.Tensor):
+  """x [B,S,I] -> outputs [B,S,U] (in input order, also when go_backwards, as
+  Bidirectional returns them), final state [B,U]."""
+  cell, dtype = gru.cell, x.dtype
+  kernel, recurrent_kernel, bias = (tf.cast(w, dtype) for w in (
+      cell.kernel, cell.recurrent_kernel, cell.bias))
+  x = tf.transpose(x, [1, 0, 2])
+  # The input side of every step in one matmul: [S*B, I] x [I, 3U].
+  inputs = tf.reshape(tf.reshape(x, [-1, x.shape[-1]]) @ kernel,
+                      [tf.shape(x)[0], tf.shape(x)[1], 3 * cell.units]) + bias[0]
+  mask = tf.transpose(mask)
+  if gru.go_backwards:
+    inputs, mask = inputs[::-1], mask[::-1]
+  state = tf.zeros([tf.shape(x)[1], cell.units], dtype)
+  states = fused_rnn.gru_scan(inputs, mask, state, recurrent_kernel, bias[1])
+  final = states[-1]
+  if gru.go_backwards:
+    states = states[::-1]
+  return tf.transpose(states, [1, 0, 2]), final
 
 
 class BahdanauAttention(keras.layers.Layer):
@@ -113,13 +155,31 @@ class Decoder(keras.layers.Layer):
     new_state, _ = self.cell(tf.concat([context, embedded], axis=-1), state)
     return new_state, attention_weights
 
+  def teacher_forcing(self, embedded: tf.Tensor, state: tf.Tensor, values: tf.Tensor,
+                      keys: tf.Tensor, mask: tf.Tensor, jit_attention: bool = False):
+    """`step` over all T steps at once: embedded [B,T,E] -> states [B,T,U], weights
+    [B,T,S] f32. The embedded side of the GRU input is one matmul for all steps."""
+    dtype, units = embedded.dtype, self.units
+    kernel, recurrent_kernel, bias, w1, v = (tf.cast(w, dtype) for w in (
+        self.cell.kernel, self.cell.recurrent_kernel, self.cell.bias,
+        self.attention.W1.kernel, self.attention.V))
+    embedded = tf.transpose(embedded, [1, 0, 2])
+    inputs = tf.reshape(
+        tf.reshape(embedded, [-1, embedded.shape[-1]]) @ kernel[units:],
+        [tf.shape(embedded)[0], tf.shape(embedded)[1], 3 * units]) + bias[0]
+    states, attention_weights = fused_rnn.attention_gru_scan(
+        inputs, state, values, keys, mask, tf.concat([w1, recurrent_kernel], 1), bias[1],
+        kernel[:units], v, jit_attention)
+    return tf.transpose(states, [1, 0, 2]), tf.transpose(attention_weights, [1, 0, 2])
+
   def logits(self, states: tf.Tensor, training: bool = False) -> tf.Tensor:
     """Decoder states [..., U] -> float32 logits [..., V]."""
     return tf.cast(self.projection(self.dropout(states, training=training)), tf.float32)
 
 
 class Seq2Seq(keras.layers.Layer):
-  """Encoder + Decoder. `step_fn` wraps the decoder step (e.g. XLA-compiled)."""
+  """Encoder + Decoder. `step_fn` wraps the decoder step (e.g. XLA-compiled) for decoding
+  and for teacher forcing when `fused_recurrence` is False."""
 
   def __init__(self, source_vocab_size: int, target_vocab_size: int, embed_dim: int,
                units: int, encoder_layers: int = 1, bidirectional: bool = False,
@@ -131,13 +191,15 @@ class Seq2Seq(keras.layers.Layer):
     self.decoder = Decoder(target_vocab_size, embed_dim, units, dropout, dtype=policy,
                            name="decoder")
     self.step_fn: Callable = self.decoder.step
+    self.fused_recurrence = True  # Teacher forcing through fused_rnn (else Keras steps).
+    self.jit_attention = False  # fused_rnn's attention math as XLA kernels.
 
   def build(self, *shapes):
     """Sublayers build on the first call (see `create_model`)."""
 
   def encode(self, source: tf.Tensor, training: bool = False):
     """source [B,S] int -> (values [B,S,U], keys [B,S,U], mask [B,S], state [B,U])."""
-    values, state = self.encoder(source, training=training)
+    values, state = self.encoder(source, training=training, fused=self.fused_recurrence)
     keys = self.decoder.attention.precompute_keys(values)
     return values, keys, tf.not_equal(source, 0), state
 
@@ -145,6 +207,10 @@ class Seq2Seq(keras.layers.Layer):
     """Teacher forcing: source [B,S], target_in [B,T] -> logits [B,T,V] f32, weights [B,T,S]."""
     values, keys, mask, state = self.encode(source, training)
     embedded = self.decoder.dropout(self.decoder.embedding(target_in), training=training)
+    if self.fused_recurrence and self.decoder.cell.built:
+      states, attention_weights = self.decoder.teacher_forcing(
+          embedded, state, values, keys, mask, self.jit_attention)
+      return self.decoder.logits(states, training), attention_weights
 
     def body(carry, embedded_t):
       state, _ = carry
@@ -168,4 +234,6 @@ def create_model(config, source_vocab_size: int, target_vocab_size: int,
   # Variables must exist before the decoder step runs inside a while loop.
   dummy = tf.ones([1, 2], tf.int32)
   model(dummy, dummy)
+  # The "decoder_step" XLA scope also covers each step's attention math in teacher forcing.
+  model.jit_attention = config.train.xla == "decoder_step"
   return model
