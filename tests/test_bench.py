@@ -64,8 +64,8 @@ def test_run_reports_consistent_fields(tmp_path):
   json.dumps(result)  # One JSON line.
   assert result["precision"] == "float32" and result["xla"] == "off"
   assert result["batch_size"] == 16 and result["units"] == 32 and result["num_steps"] == 4
-  step = result["median_step_time_s"]
-  assert step > 0 and result["tokens_per_step"] > 0
+  step = result["step_time_s"]
+  assert step > 0 and result["median_step_time_s"] > 0 and result["tokens_per_step"] > 0
   assert result["target_tokens_per_sec"] * step == pytest.approx(result["tokens_per_step"])
   assert result["examples_per_sec"] * step == pytest.approx(result["examples_per_step"])
   assert result["achieved_gflops_per_sec"] == pytest.approx(

@@ -191,9 +191,10 @@ def run(config, workdir: str, num_steps: int = 30,
         strategy: Optional[tf.distribute.Strategy] = None) -> Dict:
   """`nmt-bench train`: one JSON-able dict of throughput, compile cost and MFU.
 
-  Rates use the median step time (robust to other processes on a shared machine):
-  target_tokens_per_sec * median_step_time_s == tokens_per_step (real target tokens,
-  EOS included, BOS and padding not), and mfu == achieved / peak GFLOP/s.
+  Rates are over all timed steps (batches of different lengths take different times):
+  target_tokens_per_sec * step_time_s == tokens_per_step (real target tokens, EOS
+  included, BOS and padding not), and mfu == achieved / peak GFLOP/s. The median step
+  time is reported too; far below the mean, other processes were competing for the CPU.
   """
   if num_steps <= 0:
     raise ValueError(f"num_steps={num_steps}; must be > 0.")
@@ -204,7 +205,7 @@ def run(config, workdir: str, num_steps: int = 30,
   peak = measure_peak_gflops(compute_dtype(run_.policy))
   compiled = _warm_up(run_, train_loop, config)
   timed = _time_steps(run_, train_loop, num_steps, config.train.steps_per_loop)
-  step_time = float(np.median(timed["step_times"]))
+  step_time = timed["seconds"] / num_steps
   tokens, examples = np.mean(timed["tokens"]), np.mean(timed["examples"])
   flops = float(np.mean([
       model_flops_per_step(config.model, int(b), int(length), int(length),
@@ -213,7 +214,7 @@ def run(config, workdir: str, num_steps: int = 30,
   achieved = flops / step_time / 1e9
   result = dict(
       target_tokens_per_sec=tokens / step_time, examples_per_sec=examples / step_time,
-      median_step_time_s=step_time, mean_step_time_s=timed["seconds"] / num_steps,
+      step_time_s=step_time, median_step_time_s=float(np.median(timed["step_times"])),
       input_wait_fraction=timed["input_wait"] / timed["seconds"],
       tokens_per_step=float(tokens), examples_per_step=float(examples),
       compile_count=compiled["compile_count"], compile_seconds=compiled["compile_seconds"],
