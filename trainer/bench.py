@@ -95,7 +95,7 @@ def compute_dtype(policy: str) -> tf.DType:
 
 
 def measure_peak_gflops(dtype: tf.DType, max_size: int = 4096, budget_s: float = 0.2,
-                        windows: int = 5) -> float:
+                        windows: int = 10) -> float:
   """Best GFLOP/s of a square matmul in `dtype`: n doubles from 512 up to max_size while
   one matmul takes under `budget_s`; then the best of `windows` timed windows.
 
@@ -301,12 +301,26 @@ def _synthetic_overrides(tsv: str, words: int, vocab_words: int, units: int,
           "train.batch_size": batch_size}
 
 
+def variant_overrides(variant: str) -> Dict[str, object]:
+  """"precision:xla" or "precision:xla:tokens=N" (batches of up to N real-or-pad tokens
+  instead of a fixed sentence count) -> config overrides."""
+  parts = variant.split(":")
+  if len(parts) not in (2, 3) or (len(parts) == 3 and not parts[2].startswith("tokens=")):
+    raise ValueError(f"variant {variant!r}; expected precision:xla[:tokens=N], e.g. "
+                     "float32:decoder_step or float32:off:tokens=1536")
+  overrides = {"train.precision": parts[0], "train.xla": parts[1]}
+  if len(parts) == 3:
+    overrides.update({"data.batch_by": "tokens",
+                      "train.tokens_per_batch": int(parts[2].split("=")[1])})
+  return overrides
+
+
 def compare(tutorial: str, config_path: str, workdir: str, variants: Sequence[str], *,
             words: int = 22, pairs: int = 4096, vocab_words: int = 500,
             tutorial_steps: int = 5, num_steps: int = 10, units: int = 1024,
             embed_dim: int = 256, batch_size: int = 64) -> Dict:
-  """The tutorial and the project (each "precision:xla" variant) on the same synthetic
-  data: every sentence `words` words (fixed) or 3..`words` words (variable).
+  """The tutorial and the project (each variant: see variant_overrides) on the same
+  synthetic data: every sentence `words` words (fixed) or 3..`words` words (variable).
 
   Returns per dataset the runs and sentences_per_sec_ratio = project / tutorial. The
   fixed-length run uses a one-length bucket grid, since no other length can occur.
@@ -324,10 +338,8 @@ def compare(tutorial: str, config_path: str, workdir: str, variants: Sequence[st
                              batch_size)
     project = {}
     for variant in variants:
-      precision, xla = variant.split(":")
-      project[variant] = run_project(
-          config_path, os.path.join(workdir, name), num_steps,
-          dict(base, **{"train.precision": precision, "train.xla": xla}))
+      project[variant] = run_project(config_path, os.path.join(workdir, name), num_steps,
+                                     dict(base, **variant_overrides(variant)))
     result[name] = {
         "tutorial": reference, "project": project,
         "sentences_per_sec_ratio": {v: p["sentences_per_sec"] / reference["sentences_per_sec"]
@@ -349,11 +361,10 @@ def sweep(config_path: str, workdir: str, batch_sizes: Sequence[int],
   runs = {variant: [] for variant in variants}
   for batch_size in batch_sizes:
     for variant in variants:
-      precision, xla = variant.split(":")
       overrides = _synthetic_overrides(tsv, words, vocab_words, units, embed_dim,
                                        batch_size)
-      overrides.update({"data.bucket_boundaries": f"({words + 2},)",
-                        "train.precision": precision, "train.xla": xla})
+      overrides.update(variant_overrides(variant), **{
+          "data.bucket_boundaries": f"({words + 2},)"})
       runs[variant].append(run_project(config_path, workdir, num_steps, overrides))
   if plot:
     plot_sweep(runs, batch_sizes, plot, f"{units} units, {embed_dim}-d embeddings, "
@@ -370,7 +381,7 @@ def plot_sweep(runs: Dict[str, List[Dict]], batch_sizes: Sequence[int], path: st
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for variant, results in runs.items():
     rates = [r["target_tokens_per_sec"] for r in results]
-    ax.plot(batch_sizes, rates, marker="o", label=variant.replace(":", ", xla "))
+    ax.plot(batch_sizes, rates, marker="o", label=variant.replace(":", ", xla ", 1))
     for b, rate, r in zip(batch_sizes, rates, results):
       ax.annotate(f"{100 * r['mfu']:.0f}%", (b, rate), textcoords="offset points",
                   xytext=(0, 6), ha="center", fontsize=8)
