@@ -121,3 +121,17 @@ def test_invalid_train_config_names_key_and_value(key, value):
   with pytest.raises(ValueError, match=f"config.train.{key}={value!r}"):
     train.validate_train_config(config)
     train.WarmupDecay(1.0, 1, config.train.decay, 10)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu avx2 avx512f avx512_vnni", "float32"),  # Cascade Lake: bf16 only emulated.
+    ("fpu avx512f avx512_bf16", "mixed_bfloat16"),  # Cooper Lake, Zen 4.
+    ("fpu amx_bf16 amx_tile", "mixed_bfloat16")])  # Sapphire Rapids.
+def test_auto_precision_on_cpu_follows_bf16_hardware(tmp_path, monkeypatch, flags, expected):
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+  assert train.cpu_has_fast_bfloat16(str(cpuinfo)) == (expected == "mixed_bfloat16")
+  assert not train.cpu_has_fast_bfloat16(str(tmp_path / "missing"))
+  monkeypatch.setattr(train, "cpu_has_fast_bfloat16", lambda: expected == "mixed_bfloat16")
+  assert train.resolve_precision("auto") == expected
+  assert train.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"

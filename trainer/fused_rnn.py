@@ -8,11 +8,17 @@ every step in one matmul before the loop, this roughly halves the train step on 
 (README, Performance). Same math as the Keras layers in model.py; tests/test_fused_rnn.py
 checks values and gradients against them.
 
+Inside the loops every per-step tensor is feature-major: the state is [U,B], not [B,U],
+and each step multiplies W^T [3U,U] x s [U,B]. With B = 64 that product runs at 127-136
+GFLOP/s on this 2-core CPU against 73-78 for s [B,U] x W [U,3U] (oneDNN picks a better
+blocking when the long dimension is the left operand's rows; `python -m trainer.bench`
+numbers in the README). Inputs and outputs keep the usual [T,B,...] / [B,S,U] layouts;
+the transposes happen once per call, outside the loops.
+
 GRU as in Keras (reset_after=True): x and h are the input-side and recurrent-side
-pre-activations [B,3U], split in thirds (z, r, n):
+pre-activations [3U,B], split in thirds (z, r, n) along the feature axis:
   z = sigmoid(x_z + h_z),  r = sigmoid(x_r + h_r),  n = tanh(x_n + r * h_n),
   s' = z * s + (1 - z) * n.
-All sequences are time-major here: [T, B, ...].
 """
 from typing import Callable, Sequence, Tuple
 
@@ -21,30 +27,31 @@ import tensorflow as tf
 NEG_INF = -1e9  # Added to padded attention scores; exp() of it is exactly 0 in float32.
 
 
+def _fm(x: tf.Tensor) -> tf.Tensor:
+  """Swaps the last two axes: [..., B, N] <-> [..., N, B] (batch- <-> feature-major)."""
+  return tf.linalg.matrix_transpose(x)
+
+
 def _gates(x: tf.Tensor, h: tf.Tensor):
-  """(z, r, n, h_n) of one GRU step from input-side x and recurrent-side h [B,3U]."""
-  x_z, x_r, x_n = tf.split(x, 3, axis=-1)
-  h_z, h_r, h_n = tf.split(h, 3, axis=-1)
+  """(z, r, n, h_n) of one GRU step from input-side x and recurrent-side h [3U,B]."""
+  x_z, x_r, x_n = tf.split(x, 3, axis=0)
+  h_z, h_r, h_n = tf.split(h, 3, axis=0)
   z, r = tf.sigmoid(x_z + h_z), tf.sigmoid(x_r + h_r)
   return z, r, tf.tanh(x_n + r * h_n), h_n
 
 
 def _gates_backward(ds, s, z, r, n, h_n):
-  """ds = dL/ds' -> (dL/dx [B,3U], dL/dh [B,3U], the part of dL/ds through z * s)."""
+  """ds = dL/ds' [U,B] -> (dL/dx [3U,B], dL/dh [3U,B], the part of dL/ds through z * s)."""
   dz = ds * (s - n) * z * (1 - z)
   dn = ds * (1 - z) * (1 - n * n)
   dr = dn * h_n * r * (1 - r)
-  return tf.concat([dz, dr, dn], -1), tf.concat([dz, dr, dn * r], -1), ds * z
+  return tf.concat([dz, dr, dn], 0), tf.concat([dz, dr, dn * r], 0), ds * z
 
 
 def _backward_loop(steps, body: Callable, carry: Sequence[tf.Tensor],
                    outputs: Sequence[tf.DType]):
   """Runs body(t, *carry) -> (carry, per-step outputs) for t = steps-1 .. 0; returns the
-  final carry and each output stacked in time order [T, ...].
-
-  Bodies multiply by kernels transposed once before the loop: a [B,N] x [N,K] matmul
-  is ~20% faster than [B,N] x [K,N]^T with transpose_b at B=64 on CPU (oneDNN).
-  """
+  final carry and each output stacked in time order [T, ...]."""
   arrays = tuple(tf.TensorArray(dtype, size=steps) for dtype in outputs)
 
   def loop(t, carry, arrays):
@@ -56,9 +63,12 @@ def _backward_loop(steps, body: Callable, carry: Sequence[tf.Tensor],
   return carry, tuple(a.stack() for a in arrays)
 
 
-def _rows(x: tf.Tensor) -> tf.Tensor:
-  """[T,B,N] -> [T*B,N], to form a weight gradient over all steps in one matmul."""
-  return tf.reshape(x, [-1, x.shape[-1]])
+def _weight_grad(inputs: tf.Tensor, grads: tf.Tensor) -> tf.Tensor:
+  """sum_t inputs_t grads_t^T for feature-major [T,N,B] and [T,K,B] -> [N,K], as one
+  [T*B,N]^T x [T*B,K] matmul over all steps."""
+  def rows(x):
+    return tf.reshape(_fm(x), [-1, x.shape[1]])
+  return tf.matmul(rows(inputs), rows(grads), transpose_a=True)
 
 
 def gru_scan(inputs: tf.Tensor, mask: tf.Tensor, state: tf.Tensor,
@@ -68,52 +78,56 @@ def gru_scan(inputs: tf.Tensor, mask: tf.Tensor, state: tf.Tensor,
 
   @tf.custom_gradient
   def scan(inputs, state, recurrent_kernel, recurrent_bias):
+    kernel_t, bias = tf.transpose(recurrent_kernel), recurrent_bias[:, None]
+
     def step(carry, inputs_t):
       s, (x, m) = carry[0], inputs_t
-      z, r, n, h_n = _gates(x, s @ recurrent_kernel + recurrent_bias)
-      return tf.where(m[:, None], z * s + (1 - z) * n, s), z, r, n, h_n
+      z, r, n, h_n = _gates(x, kernel_t @ s + bias)
+      return tf.where(m[None], z * s + (1 - z) * n, s), z, r, n, h_n
 
-    zeros = tf.zeros_like(state)
-    states, z, r, n, h_n = tf.scan(step, (inputs, mask), (state,) + (zeros,) * 4)
-    previous = tf.concat([state[None], states[:-1]], 0)
+    state_fm = _fm(state)
+    zeros = tf.zeros_like(state_fm)
+    states, z, r, n, h_n = tf.scan(step, (_fm(inputs), mask), (state_fm,) + (zeros,) * 4)
+    previous = tf.concat([state_fm[None], states[:-1]], 0)
 
     def grad(d_states):
-      recurrent_kernel_t = tf.transpose(recurrent_kernel)  # See _backward_loop.
+      d_states = _fm(d_states)
 
       def step_back(t, ds):
         ds = ds + d_states[t]
-        m = tf.cast(mask[t][:, None], ds.dtype)
+        m = tf.cast(mask[t][None], ds.dtype)
         dx, dh, ds_z = _gates_backward(ds * m, previous[t], z[t], r[t], n[t], h_n[t])
-        ds = ds * (1 - m) + ds_z + dh @ recurrent_kernel_t
+        ds = ds * (1 - m) + ds_z + recurrent_kernel @ dh
         return (ds,), (dx, dh)
 
       (d_state,), (dx, dh) = _backward_loop(tf.shape(inputs)[0], step_back, (zeros,),
                                             (state.dtype, state.dtype))
-      return (dx, d_state, tf.matmul(_rows(previous), _rows(dh), transpose_a=True),
-              tf.reduce_sum(_rows(dh), 0))
+      return (_fm(dx), _fm(d_state), _weight_grad(previous, dh),
+              tf.reduce_sum(dh, [0, 2]))
 
-    return states, grad
+    return _fm(states), grad
 
   return scan(inputs, state, recurrent_kernel, recurrent_bias)
 
 
 def _attend(keys, query, v, mask, values):
-  """query [B,U] -> attention weights [B,S] f32 = softmax(V^T tanh(keys + W1 s)), context [B,U]."""
-  score = tf.cast(tf.linalg.matvec(tf.tanh(keys + query[:, None, :]), v), tf.float32)
-  weights = tf.nn.softmax(tf.where(mask, score, NEG_INF), -1)
-  return weights, tf.einsum("bs,bsu->bu", tf.cast(weights, values.dtype), values)
+  """Feature-major: keys, values [S,U,B], query [U,B], v [U,1], mask [S,B] -> attention
+  weights [S,B] f32 = softmax over S of V^T tanh(keys + W1 s), context [U,B]."""
+  score = tf.cast(tf.reduce_sum(tf.tanh(keys + query[None]) * v, 1), tf.float32)
+  weights = tf.nn.softmax(tf.where(mask, score, NEG_INF), 0)
+  return weights, tf.reduce_sum(tf.cast(weights, values.dtype)[:, None] * values, 0)
 
 
 def _attend_backward(keys, query, v, d_score, d_keys):
-  """d_score [B,S] -> tanh(keys + W1 s) (recomputed: cheaper than keeping T of them),
-  dL/d(W1 s) [B,U], and d_keys plus this step's dL/dkeys [B,S,U]."""
-  a = tf.tanh(keys + query[:, None, :])
-  d_pre = d_score[:, :, None] * v * (1 - a * a)
-  return a, tf.reduce_sum(d_pre, 1), d_keys + d_pre
+  """d_score [S,B] -> tanh(keys + W1 s) (recomputed: cheaper than keeping T of them),
+  dL/d(W1 s) [U,B], and d_keys plus this step's dL/dkeys [S,U,B]."""
+  a = tf.tanh(keys + query[None])
+  d_pre = d_score[:, None] * v * (1 - a * a)
+  return a, tf.reduce_sum(d_pre, 0), d_keys + d_pre
 
 
-# The same functions as single XLA kernels: fusing their [B,S,U] elementwise chains makes
-# them ~2x faster on CPU (the matmuls around them stay outside, where oneDNN is faster).
+# The same functions as single XLA kernels: fusing their [S,U,B] elementwise chains makes
+# them ~1.5x faster on CPU (the matmuls around them stay outside, where oneDNN is faster).
 _attend_xla = tf.function(_attend, jit_compile=True)
 _attend_backward_xla = tf.function(_attend_backward, jit_compile=True)
 
@@ -134,51 +148,57 @@ def attention_gru_scan(inputs: tf.Tensor, state: tf.Tensor, values: tf.Tensor,
   units = state.shape[-1]
   attend, attend_backward = ((_attend_xla, _attend_backward_xla) if jit_attention
                              else (_attend, _attend_backward))
+  mask = tf.transpose(mask)  # [S,B]
 
   @tf.custom_gradient
   def scan(inputs, state, values, keys, query_kernel, recurrent_bias, context_kernel, v):
+    values_fm, keys_fm = (tf.transpose(x, [1, 2, 0]) for x in (values, keys))  # [S,U,B]
+    query_kernel_t, context_kernel_t = tf.transpose(query_kernel), tf.transpose(
+        context_kernel)
+    bias, v_col = recurrent_bias[:, None], v[:, None]
+
     def step(carry, x):
       s = carry[0]
-      h = s @ query_kernel
-      query, h = h[:, :units], h[:, units:] + recurrent_bias
-      weights, context = attend(keys, query, v, mask, values)
-      z, r, n, h_n = _gates(context @ context_kernel + x, h)
+      h = query_kernel_t @ s
+      query, h = h[:units], h[units:] + bias
+      weights, context = attend(keys_fm, query, v_col, mask, values_fm)
+      z, r, n, h_n = _gates(context_kernel_t @ context + x, h)
       return z * s + (1 - z) * n, weights, query, context, z, r, n, h_n
 
-    zeros = tf.zeros_like(state)
-    init = (state, tf.zeros(tf.shape(mask), tf.float32)) + (zeros,) * 6
-    states, weights, query, context, z, r, n, h_n = tf.scan(step, inputs, init)
-    previous = tf.concat([state[None], states[:-1]], 0)
+    state_fm = _fm(state)
+    zeros = tf.zeros_like(state_fm)
+    init = (state_fm, tf.zeros(tf.shape(mask), tf.float32)) + (zeros,) * 6
+    states, weights, query, context, z, r, n, h_n = tf.scan(step, _fm(inputs), init)
+    previous = tf.concat([state_fm[None], states[:-1]], 0)
 
     def grad(d_states, d_weights):
-      d_weights = tf.zeros_like(weights) if d_weights is None else d_weights
-      query_kernel_t, context_kernel_t = tf.transpose(query_kernel), tf.transpose(
-          context_kernel)  # See _backward_loop.
+      d_states = _fm(d_states)
+      d_weights = tf.zeros_like(weights) if d_weights is None else _fm(d_weights)
 
       def step_back(t, ds, d_keys, d_v):
         ds = ds + d_states[t]
         dx, dh, ds_z = _gates_backward(ds, previous[t], z[t], r[t], n[t], h_n[t])
-        d_context = dx @ context_kernel_t
+        d_context = context_kernel @ dx
         w = weights[t]
-        dw = tf.cast(tf.einsum("bu,bsu->bs", d_context, values), tf.float32) + d_weights[t]
-        d_score = tf.cast(w * (dw - tf.reduce_sum(w * dw, -1, keepdims=True)), keys.dtype)
-        a, d_query, d_keys = attend_backward(keys, query[t], v, d_score, d_keys)
-        dh = tf.concat([d_query, dh], -1)
-        ds = ds_z + dh @ query_kernel_t
-        d_v += tf.cast(tf.linalg.matvec(_rows(a), tf.reshape(d_score, [-1]),
-                                        transpose_a=True), tf.float32)
+        dw = (tf.cast(tf.reduce_sum(d_context[None] * values_fm, 1), tf.float32)
+              + d_weights[t])
+        d_score = tf.cast(w * (dw - tf.reduce_sum(w * dw, 0, keepdims=True)), keys.dtype)
+        a, d_query, d_keys = attend_backward(keys_fm, query[t], v_col, d_score, d_keys)
+        dh = tf.concat([d_query, dh], 0)
+        ds = ds_z + query_kernel @ dh
+        d_v += tf.cast(tf.reduce_sum(a * d_score[:, None], [0, 2]), tf.float32)
         return (ds, d_keys, d_v), (dx, dh, d_context)
 
-      carry = (zeros, tf.zeros_like(keys), tf.zeros(tf.shape(v), tf.float32))
+      carry = (zeros, tf.zeros_like(keys_fm), tf.zeros(tf.shape(v), tf.float32))
       (d_state, d_keys, d_v), (dx, dh, d_context) = _backward_loop(
           tf.shape(inputs)[0], step_back, carry, (state.dtype,) * 3)
-      d_values = tf.matmul(tf.transpose(tf.cast(weights, d_context.dtype), [1, 2, 0]),
-                           tf.transpose(d_context, [1, 0, 2]))  # [B,S,T] x [B,T,U].
-      return (dx, d_state, d_values, d_keys,
-              tf.matmul(_rows(previous), _rows(dh), transpose_a=True),
-              tf.reduce_sum(_rows(dh)[:, units:], 0),
-              tf.matmul(_rows(context), _rows(dx), transpose_a=True), tf.cast(d_v, v.dtype))
+      # d_values[b] = weights[b]^T [S,T] x d_context[b] [T,U], batch-major.
+      d_values = tf.matmul(tf.transpose(tf.cast(weights, d_context.dtype), [2, 1, 0]),
+                           tf.transpose(d_context, [2, 0, 1]))
+      return (_fm(dx), _fm(d_state), d_values, tf.transpose(d_keys, [2, 0, 1]),
+              _weight_grad(previous, dh), tf.reduce_sum(dh[:, units:], [0, 2]),
+              _weight_grad(context, dx), tf.cast(d_v, v.dtype))
 
-    return (states, weights), grad
+    return (_fm(states), _fm(weights)), grad
 
   return scan(inputs, state, values, keys, query_kernel, recurrent_bias, context_kernel, v)

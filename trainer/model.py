@@ -192,6 +192,7 @@ class Seq2Seq(keras.layers.Layer):
                            name="decoder")
     self.step_fn: Callable = self.decoder.step
     self.fused_recurrence = True  # Teacher forcing through fused_rnn (else Keras steps).
+    self.fused_encoder = True  # The encoder GRU through fused_rnn too (else Keras' GRU).
     self.jit_attention = False  # fused_rnn's attention math as XLA kernels.
 
   def build(self, *shapes):
@@ -199,7 +200,8 @@ class Seq2Seq(keras.layers.Layer):
 
   def encode(self, source: tf.Tensor, training: bool = False):
     """source [B,S] int -> (values [B,S,U], keys [B,S,U], mask [B,S], state [B,U])."""
-    values, state = self.encoder(source, training=training, fused=self.fused_recurrence)
+    values, state = self.encoder(source, training=training,
+                                 fused=self.fused_recurrence and self.fused_encoder)
     keys = self.decoder.attention.precompute_keys(values)
     return values, keys, tf.not_equal(source, 0), state
 
@@ -236,4 +238,7 @@ def create_model(config, source_vocab_size: int, target_vocab_size: int,
   model(dummy, dummy)
   # The "decoder_step" XLA scope also covers each step's attention math in teacher forcing.
   model.jit_attention = config.train.xla == "decoder_step"
+  # On GPUs Keras runs the encoder GRU as one cuDNN kernel (not measured here; expected
+  # faster than a loop of small matmuls). The decoder has no cuDNN form (attention).
+  model.fused_encoder = not tf.config.list_logical_devices("GPU")
   return model
