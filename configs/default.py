@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.clip_norm = 1.0  # Clip gradients by this global norm (0 disables).
   train.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
   train.precision = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16 (auto: fp16 on GPUs with CC>=7, bf16 on CPUs with bf16 units, else float32).
-  train.xla = "decoder_step"  # XLA scope: off | decoder_step | train_step.
+  train.xla = "train_step"  # XLA scope: off | decoder_step | train_step.
   train.max_nonfinite_steps = 10  # Stop after this many non-finite losses in a row (each is skipped).
   train.log_every = 100  # Steps between progress lines and scalar summaries.
   train.checkpoint_every = 1000  # Steps between checkpoints.

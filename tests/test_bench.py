@@ -104,3 +104,7 @@ def test_compare_runs_both_systems_on_the_same_data(tmp_path):
         project["sentences_per_sec"] / 4.0)
     assert result[name]["pieces_per_word"] == pytest.approx(1.0)
   assert result["fixed"]["project"]["float32:off"]["batch_lengths"] == [6]
+  table = bench.compare_table(result).splitlines()
+  assert len(table) == 4 and table[3].startswith("| float32:off | ")
+  ratio = result["fixed"]["sentences_per_sec_ratio"]["float32:off"]
+  assert f"**{ratio:.2f}x**" in table[3]

@@ -349,6 +349,26 @@ def compare(tutorial: str, config_path: str, workdir: str, variants: Sequence[st
   return result
 
 
+def compare_table(result: Dict) -> str:
+  """A compare() result as the README's markdown table: one row per project variant."""
+  rows = ["| project variant | fixed: sentences/s | ratio | MFU | variable: sentences/s | "
+          "ratio | MFU | variable: sentences/batch |", "|---" * 8 + "|"]
+  fixed, variable = result["fixed"], result["variable"]
+  rows.append(f"| seed tutorial (float32, Python-unrolled decoder in one tf.function) | "
+              f"{fixed['tutorial']['sentences_per_sec']:.1f} | 1.0x | | "
+              f"{variable['tutorial']['sentences_per_sec']:.1f} | 1.0x | | "
+              f"{variable['tutorial']['batch']} |")
+  for variant, run_fixed in fixed["project"].items():
+    run_variable = variable["project"][variant]
+    rows.append(
+        f"| {variant} | {run_fixed['sentences_per_sec']:.1f} | "
+        f"**{fixed['sentences_per_sec_ratio'][variant]:.2f}x** | {run_fixed['mfu']:.2f} | "
+        f"{run_variable['sentences_per_sec']:.1f} | "
+        f"**{variable['sentences_per_sec_ratio'][variant]:.2f}x** | {run_variable['mfu']:.2f} | "
+        f"{run_variable['examples_per_step']:.0f} |")
+  return "\n".join(rows)
+
+
 def sweep(config_path: str, workdir: str, batch_sizes: Sequence[int],
           variants: Sequence[str], num_steps: int, plot: str = "", *, words: int = 22,
           pairs: int = 4096, vocab_words: int = 500, units: int = 1024,
@@ -399,9 +419,11 @@ def plot_sweep(runs: Dict[str, List[Dict]], batch_sizes: Sequence[int], path: st
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  """python -m trainer.bench compare|sweep ...: prints one JSON line."""
+  """python -m trainer.bench compare|sweep ...: prints one JSON line; table FILE: markdown."""
   parser = argparse.ArgumentParser(prog="python -m trainer.bench")
-  parser.add_argument("command", choices=("compare", "sweep"))
+  parser.add_argument("command", choices=("compare", "sweep", "table"))
+  parser.add_argument("result", nargs="?", default="",
+                      help="table: a JSON file written by compare.")
   parser.add_argument("--config", default="configs/default.py")
   parser.add_argument("--workdir", default="/tmp/nmt_bench_compare")
   parser.add_argument("--variants", default="float32:train_step,float32:off",
@@ -419,6 +441,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
   variants = args.variants.split(",")
+  if args.command == "table":
+    if not args.result:
+      parser.error("table needs the path of a compare JSON file")
+    with open(args.result, encoding="utf-8") as f:
+      print(compare_table(json.load(f)))
+    return
   if args.command == "compare":
     if not args.tutorial:
       parser.error("compare needs --tutorial=PATH/tutorial_baseline.py")
