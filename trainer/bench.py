@@ -97,14 +97,15 @@ def compute_dtype(policy: str) -> tf.DType:
 def measure_peak_gflops(dtype: tf.DType, max_size: int = 4096, budget_s: float = 0.2,
                         windows: int = 10) -> float:
   """Best GFLOP/s of a square matmul in `dtype`: n doubles from 512 up to max_size while
-  one matmul takes under `budget_s`; then the best of `windows` timed windows.
+  the next size (8x the work) would still take under `budget_s`; then the best of
+  `windows` timed windows of about `budget_s` each (~2-3 s in all).
 
   Measured in-process, so MFU compares against this machine as it is now; the best
   window discounts moments when other processes hold the cores.
   """
   matmul = tf.function(tf.matmul)
   n, seconds = 256, 0.0
-  while n < max_size and seconds < budget_s:
+  while n < max_size and seconds * 8 < budget_s:
     n *= 2
     a = tf.cast(tf.random.stateless_normal([n, n], seed=[0, n]), dtype)
     matmul(a, a).numpy()  # Warm-up: kernel selection, allocation.
