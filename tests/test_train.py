@@ -67,6 +67,30 @@ def test_two_replicas_give_the_same_gradients_as_one():
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_two_replicas_train_like_one_on_the_same_global_batches(policy):
+  """The update too: the optimizer applies the global gradient once. (Keras' own
+  all-reduce is switched off; if it ran on top of ours, or grads were not rescaled when
+  it runs, two replicas would take steps of another size and the losses would part.
+  SGD, whose step is proportional to the gradient: Adam's is not, and would hide that.)"""
+  config = tiny.get_config()
+  losses = {}
+  for name, strategy in (("one", _one()), ("two", _two())):
+    model, _ = _setup(strategy, config, policy)
+    with strategy.scope():
+      optimizer = keras.optimizers.SGD(0.5)
+      if policy == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+      optimizer.build(model.trainable_variables)
+    # The same global batches, split in halves across the two replicas.
+    iterator = iter(strategy.experimental_distribute_dataset(_batches(32)))
+    loop = train.make_train_loop(strategy, train.make_replica_step(
+        model, optimizer, config, strategy))
+    losses[name] = loop(iterator, tf.constant(4))[0]["loss"].numpy()
+  assert losses["one"][3] < losses["one"][0]
+  np.testing.assert_allclose(losses["two"], losses["one"], rtol=1e-4)
+
+
 def _losses(strategy, config, steps, policy="float32"):
   model, optimizer = _setup(strategy, config, policy)
   per_replica = 32 // strategy.num_replicas_in_sync

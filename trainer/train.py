@@ -160,19 +160,33 @@ def make_gradient_fn(model, config, scale_fn):
   return global_gradients
 
 
-def make_replica_step(model, optimizer, config, strategy):
-  """Per-replica train step: global gradients, then an update unless they are not finite.
+def _skip_keras_all_reduce(optimizer) -> bool:
+  """Stops the Keras optimizer from all-reducing gradients that are already global.
 
-  Keras 3 optimizers all-reduce (sum) inside apply(), *after* their own clipping, which
-  would clip per-replica gradients. We reduce and clip first and hand over grads / N so
-  that Keras' sum gives back the clipped global gradient.
+  Keras 3's TF optimizer sums gradients over replicas inside apply()
+  (keras/src/backend/tensorflow/optimizer.py, `_all_reduce_sum_gradients`), after its own
+  clipping, which would clip per-replica gradients. We all-reduce and clip first, so a
+  second all-reduce would only double the communication per step (on GPUs, every
+  gradient over NCCL twice). Keras has no public switch for this; if the hook is missing
+  (another Keras version) we return False and the caller hands over grads / N instead,
+  which Keras' sum turns back into the global gradient.
   """
+  inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer wraps one.
+  if not callable(getattr(inner, "_all_reduce_sum_gradients", None)):
+    return False
+  inner._all_reduce_sum_gradients = list  # pylint: disable=protected-access
+  return True
+
+
+def make_replica_step(model, optimizer, config, strategy):
+  """Per-replica train step: global gradients (all-reduced once, then clipped), then an
+  update unless they are not finite."""
   fp16 = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
   scale_fn = ((lambda: tf.identity(optimizer.dynamic_scale)) if fp16
               else (lambda: tf.constant(1.0)))
   global_gradients = make_gradient_fn(model, config, scale_fn)
   variables = model.trainable_variables
-  n = strategy.num_replicas_in_sync
+  n = 1 if _skip_keras_all_reduce(optimizer) else strategy.num_replicas_in_sync
 
   def apply_if_finite(strategy, grads, finite):
     finite = strategy.experimental_local_results(finite)[0]
