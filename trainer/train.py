@@ -483,6 +483,42 @@ def _log_progress(step: int, total: int, window: Dict[str, List[float]],
   return scalars
 
 
+class _ProgressWindow:
+  """The metrics of the steps since the last progress line; `flush` logs and writes them."""
+
+  def __init__(self, run: Run, writer, start_step: int):
+    self.run, self.writer, self.start_step = run, writer, start_step
+    self.run_start = time.time()
+    self.compiled_lengths = set()
+    self.reset()
+
+  def reset(self) -> None:
+    """Starts a new window (also after an eval: eval time is not training time)."""
+    self.values = {k: [] for k in ("loss", "tokens", "examples", "grad_norm", "input_wait")}
+    self.start = time.time()
+
+  def add(self, out: Dict[str, List[float]], input_wait: float) -> None:
+    for k in ("loss", "tokens", "examples", "grad_norm"):
+      self.values[k] += out[k]
+    self.values["input_wait"].append(float(input_wait))
+    self.compiled_lengths.update(int(x) for x in out["length"])
+
+  def flush(self, step: int, total: int) -> None:
+    now, run = time.time(), self.run
+    scalars = _log_progress(step, total, self.values, now - self.start, self.start_step,
+                            now - self.run_start)
+    scalars.update(learning_rate=float(np.asarray(run.optimizer.learning_rate)),
+                   compiled_shapes=len(self.compiled_lengths))
+    lengths = run.length_stats.result()
+    scalars["data/over_long_fraction"] = (
+        (lengths["dropped"] + lengths["truncated"]) / max(lengths["seen"], 1))
+    if run.policy == "mixed_float16":
+      scalars["loss_scale"] = float(run.optimizer.dynamic_scale.numpy())
+    if self.writer:
+      summaries.write_scalars(self.writer, step, scalars)
+    self.reset()
+
+
 def _check_finite(history_finite: List[float], step: int, limit: int) -> None:
   """Stops the run after `limit` non-finite losses in a row (each was skipped)."""
   run = 0
@@ -544,11 +580,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     summaries.write_hparams(writers["train"], _flatten(config))
   stop, profile_state = run.stop, {}
   previous_handlers = _install_signal_handlers(stop)
-  step = start_step = int(run.optimizer.iterations.numpy())
+  step = int(run.optimizer.iterations.numpy())
   history = {k: [] for k in ("loss", "finite", "length")}
-  window = {k: [] for k in ("loss", "tokens", "examples", "grad_norm", "input_wait")}
-  eval_metrics, compile_lengths = {}, set()
-  run_start = window_start = time.time()
+  progress, eval_metrics = _ProgressWindow(run, writers.get("train"), step), {}
   logging.info("Training %s from step %d to %d; TensorBoard: tensorboard --logdir %s",
                run.policy, step, t.steps, workdir)
   try:
@@ -563,49 +597,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       step += n
       for k in history:
         history[k] += out[k]
-      for k in ("loss", "tokens", "examples", "grad_norm"):
-        window[k] += out[k]
-      window["input_wait"].append(float(input_wait))
-      compile_lengths.update(int(x) for x in out["length"])
+      progress.add(out, input_wait)
       _check_finite(history["finite"], step, t.max_nonfinite_steps)
       if step % t.log_every == 0 or step == t.steps:
-        now = time.time()
-        scalars = _log_progress(step, t.steps, window, now - window_start, start_step,
-                                now - run_start)
-        scalars.update(learning_rate=float(np.asarray(run.optimizer.learning_rate)),
-                       compiled_shapes=len(compile_lengths))
-        lengths = run.length_stats.result()
-        scalars["data/over_long_fraction"] = (
-            (lengths["dropped"] + lengths["truncated"]) / max(lengths["seen"], 1))
-        if run.policy == "mixed_float16":
-          scalars["loss_scale"] = float(run.optimizer.dynamic_scale.numpy())
-        if writers:
-          summaries.write_scalars(writers["train"], step, scalars)
-        window = {k: [] for k in window}
-        window_start = time.time()
+        progress.flush(step, t.steps)
       if step % t.checkpoint_every == 0:
         run.manager.save(checkpoint_number=step)
       if run.preemption:  # Before eval: a preempted job may have seconds left.
         run.preemption.save_checkpoint_if_preempted(checkpoint_number=step)
       if step % t.eval_every == 0 or step == t.steps:
         eval_metrics = _evaluate(run, evaluator, step, writers)
-        window_start = time.time()  # Eval time is not training time.
+        progress.reset()
   finally:
     for sig, handler in previous_handlers.items():
       signal.signal(sig, handler)
     if profile_state.get("on"):
       tf.profiler.experimental.stop()
+  return _finish(run, step, progress, dict(
+      losses=history["loss"], eval=eval_metrics, samples=getattr(evaluator, "samples", []),
+      workdir=workdir))
+
+
+def _finish(run: Run, step: int, progress: _ProgressWindow, summary: Dict) -> Dict:
+  """Final checkpoint and logs; returns `summary` with the run-wide fields added."""
   run.manager.save(checkpoint_number=step)
-  if stop.signal_name:
+  if run.stop.signal_name:
     logging.warning("%s received: checkpoint saved at step %d; rerun to resume.",
-                    stop.signal_name, step)
-  logging.info("Compiled batch lengths: %s (%d shapes).", sorted(compile_lengths),
-               len(compile_lengths))
+                    run.stop.signal_name, step)
+  lengths = sorted(progress.compiled_lengths)
+  logging.info("Compiled batch lengths: %s (%d shapes).", lengths, len(lengths))
   run.length_stats.log()
-  summary = dict(step=step, losses=history["loss"], eval=eval_metrics,
-                 samples=getattr(evaluator, "samples", []),
-                 compiled_lengths=sorted(compile_lengths), workdir=workdir,
-                 seconds=time.time() - run_start, interrupted=stop.signal_name)
+  summary.update(step=step, compiled_lengths=lengths,
+                 seconds=time.time() - progress.run_start, interrupted=run.stop.signal_name)
   _cleanup_non_chief(run)
   return summary
 
