@@ -63,6 +63,14 @@ class Encoder(keras.layers.Layer):
     return x, state
 
 
+def _input_side(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+  """The GRU's input side for every step in one matmul: x [B,T,I] -> [T,B,3U]
+  (time-major, as fused_rnn takes it) = x @ kernel + bias, as [T*B, I] x [I, 3U]."""
+  x = tf.transpose(x, [1, 0, 2])
+  return tf.reshape(tf.reshape(x, [-1, x.shape[-1]]) @ kernel,
+                    [tf.shape(x)[0], tf.shape(x)[1], kernel.shape[-1]]) + bias
+
+
 def _fused_gru_layer(gru, x: tf.Tensor, mask: tf.Tensor) -> List[tf.Tensor]:
   """What a Keras GRU or Bidirectional(GRU) layer returns, computed by fused_rnn."""
   if isinstance(gru, keras.layers.Bidirectional):
@@ -80,14 +88,11 @@ def _fused_gru(gru: keras.layers.GRU, x: tf.Tensor, mask: tf.Tensor):
   cell, dtype = gru.cell, x.dtype
   kernel, recurrent_kernel, bias = (tf.cast(w, dtype) for w in (
       cell.kernel, cell.recurrent_kernel, cell.bias))
-  x = tf.transpose(x, [1, 0, 2])
-  # The input side of every step in one matmul: [S*B, I] x [I, 3U].
-  inputs = tf.reshape(tf.reshape(x, [-1, x.shape[-1]]) @ kernel,
-                      [tf.shape(x)[0], tf.shape(x)[1], 3 * cell.units]) + bias[0]
+  inputs = _input_side(x, kernel, bias[0])
   mask = tf.transpose(mask)
   if gru.go_backwards:
     inputs, mask = inputs[::-1], mask[::-1]
-  state = tf.zeros([tf.shape(x)[1], cell.units], dtype)
+  state = tf.zeros([tf.shape(x)[0], cell.units], dtype)
   states = fused_rnn.gru_scan(inputs, mask, state, recurrent_kernel, bias[1])
   final = states[-1]
   if gru.go_backwards:
@@ -158,18 +163,15 @@ class Decoder(keras.layers.Layer):
   def teacher_forcing(self, embedded: tf.Tensor, state: tf.Tensor, values: tf.Tensor,
                       keys: tf.Tensor, mask: tf.Tensor, jit_attention: bool = False):
     """`step` over all T steps at once: embedded [B,T,E] -> states [B,T,U], weights
-    [B,T,S] f32. The embedded side of the GRU input is one matmul for all steps."""
+    [B,T,S] f32. The embedded side of the GRU input is one matmul for all steps
+    (`_input_side`); the context side depends on the step."""
     dtype, units = embedded.dtype, self.units
     kernel, recurrent_kernel, bias, w1, v = (tf.cast(w, dtype) for w in (
         self.cell.kernel, self.cell.recurrent_kernel, self.cell.bias,
         self.attention.W1.kernel, self.attention.V))
-    embedded = tf.transpose(embedded, [1, 0, 2])
-    inputs = tf.reshape(
-        tf.reshape(embedded, [-1, embedded.shape[-1]]) @ kernel[units:],
-        [tf.shape(embedded)[0], tf.shape(embedded)[1], 3 * units]) + bias[0]
     states, attention_weights = fused_rnn.attention_gru_scan(
-        inputs, state, values, keys, mask, tf.concat([w1, recurrent_kernel], 1), bias[1],
-        kernel[:units], v, jit_attention)
+        _input_side(embedded, kernel[units:], bias[0]), state, values, keys, mask,
+        tf.concat([w1, recurrent_kernel], 1), bias[1], kernel[:units], v, jit_attention)
     return tf.transpose(states, [1, 0, 2]), tf.transpose(attention_weights, [1, 0, 2])
 
   def logits(self, states: tf.Tensor, training: bool = False) -> tf.Tensor:

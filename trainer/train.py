@@ -486,6 +486,8 @@ def _log_progress(step: int, total: int, window: Dict[str, List[float]],
 class _ProgressWindow:
   """The metrics of the steps since the last progress line; `flush` logs and writes them."""
 
+  STEP_KEYS = ("loss", "tokens", "examples", "grad_norm")  # Per-step, from train_loop.
+
   def __init__(self, run: Run, writer, start_step: int):
     self.run, self.writer, self.start_step = run, writer, start_step
     self.run_start = time.time()
@@ -494,11 +496,11 @@ class _ProgressWindow:
 
   def reset(self) -> None:
     """Starts a new window (also after an eval: eval time is not training time)."""
-    self.values = {k: [] for k in ("loss", "tokens", "examples", "grad_norm", "input_wait")}
+    self.values = {k: [] for k in self.STEP_KEYS + ("input_wait",)}
     self.start = time.time()
 
   def add(self, out: Dict[str, List[float]], input_wait: float) -> None:
-    for k in ("loss", "tokens", "examples", "grad_norm"):
+    for k in self.STEP_KEYS:
       self.values[k] += out[k]
     self.values["input_wait"].append(float(input_wait))
     self.compiled_lengths.update(int(x) for x in out["length"])
