@@ -12,7 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0  # Seeds parameter init, shuffling and dropout.
 
   config.data = data = ml_collections.ConfigDict()
-  data.train = "embedded:train"  # Training corpus: embedded[:SPLIT] | tsv:PATH[:SRC:TGT] | text:SRC_GLOB,TGT_GLOB | tfds:NAME[:SPLIT].
+  data.train = "embedded:train"  # Training corpus: embedded[:SPLIT] | tsv:PATH[:SRC:TGT] | text:SRC_GLOB,TGT_GLOB | tfds:NAME[:SPLIT] | prepared:DIR (nmt-prepare).
   data.eval = "embedded:validation"  # Held-out corpus, same syntax as data.train.
   data.tfds_data_dir = ""  # TFDS data dir for embedded/tfds sources; "" = TFDS default (~/tensorflow_datasets).
   data.tfds_source_key = ""  # tfds: feature key of the source side; "" = first language of the config name (de-en -> de).
@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.deterministic = True  # Deterministic tf.data ordering (reproducible runs); False is slightly faster.
   data.max_skip_fraction = 0.01  # Fail if more than this fraction of records is malformed and skipped.
   data.eval_examples = 1000  # Eval-set sentences scored with BLEU/chrF (0 = all).
+  data.service_address = ""  # tf.data service dispatcher for a prepared: data.train, e.g. grpc://host:5050 ("" = off; launch/data_service.py).
 
   config.tokenizer = tok = ml_collections.ConfigDict()
   tok.model_type = "unigram"  # SentencePiece model: unigram | bpe.

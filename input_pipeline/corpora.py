@@ -7,6 +7,8 @@ A source string (`data.train`, `data.eval`) names one corpus:
   text:SRC_GLOB,TGT_GLOB        Moses-style aligned plain text: line i of one side
                                 translates line i of the other
   tfds:NAME[:SPLIT]             any TFDS dataset, e.g. tfds:wmt14_translate/de-en:train
+  prepared:DIR[:SPLIT]          written by nmt-prepare (input_pipeline/prepared.py); SPLIT
+                                is train or eval, by default the split of the config key
 PATH and the globs may match several shards (read in sorted order) and may be gzipped
 (`.gz`). Bad lines of tsv/text files are skipped, logged with file:line and counted; more
 than `data.max_skip_fraction` of a file skipped is a CorpusError.
@@ -42,7 +44,8 @@ _CHUNK_SIGNATURE = (tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.s
 _LOGGED_SKIPS_PER_FILE = 10
 _END = object()  # Marks the end of the shorter file of an aligned pair.
 _FORMS = ("embedded[:SPLIT], tsv:PATH[:SRC_COL:TGT_COL], text:SRC_GLOB,TGT_GLOB, "
-          "tfds:NAME[:SPLIT]")
+          "tfds:NAME[:SPLIT], prepared:DIR[:train|eval]")
+_PREPARED_SPLITS = ("train", "eval")
 # NAME may carry a TFDS version (mnist:3.0.1) and SPLIT a slice (train[:10%]).
 _TFDS_SOURCE = re.compile(r"(?P<name>[^:\[]+(?::\d+\.[\d*]+\.[\d*]+)?)(?::(?P<split>.+))?")
 
@@ -55,11 +58,11 @@ class CorpusError(ValueError):
 class SourceSpec:
   """A parsed source string; `source` is the original, for error messages."""
   source: str
-  kind: str  # embedded | tsv | text | tfds
-  paths: tuple[str, ...] = ()  # tsv: (PATH,); text: (SRC_GLOB, TGT_GLOB).
+  kind: str  # embedded | tsv | text | tfds | prepared
+  paths: tuple[str, ...] = ()  # tsv: (PATH,); text: (SRC_GLOB, TGT_GLOB); prepared: (DIR,).
   columns: tuple[int, int] = (0, 1)  # tsv: source and target column, from 0.
   name: str = ""  # embedded/tfds: the TFDS name, with config and version if given.
-  split: str = ""  # embedded/tfds: the TFDS split, slices allowed.
+  split: str = ""  # embedded/tfds: the TFDS split, slices allowed; prepared: "" or the split.
 
 
 class _Shard(NamedTuple):
@@ -128,6 +131,12 @@ def parse_source(source: str) -> SourceSpec:
     if not match:
       raise _bad_source(source, "tfds: needs NAME or NAME:SPLIT")
     return SourceSpec(source, kind, name=match["name"], split=match["split"] or "train")
+  if kind == "prepared":
+    head, _, last = rest.rpartition(":")
+    directory, split = (head, last) if head and last in _PREPARED_SPLITS else (rest, "")
+    if not directory:
+      raise _bad_source(source, "prepared: needs the DIR that nmt-prepare wrote")
+    return SourceSpec(source, kind, paths=(directory,), split=split)
   raise _bad_source(source, f"unknown kind {kind!r}" if source else "empty")
 
 
@@ -165,6 +174,9 @@ def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
                        ("batch_by", ("sentences", "tokens"))):
     if data_config[key] not in choices:
       raise _invalid(key, data_config[key], "one of " + " | ".join(choices))
+  if not isinstance(data_config.service_address, str):
+    raise _invalid("service_address", data_config.service_address,
+                   'a string: "" (off) or the dispatcher, like grpc://host:5050')
   fraction = data_config.max_skip_fraction
   if not _is_number(fraction) or not 0 <= fraction <= 1:
     raise _invalid("max_skip_fraction", fraction, "a number from 0 to 1")
@@ -219,6 +231,9 @@ def read(source: str, data_config: ml_collections.ConfigDict, *,
     shard = _Shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
   if spec.kind in ("embedded", "tfds"):
     return _read_tfds(spec, data_config, shard, shuffle_files, seed)
+  if spec.kind == "prepared":  # The text of a prepared eval split (BLEU references).
+    from input_pipeline import prepared  # Here: prepared imports this module.
+    return prepared.read_text(spec, input_context)
   return _read_files(spec, data_config, shard, shuffle_files, seed, stats)
 
 
@@ -250,6 +265,7 @@ def surface_corpus_errors() -> Iterator[None]:
 
   tf.data reports an exception raised in a from_generator reader as an InvalidArgumentError
   whose message buries ours in a Python traceback; wrap loops over read()'s datasets in this.
+  A DataLossError (a prepared shard corrupted while training) becomes a CorpusError too.
   """
   try:
     yield
@@ -258,6 +274,10 @@ def surface_corpus_errors() -> Iterator[None]:
     if not messages:
       raise
     raise CorpusError(messages[-1]) from None
+  except tf.errors.DataLossError as e:  # A prepared shard changed after it was verified.
+    raise CorpusError(f"a prepared shard is corrupted ({e.message.splitlines()[-1]}); run "
+                      f"nmt-prepare again with the same --output_dir: it checks every "
+                      f"shard and names the bad one") from None
 
 
 def _read_tfds(spec: SourceSpec, data_config: ml_collections.ConfigDict, shard: _Shard,

@@ -4,12 +4,14 @@ Every batch is {"source": int32 [B, L], "target": int32 [B, L]}, 0-padded, where
 of `padded_shapes(config)` (from data.bucket_boundaries), so a compiled train step sees a
 small fixed set of shapes. source = ids + [EOS]; target = [BOS] + ids + [EOS].
 """
-from typing import Callable, Iterator
+import os
+from typing import Iterator
 
 from absl import logging
 import tensorflow as tf
 
 from input_pipeline import corpora
+from input_pipeline import tokenizer as tokenizer_lib
 from input_pipeline.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 # Strings per SentencePiece call: one op call per batch is ~10x faster than one per
@@ -64,7 +66,7 @@ def _bit_length(x: tf.Tensor) -> tf.Tensor:
 
 def make_dataset(config, tokenizer: Tokenizer, split: str, *,
                  input_context: tf.distribute.InputContext | None = None,
-                 repeat: bool | None = None,
+                 repeat: bool | None = None, start_step: int = 0,
                  length_stats: LengthStats | None = None) -> tf.data.Dataset:
   """Builds the batched dataset of one split ("train" or "eval") for one input pipeline.
 
@@ -72,7 +74,9 @@ def make_dataset(config, tokenizer: Tokenizer, split: str, *,
   dropped (every shape on the grid). eval: config.data.eval, in order, one epoch, partial
   batches kept (batch size varies, length stays on the grid). `repeat` overrides the
   epoch default. With `input_context` the pipeline reads only its shard and batches per
-  replica, for `strategy.distribute_datasets_from_function`.
+  replica, for `strategy.distribute_datasets_from_function`. The train stream starts after
+  the batches of `start_step` steps (one batch per replica of this pipeline per step): for
+  a prepared: source in constant time (prepared.py), else by replaying the pipeline.
   """
   corpora.validate_data_config(config.data)
   validate_config(config)
@@ -83,8 +87,17 @@ def make_dataset(config, tokenizer: Tokenizer, split: str, *,
   if length_stats is None:
     length_stats = LengthStats(name=f"length_stats_{split}")
   source = config.data[split]
-  logging.info("Input pipeline %s: %s, input context %s, repeat=%s.", split, source,
-               input_context, repeat)
+  logging.info("Input pipeline %s: %s, input context %s, repeat=%s, start step %d.", split,
+               source, input_context, repeat, start_step)
+  if corpora.parse_source(source).kind == "prepared":
+    from input_pipeline import prepared  # Here: prepared imports this module.
+    return prepared.make_dataset(config, tokenizer, split, input_context=input_context,
+                                 repeat=repeat, start_step=start_step,
+                                 length_stats=length_stats)
+  if config.data.service_address:
+    raise ValueError(f"data.service_address={config.data.service_address!r} needs a "
+                     f"prepared: data.{split} (nmt-prepare), not {source!r}: the raw "
+                     f"readers run Python, which tf.data service workers cannot run")
 
   dataset = corpora.read(source, config.data, input_context=input_context,
                          shuffle_files=training, seed=config.seed)
@@ -98,6 +111,10 @@ def make_dataset(config, tokenizer: Tokenizer, split: str, *,
   dataset = filter_length(dataset, config.data, length_stats)
   dataset = unbatch(add_special_tokens(dataset))
   dataset = bucket(dataset, config, input_context=input_context, drop_remainder=training)
+  if start_step:  # Replays everything up to start_step: O(start_step) input work.
+    replicas = 1 if input_context is None else (input_context.num_replicas_in_sync //
+                                                input_context.num_input_pipelines)
+    dataset = dataset.skip(start_step * replicas)
   return dataset.prefetch(tf.data.AUTOTUNE)
 
 
@@ -118,7 +135,8 @@ def filter_length(dataset: tf.data.Dataset, data_config,
   """Drops or truncates ragged id batches that would exceed the max lengths, counting them.
 
   data.max_source_length counts the EOS to be added and data.max_target_length counts BOS
-  and EOS, so ids are limited to max_source_length - 1 and max_target_length - 2.
+  and EOS, so ids are limited to max_source_length - 1 and max_target_length - 2. Other
+  features of the batch (e.g. the text, [B]) are kept or dropped with their pair.
   """
   max_source_ids = data_config.max_source_length - 1
   max_target_ids = data_config.max_target_length - 2
@@ -126,31 +144,36 @@ def filter_length(dataset: tf.data.Dataset, data_config,
 
   def limit(features):
     source, target = features["source"], features["target"]
+    others = {key: value for key, value in features.items()
+              if key not in ("source", "target")}
     too_long = ((source.row_lengths() > max_source_ids) |
                 (target.row_lengths() > max_target_ids))
     num_too_long = tf.reduce_sum(tf.cast(too_long, tf.int64))
     seen = tf.size(too_long, out_type=tf.int64)
     if truncate:
       length_stats.add(seen, tf.constant(0, tf.int64), num_too_long)
-      return {"source": source[:, :max_source_ids], "target": target[:, :max_target_ids]}
+      return {"source": source[:, :max_source_ids], "target": target[:, :max_target_ids],
+              **others}
     length_stats.add(seen, num_too_long, tf.constant(0, tf.int64))
     keep = tf.logical_not(too_long)
     return {"source": tf.ragged.boolean_mask(source, keep),
-            "target": tf.ragged.boolean_mask(target, keep)}
+            "target": tf.ragged.boolean_mask(target, keep),
+            **{key: tf.boolean_mask(value, keep) for key, value in others.items()}}
 
   return dataset.map(limit, num_parallel_calls=tf.data.AUTOTUNE,
                      deterministic=data_config.deterministic)
 
 
 def add_special_tokens(dataset: tf.data.Dataset) -> tf.data.Dataset:
-  """Ragged id batches -> source = ids + [EOS], target = [BOS] + ids + [EOS]."""
+  """Ragged id batches -> source = ids + [EOS], target = [BOS] + ids + [EOS]; other
+  features pass through."""
 
   def add(features):
     source, target = features["source"], features["target"]
     batch = source.nrows()
     eos = tf.fill([batch, 1], tf.constant(EOS_ID, source.dtype))
     bos = tf.fill([batch, 1], tf.constant(BOS_ID, target.dtype))
-    return {"source": tf.concat([source, eos], axis=1),
+    return {**features, "source": tf.concat([source, eos], axis=1),
             "target": tf.concat([bos, target, eos], axis=1)}
 
   return dataset.map(add, num_parallel_calls=tf.data.AUTOTUNE)
@@ -237,8 +260,12 @@ def validate_config(config) -> None:
   padded_shapes(config)
 
 
-def tokenizer_sample(config) -> Callable[[], Iterator[tuple[str, str]]]:
-  """A callable yielding up to tokenizer.sample_size training pairs, for load_or_train."""
+def tokenizer_sample(config):
+  """A callable yielding up to tokenizer.sample_size training pairs, for load_or_train;
+  for a prepared: data.train, its stored tokenizer (load_or_train copies it)."""
+  spec = corpora.parse_source(config.data.train)
+  if spec.kind == "prepared":
+    return tokenizer_lib.StoredTokenizer(os.path.join(spec.paths[0], "tokenizer"))
 
   def sample() -> Iterator[tuple[str, str]]:
     return corpora.read_pairs(config.data.train, config.data,

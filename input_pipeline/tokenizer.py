@@ -5,11 +5,12 @@ stored in `<workdir>/tokenizer/` next to `tokenizer.json` (the tokenizer config 
 them). Tokenizing and detokenizing run as TensorFlow ops (tensorflow_text), so they work
 inside tf.data, inside tf.function and in an exported SavedModel.
 """
+import hashlib
 import io
 import itertools
 import json
 import os
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 from absl import logging
 import sentencepiece as spm
@@ -30,6 +31,8 @@ class Tokenizer(tf.Module):
     """Takes serialized SentencePiece ModelProtos; pass the same bytes twice when joint."""
     super().__init__(name="tokenizer")
     self.joint = source_model == target_model
+    # Identifies the models (a prepared corpus records the one that tokenized it).
+    self.fingerprint = hashlib.sha256(source_model + b"\0" + target_model).hexdigest()
     self._source = tf_text.SentencepieceTokenizer(model=source_model, out_type=tf.int32)
     self._target = (self._source if self.joint else
                     tf_text.SentencepieceTokenizer(model=target_model, out_type=tf.int32))
@@ -79,18 +82,28 @@ def _as_vector(strings) -> tf.Tensor:
   return strings
 
 
+class StoredTokenizer(NamedTuple):
+  """A tokenizer directory to copy instead of training (a prepared corpus's tokenizer/)."""
+  directory: str
+
+
 def load_or_train(tok_config, workdir: str,
-                  sample: Callable[[], Iterable[tuple[str, str]]]) -> Tokenizer:
+                  sample: Callable[[], Iterable[tuple[str, str]]] | StoredTokenizer
+                  ) -> Tokenizer:
   """Loads the tokenizer stored in `<workdir>/tokenizer/`, training and storing it first.
 
   `sample()` yields (source, target) training pairs; it is called once per model trained
-  (twice when not joint), and not at all when a stored tokenizer is reused. Raises
-  ValueError if the stored tokenizer was made with a different tokenizer config.
+  (twice when not joint), and not at all when a stored tokenizer is reused. A
+  StoredTokenizer is copied instead of training. Raises ValueError if the stored (or
+  copied) tokenizer was made with a different tokenizer config.
   """
   config = _config_dict(tok_config)
   directory = os.path.join(workdir, "tokenizer")
   stored = _read_stored_config(directory)
-  if stored is None:
+  if stored is None and isinstance(sample, StoredTokenizer):
+    _copy_stored(config, sample.directory, directory)
+    stored = _read_stored_config(directory)
+  elif stored is None:
     _train_and_store(config, directory, sample)
     stored = _read_stored_config(directory)
   else:
@@ -166,6 +179,19 @@ def _train_and_store(config: dict, directory: str,
   _write_bytes(os.path.join(directory, CONFIG_FILE),
                json.dumps(description, indent=2, sort_keys=True).encode())
   logging.info("Stored the tokenizer in %s.", directory)
+
+
+def _copy_stored(config: dict, source: str, directory: str) -> None:
+  """Copies a stored tokenizer (checked against `config` first); tokenizer.json last."""
+  stored = _read_stored_config(source)
+  if stored is None:
+    raise ValueError(f"{os.path.join(source, CONFIG_FILE)} does not exist: no stored "
+                     f"tokenizer to copy (is the prepared corpus complete?)")
+  _check_same_config(stored["config"], config, source)
+  tf.io.gfile.makedirs(directory)
+  for name in sorted(set(stored["files"].values())) + [CONFIG_FILE]:
+    _write_bytes(os.path.join(directory, name), _read_bytes(os.path.join(source, name)))
+  logging.info("Copied the tokenizer of %s to %s.", source, directory)
 
 
 def _sentences(sample: Callable[[], Iterable[tuple[str, str]]], sides: tuple[int, ...],

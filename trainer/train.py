@@ -301,17 +301,16 @@ def make_train_dataset(config, tokenizer, strategy, start_step: int,
                        length_stats: pipeline.LengthStats):
   """Per-replica training batches, fast-forwarded past the `start_step` already trained on.
 
-  Distributed iterators cannot be checkpointed (and from_generator sources cannot be
-  either), so exact resume replays the deterministic pipeline: each replica's stream skips
-  the batches it consumed before. Costs one pass of input work up to `start_step`.
+  Distributed iterators cannot be checkpointed, so exact resume is a property of the
+  pipeline (pipeline.make_dataset's start_step): a prepared: source jumps to the step in
+  constant time; a raw one replays the deterministic pipeline up to it.
   """
   if start_step and not config.data.deterministic:
     logging.warning("data.deterministic=False: the resumed data order will differ.")
 
   def dataset_fn(ctx):
-    dataset = pipeline.make_dataset(config, tokenizer, "train", input_context=ctx,
-                                    length_stats=length_stats)
-    return dataset.skip(start_step) if start_step else dataset
+    return pipeline.make_dataset(config, tokenizer, "train", input_context=ctx,
+                                 start_step=start_step, length_stats=length_stats)
 
   return strategy.distribute_datasets_from_function(dataset_fn)
 
