@@ -33,6 +33,7 @@ setuptools.setup(
             "nmt-translate=trainer.main:run_translate",
             "nmt-export=trainer.main:run_export",
             "nmt-bench=trainer.main:run_bench",
+            "nmt-prepare=trainer.main:run_prepare",
         ],
     },
 )

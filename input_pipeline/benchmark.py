@@ -1,7 +1,9 @@
 """Input-pipeline throughput: how fast the train dataset yields batches, without a model.
 
-Answers "is the input pipeline the bottleneck?" and shows what the bucketing grid costs in
-padding. Wired to `nmt-bench input`, which prints the returned dict as one JSON line.
+Answers "is the input pipeline the bottleneck?", shows what the bucketing grid costs in
+padding, and how long a run resumed at `start_step` waits for its first batch (raw sources
+replay the pipeline up to it; prepared: ones jump there). Wired to `nmt-bench input`, which
+prints the returned dict as one JSON line.
 """
 import time
 
@@ -13,22 +15,27 @@ from input_pipeline import pipeline
 from input_pipeline import tokenizer as tokenizer_lib
 
 
-def run(config, workdir: str, num_batches: int = 200, *, warmup_batches: int = 10) -> dict:
+def run(config, workdir: str, num_batches: int = 200, *, warmup_batches: int = 10,
+        start_step: int = 0) -> dict:
   """Iterates `num_batches` train batches after `warmup_batches`; returns rates and shapes.
 
   Builds (or reuses) the tokenizer in `workdir` first. Token counts exclude padding;
-  padding_fraction is pad cells / all cells over source and target together.
+  padding_fraction is pad cells / all cells over source and target together;
+  seconds_to_first_batch runs from building the dataset (at `start_step`) to its first batch.
   """
   if num_batches <= 0:
     raise ValueError(f"num_batches={num_batches}; must be > 0.")
   tokenizer = tokenizer_lib.load_or_train(config.tokenizer, workdir,
                                           pipeline.tokenizer_sample(config))
   length_stats = pipeline.LengthStats()
-  iterator = iter(pipeline.make_dataset(config, tokenizer, "train",
-                                        length_stats=length_stats))
   examples = source_tokens = target_tokens = cells = 0
   shapes = set()
   with corpora.surface_corpus_errors():
+    start = time.perf_counter()
+    iterator = iter(pipeline.make_dataset(config, tokenizer, "train", start_step=start_step,
+                                          length_stats=length_stats))
+    next(iterator)
+    seconds_to_first_batch = time.perf_counter() - start
     for _ in range(warmup_batches):
       next(iterator)
     start = time.perf_counter()
@@ -44,6 +51,7 @@ def run(config, workdir: str, num_batches: int = 200, *, warmup_batches: int = 1
 
   length_stats.log()
   result = {
+      "source": config.data.train,
       "examples_per_sec": examples / seconds,
       "target_tokens_per_sec": target_tokens / seconds,
       "source_tokens_per_sec": source_tokens / seconds,
@@ -52,6 +60,8 @@ def run(config, workdir: str, num_batches: int = 200, *, warmup_batches: int = 1
       "batch_shapes": [list(shape) for shape in sorted(shapes)],
       "num_batches": num_batches,
       "seconds": seconds,
+      "start_step": start_step,
+      "seconds_to_first_batch": seconds_to_first_batch,
       "length_stats": length_stats.result(),
   }
   logging.info("Input benchmark: %s", result)

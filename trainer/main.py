@@ -1,4 +1,5 @@
-"""Console entry points (nmt-train, nmt-eval, nmt-translate, nmt-export, nmt-bench).
+"""Console entry points (nmt-train, nmt-eval, nmt-translate, nmt-export, nmt-bench,
+nmt-prepare).
 
 The only module that reads absl FLAGS: each command parses flags, loads the config and
 calls one function.
@@ -57,7 +58,8 @@ def _bench_main(argv) -> None:
   try:
     if argv[1] == "input":
       from input_pipeline import benchmark
-      result = benchmark.run(FLAGS.config, workdir, num_batches=FLAGS.num_batches)
+      result = benchmark.run(FLAGS.config, workdir, num_batches=FLAGS.num_batches,
+                             start_step=FLAGS.start_step)
     else:
       from trainer import bench
       result = bench.run(FLAGS.config, workdir, num_steps=FLAGS.num_steps)
@@ -69,9 +71,31 @@ def _bench_main(argv) -> None:
 def run_bench() -> None:
   _define_common()
   flags.DEFINE_integer("num_batches", 200, "Batches to time (nmt-bench input).")
+  flags.DEFINE_integer("start_step", 0, "nmt-bench input: start the train stream as a run "
+                       "resumed at this step would (seconds_to_first_batch).")
   flags.DEFINE_integer("num_steps", 30, "Train steps to time (nmt-bench train).")
   flags.mark_flags_as_required(["config"])
   app.run(_bench_main)
+
+
+def _prepare_main(argv) -> None:
+  del argv
+  from input_pipeline import prepared
+  try:
+    manifest = prepared.prepare(FLAGS.config, FLAGS.output_dir,
+                                shard_examples=FLAGS.shard_examples)
+  except (ValueError, OSError) as e:  # CorpusError and PreparedDataError are ValueErrors.
+    _fail(str(e))
+  print(json.dumps(dict(output_dir=FLAGS.output_dir, **prepared.summary(manifest))))
+
+
+def run_prepare() -> None:
+  config_flags.DEFINE_config_file("config", None, "Config file; data.train and data.eval "
+                                  "are prepared with its tokenizer.* and data.* lengths.")
+  flags.DEFINE_string("output_dir", None, "Directory to write (or, if finished, verify).")
+  flags.DEFINE_integer("shard_examples", 20000, "Examples per shard file.")
+  flags.mark_flags_as_required(["config", "output_dir"])
+  app.run(_prepare_main)
 
 
 def _fail(message: str) -> None:
