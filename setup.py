@@ -9,9 +9,13 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["trainer", "trainer.*",
                                                "input_pipeline", "input_pipeline.*",
-                                               "configs", "configs.*", "launch", "launch.*"]),
+                                               "configs", "configs.*", "launch", "launch.*",
+                                               "benchmarks", "benchmarks.*"]),
     install_requires=[
         "tensorflow>=2.21,<2.22",
+        # Keras 3 as TF 2.21 ships it; train.py relies on its optimizer's all-reduce hook
+        # (with a fallback), so minor releases are admitted only once tried.
+        "keras>=3.12,<3.16",
         "tensorflow-text>=2.21,<2.22",  # its minor version must match TensorFlow's
         "tensorflow-datasets>=4.9,<5",
         "tensorboard>=2.21,<2.22",

@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.encoder_layers = 1  # Stacked encoder GRU layers.
   model.bidirectional = False  # Bidirectional encoder (outputs are projected back to model.units).
   model.dropout = 0.0  # Dropout on embeddings and decoder outputs during training.
+  model.recurrence = "auto"  # GRU implementation: auto | fused | keras | cudnn (auto = fused: hand-fused loops, XLA-compilable on every device; cudnn = the encoder as one cuDNN kernel, GPU only, not with train.xla=train_step).
 
   config.train = train = ml_collections.ConfigDict()
   train.batch_size = 64  # Global batch in sentences (split over replicas).
@@ -53,7 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.clip_norm = 1.0  # Clip gradients by this global norm (0 disables).
   train.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
   train.precision = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16 (auto: fp16 on GPUs with CC>=7, bf16 on CPUs with bf16 units, else float32).
-  train.xla = "train_step"  # XLA scope: off | decoder_step | train_step.
+  train.xla = "auto"  # XLA scope: auto | off | decoder_step | train_step (auto = train_step, or decoder_step with model.recurrence=cudnn).
+  train.deterministic_ops = False  # TensorFlow op determinism: bitwise-reproducible runs, somewhat slower; input_wait_fraction is then not measured.
   train.max_nonfinite_steps = 10  # Stop after this many non-finite losses in a row (each is skipped).
   train.log_every = 100  # Steps between progress lines and scalar summaries.
   train.checkpoint_every = 1000  # Steps between checkpoints.

@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.tokenizer.sample_size = 20000
   config.model.units = 128
   config.model.embed_dim = 64
+  config.model.recurrence = "fused"  # Explicit, so tests can build a model without a device.
   config.train.batch_size = 64
   config.train.steps = 600
   config.train.steps_per_loop = 10

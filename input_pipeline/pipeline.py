@@ -78,8 +78,6 @@ def make_dataset(config, tokenizer: Tokenizer, split: str, *,
   the batches of `start_step` steps (one batch per replica of this pipeline per step): for
   a prepared: source in constant time (prepared.py), else by replaying the pipeline.
   """
-  corpora.validate_data_config(config.data)
-  validate_config(config)
   if split not in _SPLITS:
     raise ValueError(f"split={split!r}; valid: {_SPLITS}.")
   training = split == "train"
@@ -233,31 +231,15 @@ def bucket_batch_sizes(config, input_context: tf.distribute.InputContext | None 
 
 def padded_shapes(config) -> list[int]:
   """The sequence lengths batches can have: the bucket boundaries up to the first one
-  holding both max lengths (longer boundaries can never be used)."""
+  holding both max lengths (longer boundaries can never be used; configs/validate.py
+  checks that the last boundary holds them)."""
   longest = max(config.data.max_source_length, config.data.max_target_length)
   grid = []
   for length in config.data.bucket_boundaries:
     grid.append(int(length))
     if length >= longest:
-      return grid
-  raise ValueError(f"data.bucket_boundaries={tuple(config.data.bucket_boundaries)}: the "
-                   f"last must be >= max(data.max_source_length, data.max_target_length)"
-                   f"={longest}.")
-
-
-def validate_config(config) -> None:
-  """Checks what corpora.validate_data_config does not; raises ValueError naming the key."""
-  data = config.data
-  if data.max_source_length < 2 or data.max_target_length < 3:
-    raise ValueError(f"data.max_source_length={data.max_source_length} (>= 2) and "
-                     f"data.max_target_length={data.max_target_length} (>= 3) must leave "
-                     "room for one token besides BOS/EOS.")
-  if data.batch_by == "sentences" and config.train.batch_size <= 0:
-    raise ValueError(f"train.batch_size={config.train.batch_size}; must be > 0.")
-  if data.batch_by == "tokens" and config.train.tokens_per_batch <= 0:
-    raise ValueError(f"train.tokens_per_batch={config.train.tokens_per_batch}; must be "
-                     "> 0 when data.batch_by = tokens.")
-  padded_shapes(config)
+      break
+  return grid
 
 
 def tokenizer_sample(config):

@@ -5,8 +5,7 @@ import re
 import pytest
 
 from configs import default, quickstart, tiny
-from input_pipeline import corpora
-from trainer import train
+from configs import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = {"config": "", "data": "data.", "tok": "tokenizer.", "model": "model.",
@@ -45,6 +44,36 @@ def test_every_config_key_has_a_comment_and_a_readme_row():
 
 @pytest.mark.parametrize("module", [default, quickstart, tiny])
 def test_configs_validate(module):
-  config = module.get_config()
-  corpora.validate_data_config(config.data)
-  train.validate_train_config(config)
+  validate.validate(module.get_config())
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.xla", "all", "must be one of auto | off | decoder_step | train_step"),
+    ("train.precision", "fp8", "must be one of auto | float32"),
+    ("train.steps_per_loop", 0, "must be an integer >= 1"),
+    ("train.decay", "linear", "must be one of constant | rsqrt | cosine"),
+    ("model.recurrence", "lstm", "must be one of auto | fused | keras | cudnn"),
+    ("model.dropout", 1.0, "must be a number >= 0.0 and < 1.0"),
+    ("eval.beam_size", 0, "must be an integer >= 1"),
+    ("data.max_source_length", 1, "must be an integer >= 2"),
+    ("data.bucket_boundaries", (8, 8, 64), "strictly increasing"),
+    ("data.bucket_boundaries", (8, 16), "must end in a boundary >= max("),
+    ("data.train", "csv:x.csv", "must start with one of embedded:, tsv:"),
+    ("train.profile_steps", "10", "must be 'START,END'"),
+    ("distribute.collective", "mpi", "must be one of auto | nccl | ring"),
+])
+def test_an_invalid_value_is_one_line_naming_key_and_value(key, value, message):
+  config = tiny.get_config()
+  section, name = key.split(".")
+  config[section][name] = value
+  with pytest.raises(validate.ConfigError) as e:
+    validate.validate(config)
+  assert str(e.value).startswith(f"config.{key}={value!r} is invalid: ")
+  assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cudnn_under_whole_step_xla_is_refused_on_every_device():
+  config = tiny.get_config()
+  config.model.recurrence, config.train.xla = "cudnn", "train_step"
+  with pytest.raises(validate.ConfigError, match="XLA has no kernel for the cuDNN RNN op"):
+    validate.validate(config)

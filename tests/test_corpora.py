@@ -4,7 +4,6 @@ import gzip
 import logging
 import pathlib
 import re
-import time
 
 import pytest
 import tensorflow as tf
@@ -220,9 +219,7 @@ def test_bad_tsv_line_is_skipped_counted_and_logged(tmp_path, caplog, case):
                 _tsv(good[10:]).encode())
   stats = corpora.SkipStats()
   caplog.set_level(logging.INFO, logger="absl")
-  start = time.perf_counter()
   assert _read(f"tsv:{path}", _data_config(max_skip_fraction=0.05), stats=stats) == good
-  assert time.perf_counter() - start < 5
   assert stats.per_file() == {path: (30, {reason: 1})}
   assert f"{path}:11: skipped line: {logged}" in caplog.text
   assert f"{path}: 30 read, 1 skipped (1 {reason})" in caplog.text

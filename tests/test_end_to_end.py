@@ -1,6 +1,9 @@
 """End to end: the tiny config learns the embedded task, logs to TensorBoard, resumes exactly."""
 import glob
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from configs import tiny
 from trainer import train
 
 pytestmark = pytest.mark.slow
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # An untrained model scores BLEU < 1 here and a model that has learnt only the most frequent
 # words ("on", "at", "and") stays under 3; 5 needs correct ordered n-grams of numbers and
@@ -66,18 +70,34 @@ def _short_config(data_dir, steps):
   return config
 
 
+_RESUME_SCRIPT = """
+import json, sys
+import tensorflow as tf
+from tests.test_end_to_end import _short_config
+from trainer import train
+data_dir, root = sys.argv[1:]
+one = tf.distribute.OneDeviceStrategy("/cpu:0")
+losses = {}
+for name, workdir, steps in (("straight", "straight", 20), ("first", "resumed", 10),
+                             ("second", "resumed", 20)):
+  config = _short_config(data_dir, steps)
+  config.train.deterministic_ops = True
+  summary = train.train_and_evaluate(config, root + "/" + workdir, one)
+  losses[name] = dict(losses=summary["losses"], step=summary["step"])
+print(json.dumps(losses))
+"""
+
+
 def test_stop_and_resume_reproduces_uninterrupted_losses(embedded_data_dir, tmp_path):
-  tf.config.experimental.enable_op_determinism()
-  one = tf.distribute.OneDeviceStrategy("/cpu:0")
-  straight = train.train_and_evaluate(_short_config(embedded_data_dir, 20),
-                                      str(tmp_path / "straight"), one)
-  first = train.train_and_evaluate(_short_config(embedded_data_dir, 10),
-                                   str(tmp_path / "resumed"), one)
-  second = train.train_and_evaluate(_short_config(embedded_data_dir, 20),
-                                    str(tmp_path / "resumed"), one)
-  assert second["step"] == 20 and len(second["losses"]) == 10
-  np.testing.assert_allclose(first["losses"] + second["losses"], straight["losses"],
-                             rtol=1e-6)
+  # In a subprocess: op determinism is process-wide and would slow every later test.
+  result = subprocess.run([sys.executable, "-c", _RESUME_SCRIPT, embedded_data_dir,
+                           str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  runs = json.loads(result.stdout.strip().splitlines()[-1])
+  assert runs["second"]["step"] == 20 and len(runs["second"]["losses"]) == 10
+  np.testing.assert_allclose(runs["first"]["losses"] + runs["second"]["losses"],
+                             runs["straight"]["losses"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("override,expected", [
@@ -85,22 +105,16 @@ def test_stop_and_resume_reproduces_uninterrupted_losses(embedded_data_dir, tmp_
     ("--config.train.xla=everything", "config.train.xla='everything'"),
 ])
 def test_nmt_train_bad_input_is_a_clear_error_not_a_traceback(tmp_path, override, expected):
-  import subprocess
-  import sys
   result = subprocess.run(
       [sys.executable, "-c", "from trainer.main import run_train; run_train()",
        "--config=configs/tiny.py", f"--workdir={tmp_path}", override],
-      capture_output=True, text=True, timeout=300,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+      capture_output=True, text=True, timeout=300, cwd=REPO)
   assert result.returncode != 0
   assert "error:" in result.stderr and expected in result.stderr, result.stderr[-2000:]
   assert "Traceback" not in result.stderr
 
 
 def test_nmt_eval_after_tiny_training_reports_bleu_above_threshold(tiny_run):
-  import json
-  import subprocess
-  import sys
   _, workdir, summary = tiny_run
   result = subprocess.run(
       [sys.executable, "-c", "from trainer.main import run_eval; run_eval()",

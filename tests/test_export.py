@@ -62,7 +62,7 @@ def _cli(command, *args, stdin=""):
 
 
 def _translate_in_process(workdir):
-  loaded = checkpoints.load_for_inference(workdir, jit_decoder_step=False)
+  loaded = checkpoints.load_for_inference(workdir, for_export=True)
   translate_ids = evaluate.make_translate_fn(loaded.model, loaded.config)
   hyps = evaluate.translate(translate_ids, loaded.tokenizer, SENTENCES, loaded.config)[0]
   return loaded, hyps

@@ -1,4 +1,7 @@
-"""Fused recurrences: the same logits, attention and gradients as the Keras layers."""
+"""Recurrence modes: fused and keras give the same logits, attention and gradients.
+
+(cudnn is Keras' GRU layer with use_cudnn=True: the keras mode's math as one cuDNN kernel;
+it needs a GPU, so `nmt-bench doctor` checks it there.)"""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -11,9 +14,21 @@ SOURCE = tf.constant([[5, 6, 7, 3, 0, 0], [4, 9, 9, 9, 9, 3], [7, 3, 0, 0, 0, 0]
 TARGET = tf.constant([[2, 8, 9, 3, 0], [2, 9, 8, 7, 3], [2, 3, 0, 0, 0]])
 
 
-def _loss_and_grads(model, fused: bool, policy_dtype=tf.float32):
+def _models(config, policy="float32"):
+  """The same weights in a recurrence=fused and a recurrence=keras model."""
+  models = {}
+  for recurrence in ("fused", "keras"):
+    config.model.recurrence = recurrence
+    tf.random.set_seed(0)
+    models[recurrence] = model_lib.create_model(config, 40, 30, policy)
+  for a, b in zip(models["fused"].weights, models["keras"].weights):
+    assert a.path == b.path
+    b.assign(a)
+  return models["fused"], models["keras"]
+
+
+def _loss_and_grads(model):
   """Teacher-forced loss (plus a term on the attention weights) and its gradients."""
-  model.fused_recurrence = fused
   with tf.GradientTape() as tape:
     logits, weights = model(SOURCE, TARGET[:, :-1], training=True)
     loss, tokens = evaluate.masked_cross_entropy(logits, TARGET[:, 1:])
@@ -22,16 +37,16 @@ def _loss_and_grads(model, fused: bool, policy_dtype=tf.float32):
   return logits, weights, [tf.convert_to_tensor(g) for g in grads]
 
 
-@pytest.mark.parametrize("overrides, jit_attention", [
-    ({}, False), ({}, True), ({"bidirectional": True, "encoder_layers": 2}, False)])
-def test_fused_recurrence_matches_keras_layers(overrides, jit_attention):
+@pytest.mark.parametrize("overrides, xla", [
+    ({}, "off"), ({}, "decoder_step"),
+    ({"bidirectional": True, "encoder_layers": 2}, "off")])
+def test_fused_recurrence_matches_keras_layers(overrides, xla):
   config = tiny.get_config()
   config.model.update(overrides)
-  tf.random.set_seed(0)
-  model = model_lib.create_model(config, source_vocab_size=40, target_vocab_size=30)
-  model.jit_attention = jit_attention
-  fused = _loss_and_grads(model, fused=True)
-  keras_steps = _loss_and_grads(model, fused=False)
+  config.train.xla = xla
+  fused_model, keras_model = _models(config)
+  fused, keras_steps = _loss_and_grads(fused_model), _loss_and_grads(keras_model)
+  model = fused_model
   np.testing.assert_allclose(fused[0].numpy(), keras_steps[0].numpy(), atol=1e-5)
   np.testing.assert_allclose(fused[1].numpy(), keras_steps[1].numpy(), atol=1e-6)
   for variable, a, b in zip(model.trainable_variables, fused[2], keras_steps[2]):
@@ -44,9 +59,8 @@ def test_fused_recurrence_under_mixed_bfloat16():
   """Runs and stays close to the step-by-step result at bfloat16 precision."""
   config = tiny.get_config()
   config.model.bidirectional = True
-  tf.random.set_seed(0)
-  model = model_lib.create_model(config, 40, 30, policy="mixed_bfloat16")
-  fused, keras_steps = _loss_and_grads(model, True), _loss_and_grads(model, False)
+  fused_model, keras_model = _models(config, "mixed_bfloat16")
+  fused, keras_steps = _loss_and_grads(fused_model), _loss_and_grads(keras_model)
   assert fused[0].dtype == tf.float32 and fused[1].dtype == tf.float32
   np.testing.assert_allclose(fused[0].numpy(), keras_steps[0].numpy(), atol=0.05)
   for a, b in zip(fused[2], keras_steps[2]):
@@ -54,11 +68,12 @@ def test_fused_recurrence_under_mixed_bfloat16():
     assert np.abs(a.numpy() - b.numpy()).max() <= 0.05 * np.abs(b.numpy()).max() + 1e-3
 
 
-@pytest.mark.parametrize("jit_attention", [False, True])
-def test_fused_recurrence_compiles_with_xla(jit_attention):
+@pytest.mark.parametrize("xla", ["off", "decoder_step"])
+def test_fused_recurrence_compiles_with_xla(xla):
+  config = tiny.get_config()
+  config.train.xla, config.model.recurrence = xla, "fused"
   tf.random.set_seed(0)
-  model = model_lib.create_model(tiny.get_config(), 40, 30)
-  model.jit_attention = jit_attention
+  model = model_lib.create_model(config, 40, 30)
   compiled = tf.function(lambda s, t: model(s, t, training=True)[0], jit_compile=True)
   np.testing.assert_allclose(compiled(SOURCE, TARGET[:, :-1]).numpy(),
                              model(SOURCE, TARGET[:, :-1])[0].numpy(), atol=1e-5)

@@ -15,6 +15,7 @@ import ml_collections
 import tensorflow as tf
 
 from input_pipeline import tokenizer as tokenizer_lib
+from trainer import distribute
 from trainer import model as model_lib
 
 CONFIG_FILE = "config.json"
@@ -76,21 +77,24 @@ class Loaded:
 
 
 def load_for_inference(workdir: Optional[str], checkpoint: Optional[str] = None,
-                       jit_decoder_step: Optional[bool] = None) -> Loaded:
+                       for_export: bool = False) -> Loaded:
   """Config, tokenizer and float32 model of a workdir, restored from `checkpoint` (latest).
 
-  The decoder step is XLA-compiled if `jit_decoder_step`, by default if the run's
-  config.train.xla is not "off".
+  The run's modes are re-resolved for this machine (a run trained with cuDNN on a GPU
+  decodes on a CPU): the decoder step is XLA-compiled unless the run's config.train.xla is
+  "off" or `for_export` (serving binaries need not include the JIT).
   """
   if not workdir:
     raise ValueError("--workdir is required: the run directory written by nmt-train.")
   path = find_checkpoint(workdir, checkpoint)
   config = load_config(workdir)
+  config.model.recurrence = "auto"
+  config.train.precision = "float32"
+  config.train.xla = "off" if for_export or config.train.xla == "off" else "decoder_step"
+  config = distribute.resolve_modes(config)
   tokenizer = _load_tokenizer(config, workdir)
   model = model_lib.create_model(config, tokenizer.source_vocab_size,
-                                 tokenizer.target_vocab_size, "float32")
-  if jit_decoder_step if jit_decoder_step is not None else config.train.xla != "off":
-    model.step_fn = tf.function(model.decoder.step, jit_compile=True)
+                                 tokenizer.target_vocab_size)
   restore_model(model, path, config, workdir)
   logging.info("Restored %s.", path)
   return Loaded(config, tokenizer, model, path, checkpoint_step(path))

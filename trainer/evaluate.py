@@ -252,3 +252,47 @@ def attention_pngs(tokenizer, sources, out_ids, weights, names) -> Dict[str, byt
                   tokenizer.target_pieces(tf.constant(tgt, tf.int32)).numpy()]
     pngs[name] = summaries.plot_attention(w[:len(tgt), :len(src)], src_tokens, tgt_tokens)
   return pngs
+
+
+class Evaluator:
+  """Evaluation during training, one call per eval: held-out loss, beam-search BLEU/chrF,
+  and (given a writer) the scalars, attention heatmaps and a sample-translation table."""
+
+  def __init__(self, config, tokenizer, model):
+    self.config, self.tokenizer = config, tokenizer
+    self.eval_step = make_eval_loss_fn(model)
+    self.translate_ids = make_translate_fn(model, config)  # Beam search.
+    self.greedy_ids = make_translate_fn(model, config, beam_size=1)
+    self.dataset = pipeline.make_dataset(config, tokenizer, "eval")
+    limit = config.data.eval_examples or None
+    pairs = list(corpora.read_pairs(config.data.eval, config.data, limit=limit))
+    self.sources = [s for s, _ in pairs]
+    self.references = [t for _, t in pairs]
+    self.probes = list(config.eval.probe_sentences) + self.sources[:config.eval.num_probes]
+    self.samples: List[Tuple[str, str, str]] = []
+
+  def __call__(self, step: int, writer: Optional[tf.summary.SummaryWriter]) -> Dict:
+    metrics = {"loss": eval_loss(self.eval_step, self.dataset)}
+    metrics["perplexity"] = float(np.exp(min(metrics["loss"], 50.0)))
+    hyps, _, _, _ = translate(self.translate_ids, self.tokenizer, self.sources, self.config)
+    metrics.update(score(hyps, self.references))
+    self.samples = list(zip(self.sources[:8], self.references[:8], hyps[:8]))
+    logging.info("eval at step %d: loss %.4f  BLEU %.2f  chrF %.2f", step,
+                 metrics["loss"], metrics["bleu"], metrics["chrf"])
+    if writer is not None:
+      summaries.write_scalars(writer, step, metrics)
+      self._write_attention(step, writer)
+      summaries.write_text(writer, step, "samples",
+                           [("source", "reference", "translation")] + self.samples)
+    return metrics
+
+  def _write_attention(self, step: int, writer: tf.summary.SummaryWriter) -> None:
+    searches = {"greedy": self.greedy_ids}
+    if self.config.eval.beam_size > 1:
+      searches["beam"] = self.translate_ids
+    for search, translate_ids in searches.items():
+      _, ids, weights, srcs = translate(translate_ids, self.tokenizer, self.probes,
+                                        self.config)
+      names = [f"attention/{search}/probe_{i}" for i in range(len(self.probes))]
+      summaries.write_images(writer, step, attention_pngs(
+          self.tokenizer, srcs, ids, weights, names))

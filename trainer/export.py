@@ -69,7 +69,6 @@ def export(config: ml_collections.ConfigDict, tokenizer, model, export_dir: str,
   if not export_dir:
     raise ValueError("--export_dir is required: where to write the SavedModel, e.g. "
                      "exports/nmt/1 (TensorFlow Serving wants a numbered version dir).")
-  model.step_fn = model.decoder.step
   translator = Translator(tokenizer, model, config, beam_size)
   tf.saved_model.save(translator, export_dir,
                       signatures={"serving_default": translator.serve})

@@ -11,7 +11,7 @@ checks values and gradients against them.
 Inside the loops every per-step tensor is feature-major: the state is [U,B], not [B,U],
 and each step multiplies W^T [3U,U] x s [U,B]. With B = 64 that product runs at 127-136
 GFLOP/s on this 2-core CPU against 73-78 for s [B,U] x W [U,3U] (oneDNN picks a better
-blocking when the long dimension is the left operand's rows; `python -m trainer.bench`
+blocking when the long dimension is the left operand's rows; `python -m benchmarks.compare`
 numbers in the README). Inputs and outputs keep the usual [T,B,...] / [B,S,U] layouts;
 the transposes happen once per call, outside the loops.
 

@@ -5,6 +5,7 @@ The only module that reads absl FLAGS: each command parses flags, loads the conf
 calls one function.
 """
 import json
+import math
 import os
 import sys
 
@@ -12,17 +13,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "configs", "default.py")
 
 
-def _define_common(config_required: bool = True) -> None:
+def _define_common() -> None:
   config_flags.DEFINE_config_file(
-      "config", None if config_required else _DEFAULT_CONFIG,
+      "config", None,
       "Config file, e.g. configs/default.py; override keys with --config.train.steps=200.",
       lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, tokenizer, TensorBoard.")
@@ -30,6 +28,11 @@ def _define_common(config_required: bool = True) -> None:
 
 def _train_main(argv) -> None:
   del argv
+  from configs import validate
+  try:
+    validate.validate(FLAGS.config)  # Before the seconds of importing TensorFlow.
+  except validate.ConfigError as e:
+    _fail(str(e))
   from trainer import train
   try:
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -42,7 +45,25 @@ def _train_main(argv) -> None:
           f"chrF {summary['eval']['chrf']:.1f}, eval loss {summary['eval']['loss']:.3f}. "
           f"TensorBoard: tensorboard --logdir {os.path.abspath(FLAGS.workdir)}")
   final = {k: summary[k] for k in ("step", "eval", "seconds", "workdir", "interrupted")}
-  print(json.dumps(final, default=float))
+  print(_strict_json(final))
+  if summary["interrupted"]:  # Stopped by a signal, checkpoint saved: rerun to resume.
+    sys.exit(train.distribute.PREEMPTED_EXIT_CODE)
+
+
+def _strict_json(value) -> str:
+  """One line of strict JSON: a non-finite number (a diverged loss) becomes null."""
+
+  def clean(x):
+    x = x.item() if hasattr(x, "item") else x  # NumPy scalars.
+    if isinstance(x, dict):
+      return {k: clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [clean(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+      return None
+    return x
+
+  return json.dumps(clean(value), default=float, allow_nan=False)
 
 
 def run_train() -> None:
@@ -52,17 +73,23 @@ def run_train() -> None:
 
 
 def _bench_main(argv) -> None:
-  if len(argv) != 2 or argv[1] not in ("input", "train"):
-    raise app.UsageError("usage: nmt-bench input|train --config=... [--workdir=DIR]")
+  if len(argv) != 2 or argv[1] not in ("input", "train", "doctor"):
+    raise app.UsageError("usage: nmt-bench input|train|doctor --config=... [--workdir=DIR]")
   workdir = FLAGS.workdir or os.path.join("/tmp", "nmt_bench")
   try:
     if argv[1] == "input":
       from input_pipeline import benchmark
       result = benchmark.run(FLAGS.config, workdir, num_batches=FLAGS.num_batches,
                              start_step=FLAGS.start_step)
-    else:
+    elif argv[1] == "train":
       from trainer import bench
       result = bench.run(FLAGS.config, workdir, num_steps=FLAGS.num_steps)
+    else:
+      from trainer import bench
+      for row in bench.doctor(FLAGS.config, workdir, FLAGS.num_steps, FLAGS.precisions,
+                              FLAGS.xla_modes, FLAGS.recurrences):
+        print(json.dumps(row, default=float), flush=True)
+      return
   except (ValueError, OSError) as e:
     _fail(str(e))
   print(json.dumps(result, default=float))
@@ -73,7 +100,13 @@ def run_bench() -> None:
   flags.DEFINE_integer("num_batches", 200, "Batches to time (nmt-bench input).")
   flags.DEFINE_integer("start_step", 0, "nmt-bench input: start the train stream as a run "
                        "resumed at this step would (seconds_to_first_batch).")
-  flags.DEFINE_integer("num_steps", 30, "Train steps to time (nmt-bench train).")
+  flags.DEFINE_integer("num_steps", 30, "Train steps to time (nmt-bench train, doctor).")
+  flags.DEFINE_list("precisions", ["float32", "mixed_float16", "mixed_bfloat16"],
+                    "doctor: train.precision values to try.")
+  flags.DEFINE_list("xla_modes", ["off", "decoder_step", "train_step"],
+                    "doctor: train.xla values to try.")
+  flags.DEFINE_list("recurrences", ["fused", "keras", "cudnn"],
+                    "doctor: model.recurrence values to try.")
   flags.mark_flags_as_required(["config"])
   app.run(_bench_main)
 
@@ -99,7 +132,7 @@ def run_prepare() -> None:
 
 
 def _fail(message: str) -> None:
-  logging.error(message)
+  """Exits 1 with the message printed once, as `error: ...` on stderr."""
   sys.exit(f"error: {message}")
 
 
@@ -162,7 +195,7 @@ def _export_main(argv) -> None:
   from trainer import checkpoints, export
   try:
     loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint,
-                                            jit_decoder_step=False)
+                                            for_export=True)
     translator = export.export(loaded.config, loaded.tokenizer, loaded.model,
                                FLAGS.export_dir, FLAGS.beam_size)
   except ValueError as e:

@@ -5,14 +5,17 @@ W2 on the encoder outputs, V for the score), `Decoder` (one GRU cell step per ta
 token, fed [context; embedded previous token] and its previous state), `Seq2Seq` (ties
 them together for teacher forcing). No training logic lives here.
 
-Teacher forcing runs the same math through trainer/fused_rnn.py (all steps at once, with
-hand-written backward passes: about twice as fast on CPU); `fused_recurrence = False`
-runs the Keras layers step by step instead (tests compare the two).
+How the recurrences run is `config.model.recurrence`, fixed when the model is built:
+"fused" runs teacher forcing and the encoder through trainer/fused_rnn.py (all steps at
+once, hand-written backward passes); "keras" runs the Keras layers step by step (never
+cuDNN, so any XLA scope compiles); "cudnn" runs the encoder as Keras' cuDNN kernel (GPU
+only, no XLA around it) and teacher forcing fused. All three have the same variables and
+math (tests/test_fused_rnn.py compares values and gradients).
 
 Shapes: B batch, S source length, T target length, U units, E embedding size, V vocab.
 Token id 0 is padding everywhere.
 """
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import keras
 import tensorflow as tf
@@ -26,16 +29,20 @@ class Encoder(keras.layers.Layer):
   """Embedding + (bi)GRU stack; returns all outputs [B,S,U] and the final state [B,U]."""
 
   def __init__(self, vocab_size: int, embed_dim: int, units: int, num_layers: int = 1,
-               bidirectional: bool = False, dropout: float = 0.0, **kwargs):
+               bidirectional: bool = False, dropout: float = 0.0, recurrence: str = "fused",
+               **kwargs):
     super().__init__(**kwargs)
     policy = self.dtype_policy
+    self.fused = recurrence == "fused"
     self.embedding = keras.layers.Embedding(vocab_size, embed_dim, dtype=policy,
                                             name="embedding")
     self.dropout = keras.layers.Dropout(dropout, dtype=policy)
     self.grus = []
     for i in range(num_layers):
+      # use_cudnn is explicit: "auto" would put a cuDNN op (no XLA kernel) on GPUs.
       gru = keras.layers.GRU(units, return_sequences=True, return_state=True,
-                             recurrent_initializer="glorot_uniform", dtype=policy,
+                             recurrent_initializer="glorot_uniform",
+                             use_cudnn=recurrence == "cudnn", dtype=policy,
                              name=f"gru_{i}")
       if bidirectional:
         gru = keras.layers.Bidirectional(gru, merge_mode="concat", dtype=policy,
@@ -47,12 +54,12 @@ class Encoder(keras.layers.Layer):
                    keras.layers.Dense(units, activation="tanh", dtype=policy,
                                       name="bridge_state")) if bidirectional else None
 
-  def call(self, source: tf.Tensor, training: bool = False, fused: bool = True):
+  def call(self, source: tf.Tensor, training: bool = False):
     mask = tf.not_equal(source, 0)
     x = self.dropout(self.embedding(source), training=training)
     for gru in self.grus:
       # The first call builds the Keras layers, so their variables keep their usual paths.
-      if fused and gru.built:
+      if self.fused and gru.built:
         results = _fused_gru_layer(gru, x, mask)
       else:
         results = gru(x, mask=mask, training=training)
@@ -180,30 +187,33 @@ class Decoder(keras.layers.Layer):
 
 
 class Seq2Seq(keras.layers.Layer):
-  """Encoder + Decoder. `step_fn` wraps the decoder step (e.g. XLA-compiled) for decoding
-  and for teacher forcing when `fused_recurrence` is False."""
+  """Encoder + Decoder. `recurrence` (fused | keras | cudnn) picks how the GRUs run;
+  `jit_decoder_step` XLA-compiles the decoder step (`step_fn`, used by decoding and by
+  keras-recurrence teacher forcing) and fused_rnn's per-step attention math."""
 
   def __init__(self, source_vocab_size: int, target_vocab_size: int, embed_dim: int,
                units: int, encoder_layers: int = 1, bidirectional: bool = False,
-               dropout: float = 0.0, **kwargs):
+               dropout: float = 0.0, recurrence: str = "fused",
+               jit_decoder_step: bool = False, **kwargs):
     super().__init__(**kwargs)
+    if recurrence not in ("fused", "keras", "cudnn"):
+      raise ValueError(f"recurrence={recurrence!r}: resolve config.model.recurrence first "
+                       "(trainer.distribute.resolve_modes).")
     policy = self.dtype_policy
     self.encoder = Encoder(source_vocab_size, embed_dim, units, encoder_layers,
-                           bidirectional, dropout, dtype=policy, name="encoder")
+                           bidirectional, dropout, recurrence, dtype=policy, name="encoder")
     self.decoder = Decoder(target_vocab_size, embed_dim, units, dropout, dtype=policy,
                            name="decoder")
-    self.step_fn: Callable = self.decoder.step
-    self.fused_recurrence = True  # Teacher forcing through fused_rnn (else Keras steps).
-    self.fused_encoder = True  # The encoder GRU through fused_rnn too (else Keras' GRU).
-    self.jit_attention = False  # fused_rnn's attention math as XLA kernels.
+    self.recurrence, self.jit_decoder_step = recurrence, jit_decoder_step
+    self.step_fn: Callable = (tf.function(self.decoder.step, jit_compile=True)
+                              if jit_decoder_step else self.decoder.step)
 
   def build(self, *shapes):
     """Sublayers build on the first call (see `create_model`)."""
 
   def encode(self, source: tf.Tensor, training: bool = False):
     """source [B,S] int -> (values [B,S,U], keys [B,S,U], mask [B,S], state [B,U])."""
-    values, state = self.encoder(source, training=training,
-                                 fused=self.fused_recurrence and self.fused_encoder)
+    values, state = self.encoder(source, training=training)
     keys = self.decoder.attention.precompute_keys(values)
     return values, keys, tf.not_equal(source, 0), state
 
@@ -211,14 +221,17 @@ class Seq2Seq(keras.layers.Layer):
     """Teacher forcing: source [B,S], target_in [B,T] -> logits [B,T,V] f32, weights [B,T,S]."""
     values, keys, mask, state = self.encode(source, training)
     embedded = self.decoder.dropout(self.decoder.embedding(target_in), training=training)
-    if self.fused_recurrence and self.decoder.cell.built:
+    if self.recurrence != "keras" and self.decoder.cell.built:
       states, attention_weights = self.decoder.teacher_forcing(
-          embedded, state, values, keys, mask, self.jit_attention)
+          embedded, state, values, keys, mask, self.jit_decoder_step)
       return self.decoder.logits(states, training), attention_weights
+
+    # The first call (create_model) builds the cell's variables: not inside an XLA function.
+    step_fn = self.step_fn if self.decoder.cell.built else self.decoder.step
 
     def body(carry, embedded_t):
       state, _ = carry
-      return self.step_fn(embedded_t, state, values, keys, mask)
+      return step_fn(embedded_t, state, values, keys, mask)
 
     init = (state, tf.zeros(tf.shape(source), tf.float32))
     # tf.scan keeps the time loop in-graph (one while loop), not Python-unrolled.
@@ -229,18 +242,15 @@ class Seq2Seq(keras.layers.Layer):
 
 
 def create_model(config, source_vocab_size: int, target_vocab_size: int,
-                 policy: Optional[str] = None) -> Seq2Seq:
-  """Builds a Seq2Seq from `config.model`, creating its variables with a dummy batch."""
+                 policy: str = "float32") -> Seq2Seq:
+  """Builds a Seq2Seq from `config.model` and `config.train.xla` (both resolved by
+  trainer.distribute.resolve_modes), creating its variables with a dummy batch."""
   m = config.model
   model = Seq2Seq(source_vocab_size, target_vocab_size, m.embed_dim, m.units,
-                  m.encoder_layers, m.bidirectional, m.dropout,
-                  dtype=policy or "float32", name="seq2seq")
+                  m.encoder_layers, m.bidirectional, m.dropout, m.recurrence,
+                  jit_decoder_step=config.train.xla == "decoder_step", dtype=policy,
+                  name="seq2seq")
   # Variables must exist before the decoder step runs inside a while loop.
   dummy = tf.ones([1, 2], tf.int32)
   model(dummy, dummy)
-  # The "decoder_step" XLA scope also covers each step's attention math in teacher forcing.
-  model.jit_attention = config.train.xla == "decoder_step"
-  # On GPUs Keras runs the encoder GRU as one cuDNN kernel (not measured here; expected
-  # faster than a loop of small matmuls). The decoder has no cuDNN form (attention).
-  model.fused_encoder = not tf.config.list_logical_devices("GPU")
   return model

@@ -1,6 +1,11 @@
-"""TensorBoard output: attention heatmaps as labelled PNGs, scalars, text, hparams."""
+"""What a run shows: TensorBoard writers' content (attention heatmaps as labelled PNGs,
+scalars, text, hparams), the one-line progress log, and the profiler window."""
 import io
-from typing import Mapping, Sequence
+import time
+from typing import Dict, List, Mapping, Sequence
+
+from absl import logging
+import ml_collections
 
 import matplotlib
 
@@ -56,11 +61,104 @@ def write_text(writer: tf.summary.SummaryWriter, step: int, name: str,
   writer.flush()
 
 
-def write_hparams(writer: tf.summary.SummaryWriter, flat_config: Mapping) -> None:
+def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> Dict:
+  """{"train.steps": 600, ...}: the config as one flat dict of dotted keys."""
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def write_hparams(writer: tf.summary.SummaryWriter, config: ml_collections.ConfigDict
+                  ) -> None:
   """Records the run's hyperparameters for TensorBoard's HParams dashboard."""
   from tensorboard.plugins.hparams import api as hp
   allowed = (bool, int, float, str)
-  hparams = {k: (v if isinstance(v, allowed) else str(v)) for k, v in flat_config.items()}
+  hparams = {k: (v if isinstance(v, allowed) else str(v))
+             for k, v in flatten(config).items()}
   with writer.as_default(step=0):
     hp.hparams(hparams)
   writer.flush()
+
+
+def format_duration(seconds: float) -> str:
+  """"HH:MM:SS", with days in front past 24 hours ("3d 04:05:06"): an ETA never wraps."""
+  seconds = max(int(seconds), 0)
+  days, rest = divmod(seconds, 86400)
+  clock = time.strftime("%H:%M:%S", time.gmtime(rest))
+  return f"{days}d {clock}" if days else clock
+
+
+class ProgressWindow:
+  """The metrics of the steps since the last progress line; `flush` logs one line and
+  writes the scalars (train/ in TensorBoard)."""
+
+  STEP_KEYS = ("loss", "tokens", "examples", "grad_norm")  # Per-step, from train_loop.
+
+  def __init__(self, writer, start_step: int):
+    self.writer, self.start_step = writer, start_step
+    self.run_start = time.time()
+    self.compiled_lengths = set()
+    self.reset()
+
+  def reset(self) -> None:
+    """Starts a new window (also after an eval: eval time is not training time)."""
+    self.values = {k: [] for k in self.STEP_KEYS + ("input_wait",)}
+    self.start = time.time()
+
+  def add(self, out: Mapping[str, List[float]], input_wait: float) -> None:
+    for k in self.STEP_KEYS:
+      self.values[k] += out[k]
+    self.values["input_wait"].append(float(input_wait))
+    self.compiled_lengths.update(int(x) for x in out["length"])
+
+  def flush(self, step: int, total: int, extra: Mapping[str, float]) -> Dict[str, float]:
+    """Logs `step N/total  loss ...  ETA` and writes the window's scalars plus `extra`."""
+    now, window = time.time(), self.values
+    elapsed = now - self.start
+    tokens, examples = sum(window["tokens"]), sum(window["examples"])
+    loss = float(np.sum(np.array(window["loss"]) * np.array(window["tokens"])) /
+                 max(tokens, 1.0))
+    scalars = {
+        "loss": loss, "perplexity": float(np.exp(min(loss, 50.0))),
+        "grad_norm": float(np.mean(window["grad_norm"])),
+        "target_tokens_per_sec": tokens / elapsed, "examples_per_sec": examples / elapsed,
+        "step_time_s": elapsed / len(window["loss"]),
+        "input_wait_fraction": sum(window["input_wait"]) / elapsed,
+        "compiled_shapes": len(self.compiled_lengths), **extra,
+    }
+    eta = (total - step) * (now - self.run_start) / max(step - self.start_step, 1)
+    logging.info("step %d/%d  loss %.4f  %.0f tok/s  %.1f ex/s  %.3f s/step  ETA %s",
+                 step, total, loss, scalars["target_tokens_per_sec"],
+                 scalars["examples_per_sec"], scalars["step_time_s"], format_duration(eta))
+    if self.writer:
+      write_scalars(self.writer, step, scalars)
+    self.reset()
+    return scalars
+
+
+class Profiler:
+  """Records a TensorBoard profiler trace for config.train.profile_steps='START,END'."""
+
+  def __init__(self, spec: str, logdir: str):
+    self.window = tuple(int(x) for x in spec.split(",")) if spec else None
+    self.logdir, self.on, self.done = logdir, False, False
+
+  def update(self, step: int) -> None:
+    """Call before each loop call: starts the trace at START, stops it at END."""
+    if self.window is None:
+      return
+    start, end = self.window
+    if not self.on and not self.done and start <= step < end:
+      tf.profiler.experimental.start(self.logdir)
+      self.on = True
+    elif self.on and step >= end:
+      self.stop()
+
+  def stop(self) -> None:
+    if self.on:
+      tf.profiler.experimental.stop()
+      self.on, self.done = False, True

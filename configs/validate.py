@@ -1,0 +1,182 @@
+"""`validate(config)`: every key of configs/default.py checked once, before TensorFlow loads.
+
+Pure Python (ml_collections only), so nmt-train reports a bad flag or config value in one
+line without the seconds of a TensorFlow import. Checks here need no device; which
+precision x XLA x recurrence combination runs on the device present is decided by
+`trainer.distribute.resolve_modes`, also once at start-up. Every message has one shape:
+`config.KEY=VALUE is invalid: WHY` (several keys: each named with its value).
+"""
+from typing import Any, Optional, Sequence
+
+import ml_collections
+
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+XLA_MODES = ("auto", "off", "decoder_step", "train_step")
+RECURRENCES = ("auto", "fused", "keras", "cudnn")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
+# Source kinds of data.train / data.eval; corpora.parse_source parses the rest of the string.
+SOURCE_KINDS = ("embedded", "tsv", "text", "tfds", "prepared")
+
+
+class ConfigError(ValueError):
+  """An invalid config value or combination; the message names each key and its value."""
+
+
+def invalid(key: str, value: Any, why: str) -> ConfigError:
+  """The one message shape: `config.KEY=VALUE is invalid: WHY`."""
+  return ConfigError(f"config.{key}={value!r} is invalid: {why}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first invalid key or combination of keys."""
+  for section in (_data, _tokenizer, _model, _train, _eval, _distribute):
+    section(config)
+
+
+def _get(config, key: str):
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  return value
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _choice(config, key: str, choices: Sequence[str]) -> None:
+  if _get(config, key) not in choices:
+    raise invalid(key, _get(config, key), "must be one of " + " | ".join(choices))
+
+
+def _ints(config, least: int, *keys: str) -> None:
+  for key in keys:
+    value = _get(config, key)
+    if not _is_int(value) or value < least:
+      raise invalid(key, value, f"must be an integer >= {least}")
+
+
+def _bool(config, *keys: str) -> None:
+  for key in keys:
+    if not isinstance(_get(config, key), bool):
+      raise invalid(key, _get(config, key), "must be True or False")
+
+
+def _number(config, key: str, low: float, high: float = float("inf"),
+            high_open: bool = False) -> None:
+  value = _get(config, key)
+  if (not _is_number(value) or value < low or value > high
+      or (high_open and value == high)):
+    bound = f"< {high}" if high_open else f"<= {high}"
+    raise invalid(key, value, f"must be a number >= {low}"
+                  + ("" if high == float("inf") else f" and {bound}"))
+
+
+def _data(config) -> None:
+  for key in ("data.train", "data.eval"):
+    source = _get(config, key)
+    kind = source.split(":", 1)[0] if isinstance(source, str) else None
+    if kind not in SOURCE_KINDS:
+      raise invalid(key, source, "must start with one of " + ", ".join(
+          k + ":" for k in SOURCE_KINDS) + " (README, Data formats)")
+  _bool(config, "data.deterministic")
+  _choice(config, "data.length_policy", ("drop", "truncate"))
+  _choice(config, "data.batch_by", ("sentences", "tokens"))
+  _number(config, "data.max_skip_fraction", 0, 1)
+  # Room for one real token besides EOS (source) and BOS + EOS (target).
+  _ints(config, 2, "data.max_source_length")
+  _ints(config, 3, "data.max_target_length")
+  _ints(config, 0, "data.shuffle_buffer", "data.eval_examples")
+  boundaries = config.data.bucket_boundaries
+  if (not isinstance(boundaries, (tuple, list)) or not boundaries
+      or not all(_is_int(b) and b > 0 for b in boundaries)):
+    raise invalid("data.bucket_boundaries", boundaries,
+                  "must be a non-empty sequence of positive integers")
+  if any(a >= b for a, b in zip(boundaries, boundaries[1:])):
+    raise invalid("data.bucket_boundaries", boundaries, "must be strictly increasing")
+  longest = max(config.data.max_source_length, config.data.max_target_length)
+  if boundaries[-1] < longest:
+    raise invalid("data.bucket_boundaries", boundaries,
+                  "must end in a boundary >= max(data.max_source_length, "
+                  f"data.max_target_length) = {longest}")
+  if config.data.batch_by == "tokens" and config.train.tokens_per_batch <= 0:
+    raise invalid("train.tokens_per_batch", config.train.tokens_per_batch,
+                  "must be > 0 when data.batch_by='tokens'")
+
+
+def _tokenizer(config) -> None:
+  _choice(config, "tokenizer.model_type", ("unigram", "bpe"))
+  _bool(config, "tokenizer.joint")
+  _ints(config, 8, "tokenizer.vocab_size")
+  _ints(config, 1, "tokenizer.sample_size")
+  _number(config, "tokenizer.character_coverage", 0.9, 1.0)
+
+
+def _model(config) -> None:
+  _ints(config, 1, "model.units", "model.embed_dim", "model.encoder_layers")
+  _number(config, "model.dropout", 0.0, 1.0, high_open=True)
+  _choice(config, "model.recurrence", RECURRENCES)
+  _bool(config, "model.bidirectional")
+
+
+def _train(config) -> None:
+  t = config.train
+  _ints(config, 1, "train.batch_size", "train.steps", "train.steps_per_loop",
+        "train.log_every", "train.checkpoint_every", "train.eval_every",
+        "train.keep_checkpoints", "train.max_nonfinite_steps")
+  _ints(config, 0, "train.warmup_steps", "train.tokens_per_batch")
+  _number(config, "train.learning_rate", 0.0)
+  if t.learning_rate == 0:
+    raise invalid("train.learning_rate", t.learning_rate, "must be > 0")
+  _number(config, "train.clip_norm", 0.0)
+  _number(config, "train.label_smoothing", 0.0, 1.0, high_open=True)
+  _choice(config, "train.decay", ("constant", "rsqrt", "cosine"))
+  _bool(config, "train.deterministic_ops")
+  _choice(config, "train.precision", PRECISIONS)
+  _choice(config, "train.xla", XLA_MODES)
+  if t.profile_steps:
+    parts = str(t.profile_steps).split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or (
+        int(parts[0]) >= int(parts[1])):
+      raise invalid("train.profile_steps", t.profile_steps,
+                    "must be 'START,END' with START < END, or '' for off")
+  conflict = mode_conflict(config.model.recurrence, t.xla, t.precision)
+  if conflict:
+    raise ConfigError(conflict)
+
+
+def mode_conflict(recurrence: str, xla: str, precision: str) -> Optional[str]:
+  """Why a recurrence x XLA x precision combination cannot run on any device, or None.
+
+  (What the device present allows is trainer.distribute.mode_refusal.)
+  """
+  if recurrence == "cudnn" and xla == "train_step":
+    return ("config.train.xla='train_step' with config.model.recurrence='cudnn' cannot "
+            "run: XLA has no kernel for the cuDNN RNN op. Use train.xla=decoder_step or "
+            "off, or model.recurrence=fused (XLA-compilable on every device).")
+  if recurrence == "cudnn" and precision == "mixed_bfloat16":
+    return ("config.model.recurrence='cudnn' with config.train.precision='mixed_bfloat16' "
+            "is refused: Keras runs its cuDNN GRU in float32/float16 only. Use "
+            "mixed_float16, or model.recurrence=fused.")
+  return None
+
+
+def _eval(config) -> None:
+  _ints(config, 1, "eval.beam_size", "eval.batch_size")
+  _ints(config, 0, "eval.num_probes")
+  _number(config, "eval.length_penalty", 0.0)
+  _number(config, "eval.max_length_ratio", 0.1)
+  probes = config.eval.probe_sentences
+  if not isinstance(probes, (tuple, list)) or not all(isinstance(p, str) for p in probes):
+    raise invalid("eval.probe_sentences", probes, "must be a sequence of strings")
+
+
+def _distribute(config) -> None:
+  _choice(config, "distribute.strategy", STRATEGIES)
+  _choice(config, "distribute.collective", ("auto", "nccl", "ring"))
+  _ints(config, 0, "distribute.cpu_devices")
+  _number(config, "distribute.collective_timeout_s", 0.0)

@@ -1,0 +1,103 @@
+"""Mode resolution (precision x XLA x recurrence) for faked devices, and nmt-bench doctor.
+
+The device-selection logic is a pure function of a `Devices` description, so every branch
+a GPU or a bf16 CPU would take runs here on any host.
+"""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from configs import tiny
+from configs import validate
+from trainer import distribute
+
+CPU = distribute.Devices()
+BF16_CPU = distribute.Devices(cpu_bf16=True)
+A100 = distribute.Devices(gpu_capabilities=((8, 0),))
+V100 = distribute.Devices(gpu_capabilities=((7, 0), (7, 0)))
+P100 = distribute.Devices(gpu_capabilities=((6, 0),))
+
+
+def _resolved(devices, **modes):
+  config = tiny.get_config()
+  config.train.precision = modes.get("precision", "auto")
+  config.train.xla = modes.get("xla", "auto")
+  config.model.recurrence = modes.get("recurrence", "auto")
+  config = distribute.resolve_modes(config, devices)
+  return config.train.precision, config.train.xla, config.model.recurrence
+
+
+@pytest.mark.parametrize("devices, expected", [
+    (CPU, ("float32", "train_step", "fused")),
+    (BF16_CPU, ("mixed_bfloat16", "train_step", "fused")),
+    (A100, ("mixed_float16", "train_step", "fused")),
+    (V100, ("mixed_float16", "train_step", "fused")),
+    (P100, ("float32", "train_step", "fused")),
+])
+def test_auto_picks_a_combination_known_to_run(devices, expected):
+  resolved = _resolved(devices)
+  assert resolved == expected
+  # Never a cuDNN op inside an XLA cluster, whatever the device.
+  assert not (resolved[2] == "cudnn" and resolved[1] == "train_step")
+
+
+def test_cudnn_with_auto_xla_compiles_only_the_decoder_step():
+  assert _resolved(A100, recurrence="cudnn") == ("mixed_float16", "decoder_step", "cudnn")
+
+
+@pytest.mark.parametrize("devices, modes, message", [
+    (CPU, dict(recurrence="cudnn"), "needs a GPU (cuDNN) and this machine has none"),
+    (A100, dict(recurrence="cudnn", xla="train_step"), "XLA has no kernel for the cuDNN"),
+    (A100, dict(recurrence="cudnn", precision="mixed_bfloat16"), "float32/float16 only"),
+    (V100, dict(precision="mixed_bfloat16"), "compute capability >= 8.0"),
+])
+def test_a_combination_the_device_cannot_run_is_refused_at_start_up(devices, modes,
+                                                                     message):
+  with pytest.raises(validate.ConfigError, match=re.escape(message)):
+    _resolved(devices, **modes)
+
+
+def test_nccl_without_gpus_is_refused():
+  config = tiny.get_config()
+  config.distribute.collective = "nccl"
+  with pytest.raises(validate.ConfigError, match="config.distribute.collective='nccl'"):
+    distribute.resolve_modes(config, CPU)
+  assert distribute.resolve_modes(config, A100).distribute.collective == "nccl"
+
+
+@pytest.mark.parametrize("flags, bf16", [
+    ("fpu avx2 avx512f avx512_vnni", False),  # Cascade Lake: bf16 only emulated.
+    ("fpu avx512f avx512_bf16", True),  # Cooper Lake, Zen 4.
+    ("fpu amx_bf16 amx_tile", True)])  # Sapphire Rapids.
+def test_cpu_bf16_units_are_read_from_cpuinfo(tmp_path, flags, bf16):
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+  assert distribute.cpu_has_fast_bfloat16(str(cpuinfo)) == bf16
+  assert not distribute.cpu_has_fast_bfloat16(str(tmp_path / "missing"))
+
+
+@pytest.mark.slow
+def test_doctor_runs_what_the_cpu_allows_and_says_why_not_for_the_rest(
+    embedded_data_dir, tmp_path):
+  """nmt-bench doctor as a user runs it: one JSON line per combination."""
+  command = [sys.executable, "-c", "from trainer.main import run_bench; run_bench()",
+             "doctor", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+             "--num_steps=2", "--precisions=float32,mixed_float16",
+             "--xla_modes=off,train_step", "--recurrences=keras,cudnn",
+             f"--config.data.tfds_data_dir={embedded_data_dir}",
+             "--config.model.units=16", "--config.model.embed_dim=8",
+             "--config.data.bucket_boundaries=(24,)"]
+  done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+  assert len(rows) == 8
+  for row in rows:
+    if row["recurrence"] == "cudnn":
+      assert not row["ran"] and ("needs a GPU" in row["reason"]
+                                 or "XLA has no kernel" in row["reason"])
+    else:
+      assert row["ran"], row
+      assert row["step_time_s"] > 0 and 0 < row["mfu"] < 1.5 and row["final_loss"] > 0
