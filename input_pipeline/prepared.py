@@ -61,7 +61,7 @@ SPLITS = ("train", "eval")
 GROUP_SHARDS = 4  # Shards read (interleaved) and shuffled together; bounds a resume replay.
 SHARD_EXAMPLES = 20000  # Default examples per shard written by nmt-prepare.
 _PARSE_BATCH = 1024  # Records per parse_example call (one call per batch, not per record).
-_DATA_KEYS = ("max_source_length", "max_target_length", "length_policy")
+_DATA_KEYS = ("max_source_length", "max_target_length", "length_policy", "bucket_boundaries")
 _MAX_INT64 = np.iinfo(np.int64).max
 
 
@@ -102,7 +102,7 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, *,
   manifest = {
       "format_version": FORMAT_VERSION,
       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-      "data": {key: config.data[key] for key in _DATA_KEYS},
+      "data": {key: _plain(config.data[key]) for key in _DATA_KEYS},
       "tokenizer": _tokenizer_description(output_dir, tokenizer),
       "splits": {split: _write_split(config, tokenizer, split, output_dir, shard_examples)
                  for split in SPLITS},
@@ -111,6 +111,11 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, *,
                     json.dumps(manifest, indent=1, sort_keys=True).encode())
   logging.info("Prepared %s: %s", output_dir, summary(manifest))
   return manifest
+
+
+def _plain(value):
+  """A config value as JSON holds it (tuples become lists), for comparing with a manifest."""
+  return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def summary(manifest: dict) -> dict:
@@ -142,6 +147,7 @@ def _write_split(config, tokenizer: tokenizer_lib.Tokenizer, split: str, output_
   stats, length_stats = corpora.SkipStats(), pipeline.LengthStats(f"prepare_{split}")
   keep_text = split == "eval"
   rng = np.random.default_rng(config.seed)
+  grid = pipeline.padded_shapes(config)
   shards, buffer = [], []
   with corpora.surface_corpus_errors():
     for batch in _tokenized_batches(config, tokenizer, source, stats, length_stats,
@@ -149,11 +155,11 @@ def _write_split(config, tokenizer: tokenizer_lib.Tokenizer, split: str, output_
       buffer.extend(_examples(batch, keep_text))
       while len(buffer) >= shard_examples:
         shards.append(_write_shard(output_dir, split, len(shards),
-                                   buffer[:shard_examples], rng, shuffle=not keep_text))
+                                   buffer[:shard_examples], rng, grid, by_bucket=not keep_text))
         del buffer[:shard_examples]
   if buffer:
-    shards.append(_write_shard(output_dir, split, len(shards), buffer, rng,
-                               shuffle=not keep_text))
+    shards.append(_write_shard(output_dir, split, len(shards), buffer, rng, grid,
+                               by_bucket=not keep_text))
   if not shards:
     raise corpora.CorpusError(f"data.{split}={source!r}: no pair is left after the length "
                               f"filter ({length_stats.result()}); nothing to prepare")
@@ -217,23 +223,31 @@ def _bytes(value: bytes) -> tf.train.Feature:
 
 
 def _write_shard(output_dir: str, split: str, index: int, examples: list,
-                 rng: np.random.Generator, shuffle: bool) -> dict:
+                 rng: np.random.Generator, grid: list[int], by_bucket: bool) -> dict:
   """Writes one shard under a .tmp name, then renames it; returns its manifest entry.
 
-  Train shards are shuffled as they are written (the read side shuffles again per epoch);
-  eval shards keep corpus order, so eval batches and BLEU references stay in order.
+  Train shards hold their examples sorted by grid length, shuffled within each length
+  ("buckets": [first record, count] per grid length), so that a reader batches each length
+  from a contiguous run of records without looking at one example at a time. Eval shards
+  keep corpus order (eval_examples takes the first ones for BLEU).
   """
   name = f"{split}-{index:05d}.tfrecord"
   path = os.path.join(output_dir, name)
-  order = rng.permutation(len(examples)) if shuffle else range(len(examples))
+  lengths = np.array([length for _, length in examples])
+  buckets = np.searchsorted(grid, lengths)
+  order = (np.lexsort((rng.random(len(examples)), buckets)) if by_bucket
+           else np.arange(len(examples)))
   with tf.io.TFRecordWriter(path + ".tmp") as writer:
     for i in order:
       writer.write(examples[i][0])
   tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
-  lengths, counts = np.unique([length for _, length in examples], return_counts=True)
+  counts = np.bincount(buckets, minlength=len(grid))
+  starts = np.cumsum(counts) - counts
+  values, numbers = np.unique(lengths, return_counts=True)
   return {"file": name, "examples": len(examples), "bytes": tf.io.gfile.stat(path).length,
           "sha256": _sha256(path),
-          "lengths": {str(length): int(n) for length, n in zip(lengths, counts)}}
+          "lengths": {str(length): int(n) for length, n in zip(values, numbers)},
+          "buckets": [[int(a), int(n)] for a, n in zip(starts, counts)] if by_bucket else []}
 
 
 def _sha256(path: str) -> str:
@@ -278,8 +292,9 @@ def load_manifest(directory: str) -> dict:
 def check_config(manifest: dict, config, directory: str) -> None:
   """PreparedDataError naming each data.*/tokenizer.* key whose value differs from the one
   the directory was prepared with."""
-  differing = [f"data.{key}: prepared {value!r} vs config {config.data[key]!r}"
-               for key, value in manifest["data"].items() if config.data[key] != value]
+  differing = [f"data.{key}: prepared {value!r} vs config {_plain(config.data[key])!r}"
+               for key, value in manifest["data"].items()
+               if _plain(config.data[key]) != value]
   differing += [f"tokenizer.{key}: prepared {value!r} vs config {config.tokenizer[key]!r}"
                 for key, value in manifest["tokenizer"]["config"].items()
                 if key in config.tokenizer and config.tokenizer[key] != value]
@@ -379,8 +394,9 @@ def make_dataset(config, tokenizer: tokenizer_lib.Tokenizer, split: str, *,
     dataset = _through_service(plan, start_step, config.data.service_address)
   else:
     group, offset = plan.locate(start_step * plan.batches_per_step)
-    dataset = plan.group_dataset(group).skip(offset).concatenate(
-        tf.data.Dataset.range(group + 1, _MAX_INT64).flat_map(plan.group_dataset))
+    groups = tf.data.Dataset.range(group, _MAX_INT64)  # The first one from `offset`.
+    dataset = groups.flat_map(lambda g: plan.group_dataset(
+        g, tf.where(g == group, tf.constant(offset, tf.int64), 0)))
   return dataset.prefetch(tf.data.AUTOTUNE)
 
 
@@ -414,30 +430,41 @@ def _parse(records: tf.data.Dataset) -> tf.data.Dataset:
 class Plan:
   """The training stream of one input pipeline as a sequence of groups (module docstring).
 
-  Everything here is arithmetic on the manifest: nothing is read to locate a step.
+  Everything here is arithmetic on the manifest: nothing is read to locate a step. Within a
+  group, each grid length L is one stream of records (the shards' runs of length L,
+  interleaved, shuffled, batched by B_L, parsed and padded to L a batch at a time); the
+  order in which the lengths' batches follow each other is a seeded permutation of the
+  group's batch labels, so no op ever looks at a single example.
   """
 
   def __init__(self, config, directory: str, shards: list[dict],
                input_context: tf.distribute.InputContext | None):
     self.seed, self.shuffle_buffer = config.seed, config.data.shuffle_buffer
     self.deterministic = config.data.deterministic
-    self.config, self.input_context, self.directory = config, input_context, directory
+    self.grid = pipeline.padded_shapes(config)
+    self.sizes = pipeline.bucket_batch_sizes(config, input_context)
     self.num_groups = -(-len(shards) // GROUP_SHARDS)  # G
     members = [list(range(j, len(shards), self.num_groups)) for j in range(self.num_groups)]
-    self.files = tf.ragged.constant(
-        [[os.path.join(directory, shards[i]["file"]) for i in group] for group in members])
-    self.examples = [sum(shards[i]["examples"] for i in group) for group in members]
-    grid = pipeline.padded_shapes(config)
-    sizes = pipeline.bucket_batch_sizes(config, input_context)
-    self.batches = np.array([sum(
-        n // size for n, size in zip(_per_grid_length(shards, group, grid), sizes))
-        for group in members], np.int64)
+    width = max(len(group) for group in members)
+    # [G, width] files and [G, width, lengths] record runs; missing members read nothing.
+    self.files = tf.constant([[os.path.join(directory, shards[group[min(k, len(group) - 1)]]
+                                            ["file"]) for k in range(width)]
+                              for group in members])
+    runs = np.zeros([self.num_groups, width, len(self.grid), 2], np.int64)
+    for j, group in enumerate(members):
+      for k, i in enumerate(group):
+        runs[j, k] = shards[i]["buckets"]
+    self.starts, self.counts = tf.constant(runs[..., 0]), tf.constant(runs[..., 1])
+    examples = runs[..., 1].sum(axis=1)  # [G, lengths]
+    self.buffer = int(min(self.shuffle_buffer, max(1, examples.max())))
+    self.batches = examples // np.array(self.sizes)  # [G, lengths], remainders dropped.
     self.epoch_batches = int(self.batches.sum())
     if not self.epoch_batches:
       raise PreparedDataError(
-          f"{directory}: an epoch of this input pipeline yields no full batch (groups of "
-          f"{self.examples} examples; per-replica batch sizes {sizes}); lower "
-          f"train.batch_size or prepare a larger corpus")
+          f"{directory}: an epoch of this input pipeline yields no full batch (examples "
+          f"per grid length {examples.sum(axis=0).tolist()}, per-replica batch sizes "
+          f"{self.sizes}); lower train.batch_size or prepare a larger corpus")
+    self.labels = tf.constant(self.batches)
     self.batches_per_step = 1
     if input_context is not None:
       self.batches_per_step = (input_context.num_replicas_in_sync //
@@ -456,32 +483,52 @@ class Plan:
     epoch, position = divmod(position, self.epoch_batches)
     with tf.device("/cpu:0"):
       order = self.group_order(epoch).numpy()
-    ends = np.cumsum(self.batches[order])
+    ends = np.cumsum(self.batches.sum(axis=1)[order])
     slot = int(np.searchsorted(ends, position, side="right"))
     offset = position - (int(ends[slot - 1]) if slot else 0)
     return epoch * self.num_groups + slot, offset
 
-  def group_dataset(self, group) -> tf.data.Dataset:
-    """The batches of global group index `group` (a pure function of it)."""
+  def group_dataset(self, group, offset=0) -> tf.data.Dataset:
+    """The batches of global group index `group` (a pure function of it), from `offset`."""
     group = tf.cast(group, tf.int64)
-    epoch, slot = group // self.num_groups, group % self.num_groups
-    files = self.files[self.group_order(epoch)[slot]]
-    records = tf.data.TFRecordDataset(files, num_parallel_reads=GROUP_SHARDS)
+    j = self.group_order(group // self.num_groups)[group % self.num_groups]
+    labels = tf.repeat(tf.range(len(self.grid), dtype=tf.int64), self.labels[j])
     if self.shuffle_buffer:
-      records = records.shuffle(min(self.shuffle_buffer, max(self.examples)),
-                                seed=self.seed * 1_000_003 + group,
-                                reshuffle_each_iteration=False)
-    return pipeline.bucket(_parse(records), self.config, input_context=self.input_context,
-                           drop_remainder=True)
+      labels = tf.random.experimental.stateless_shuffle(
+          labels, seed=tf.stack([tf.constant(self.seed, tf.int64), group]))
+    done = labels[:offset]  # Batches before the offset: skipped as records, not parsed.
+    streams = [self._length_stream(group, j, b, tf.reduce_sum(tf.cast(done == b, tf.int64)))
+               for b in range(len(self.grid))]
+    return tf.data.Dataset.choose_from_datasets(
+        streams, tf.data.Dataset.from_tensor_slices(labels[offset:]))
+
+  def _length_stream(self, group, j, b: int, skip_batches) -> tf.data.Dataset:
+    """Batches [B_L, L] of grid length index b of group j (order: seeded by the group)."""
+    files, starts, counts = self.files[j], self.starts[j, :, b], self.counts[j, :, b]
+    records = tf.data.Dataset.range(tf.size(files, out_type=tf.int64)).interleave(
+        lambda k: tf.data.TFRecordDataset(files[k]).skip(starts[k]).take(counts[k]),
+        cycle_length=GROUP_SHARDS, num_parallel_calls=GROUP_SHARDS,
+        deterministic=self.deterministic)
+    if self.shuffle_buffer:  # A fresh permutation of each window of records per group.
+      # Stateless: a pure function of (seed, group, length, window), so resumable; a
+      # seeded tf.data shuffle cannot take a seed computed in the graph here.
+      seed = tf.stack([self.seed * 1_000_003 + group, tf.constant(b * 2**32, tf.int64)])
+      records = records.batch(self.buffer).enumerate().map(
+          lambda i, window: tf.random.experimental.stateless_shuffle(window, seed + [0, i]),
+          num_parallel_calls=tf.data.AUTOTUNE, deterministic=self.deterministic).unbatch()
+    size, length = self.sizes[b], self.grid[b]
+    return records.skip(skip_batches * size).batch(size, drop_remainder=True).map(
+        lambda serialized: _parse_padded(serialized, length),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=self.deterministic)
 
 
-def _per_grid_length(shards: list[dict], group: list[int], grid: list[int]) -> list[int]:
-  """Examples of the group per grid length (an example goes to the smallest L >= length)."""
-  counts = [0] * len(grid)
-  for i in group:
-    for length, n in shards[i]["lengths"].items():
-      counts[int(np.searchsorted(grid, int(length)))] += n
-  return counts
+def _parse_padded(serialized: tf.Tensor, length: int) -> dict:
+  """Serialized examples [B] -> {"source", "target"}: int32 [B, length], 0-padded."""
+  features = {key: tf.io.RaggedFeature(tf.int64) for key in ("source", "target")}
+  parsed = tf.io.parse_example(serialized, features)
+  batch = tf.shape(serialized, out_type=tf.int64)[0]
+  return {key: tf.cast(value.to_tensor(shape=[batch, length]), tf.int32)
+          for key, value in parsed.items()}
 
 
 def _through_service(plan: Plan, start_step: int, address: str) -> tf.data.Dataset:

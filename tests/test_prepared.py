@@ -1,0 +1,345 @@
+"""Tests of input_pipeline/prepared.py: nmt-prepare's output, the prepared reader (grid,
+sharding, constant-time exact resume), every kind of bad prepared input, tf.data service."""
+import collections
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import tiny
+from input_pipeline import corpora
+from input_pipeline import pipeline
+from input_pipeline import prepared
+from input_pipeline import tokenizer as tokenizer_lib
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DE = ("null eins zwei drei vier fünf sechs sieben acht neun zehn elf zwölf zwanzig "
+       "dreißig vierzig hundert tausend million und am im märz juni mai").split()
+_EN = ("zero one two three four five six seven eight nine ten eleven twelve twenty "
+       "thirty forty hundred thousand million and on in march june may").split()
+_NUM_PAIRS = 600
+_GRID = [6, 10, 16]
+
+
+def _make_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
+  """n distinct (de, en) word-for-word pairs of 1-7 words (some exceed 16 tokens)."""
+  rng = random.Random(seed)
+  pairs = {}
+  while len(pairs) < n:
+    words = [rng.randrange(len(_EN)) for _ in range(rng.randint(1, 7))]
+    pairs[" ".join(_DE[i] for i in words)] = " ".join(_EN[i] for i in words)
+  return list(pairs.items())
+
+
+def _config(train: str, eval_: str):
+  config = tiny.get_config()
+  config.data.train, config.data.eval = train, eval_
+  config.data.max_source_length = config.data.max_target_length = 16
+  config.data.bucket_boundaries = (6, 10, 16, 24)  # 24 is unreachable: trimmed.
+  config.data.shuffle_buffer = 100
+  config.tokenizer.vocab_size = 60
+  config.train.batch_size = 8
+  return config
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A tsv corpus with one malformed line, prepared in 50-example shards: (config, dir)."""
+  root = tmp_path_factory.mktemp("prepared")
+  lines = [f"{src}\t{tgt}\n" for src, tgt in _make_pairs(_NUM_PAIRS)]
+  lines.insert(100, "a line without a tab\n")
+  (root / "pairs.tsv").write_text("".join(lines), encoding="utf-8")
+  (root / "eval.tsv").write_text("".join(lines[:120]), encoding="utf-8")
+  config = _config(f"tsv:{root / 'pairs.tsv'}", f"tsv:{root / 'eval.tsv'}")
+  prepared.prepare(config, str(root / "data"), shard_examples=50)
+  return config, str(root / "data")
+
+
+def _prepared_config(corpus):
+  raw, directory = corpus
+  config = _config(f"prepared:{directory}", f"prepared:{directory}")
+  config.seed = raw.seed
+  return config
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus, tmp_path_factory):
+  """The run's tokenizer: copied from the prepared directory, as nmt-train does."""
+  config = _prepared_config(corpus)
+  return tokenizer_lib.load_or_train(config.tokenizer, str(tmp_path_factory.mktemp("run")),
+                                     pipeline.tokenizer_sample(config))
+
+
+def _rows(batch, key="source"):
+  return [tuple(row[row != 0].tolist()) for row in batch[key]]
+
+
+def _expected_sources(corpus, tokenizer):
+  """EOS-terminated source ids of the pairs the raw pipeline keeps (same tokenizer)."""
+  config = corpus[0].copy_and_resolve_references()
+  config.data.eval = config.data.train
+  batches = pipeline.make_dataset(config, tokenizer, "eval").as_numpy_iterator()
+  return collections.Counter(row for batch in batches for row in _rows(batch))
+
+
+def test_parse_source_prepared_forms():
+  assert corpora.parse_source("prepared:/d").paths == ("/d",)
+  assert corpora.parse_source("prepared:/d").split == ""
+  assert corpora.parse_source("prepared:/d:eval").split == "eval"
+  assert corpora.parse_source("prepared:gs://b/d").paths == ("gs://b/d",)
+  with pytest.raises(ValueError, match="prepared:DIR"):
+    corpora.parse_source("prepared:")
+
+
+def test_manifest_counts_every_line_and_rerun_only_verifies(corpus):
+  config, directory = corpus
+  manifest = prepared.load_manifest(directory)
+  train = manifest["splits"]["train"]
+  assert train["read"] == _NUM_PAIRS and train["skipped"] == {"too few columns": 1}
+  assert train["examples"] == _NUM_PAIRS - train["length_filter"]["dropped"]
+  assert train["examples"] == sum(s["examples"] for s in train["shards"])
+  assert len(train["shards"]) >= 2 * prepared.GROUP_SHARDS  # Two groups at least.
+  assert manifest["data"]["max_source_length"] == 16
+  assert manifest["tokenizer"]["config"]["vocab_size"] == 60
+  assert not [n for n in os.listdir(directory) if n.endswith(".tmp")]
+  mtimes = {n: os.path.getmtime(os.path.join(directory, n)) for n in os.listdir(directory)}
+  assert prepared.prepare(config, directory, shard_examples=50) == manifest
+  assert mtimes == {n: os.path.getmtime(os.path.join(directory, n))
+                    for n in os.listdir(directory)}
+
+
+def test_unfinished_directory_is_refused_then_prepared_again(corpus, tokenizer, tmp_path):
+  config, directory = corpus
+  copy = str(tmp_path / "data")
+  shutil.copytree(directory, copy)
+  os.remove(os.path.join(copy, prepared.MANIFEST))
+  (tmp_path / "data" / "train-00099.tfrecord.tmp").write_bytes(b"half a shard")
+  run_config = _prepared_config((config, copy))
+  with pytest.raises(prepared.PreparedDataError, match=r"manifest.json does not exist.*"
+                     r"run nmt-prepare"):
+    pipeline.make_dataset(run_config, tokenizer, "train")
+  prepared.prepare(config, copy, shard_examples=50)
+  assert not [n for n in os.listdir(copy) if n.endswith(".tmp")]
+  assert prepared.load_manifest(copy)["splits"] == prepared.load_manifest(directory)["splits"]
+
+
+def test_train_batches_are_on_the_grid(corpus, tokenizer):
+  config = _prepared_config(corpus)
+  for batch in pipeline.make_dataset(config, tokenizer, "train").take(60).as_numpy_iterator():
+    source, target = batch["source"], batch["target"]
+    assert source.shape == target.shape and source.dtype == target.dtype == "int32"
+    assert source.shape[0] == 8 and source.shape[1] in _GRID
+    assert (target[:, 0] == tokenizer_lib.BOS_ID).all()
+    for row in _rows(batch):
+      assert row[-1] == tokenizer_lib.EOS_ID and tokenizer_lib.BOS_ID not in row
+    shorter = [length for length in _GRID if length < source.shape[1]]
+    for src, tgt in zip(_rows(batch), _rows(batch, "target")):  # The smallest L that fits.
+      assert max(shorter, default=0) < max(len(src), len(tgt)) <= source.shape[1]
+
+
+def test_two_pipelines_split_the_corpus_exactly_once(corpus, tokenizer):
+  expected = _expected_sources(corpus, tokenizer)
+  assert max(expected.values()) == 1 and len(expected) > _NUM_PAIRS // 2
+  config = _prepared_config(corpus)
+  config.train.batch_size = 2  # 1 per replica: no remainder to drop in train.
+  per_pipeline = []
+  for index in range(2):
+    context = tf.distribute.InputContext(2, index, 2)
+    batches = pipeline.make_dataset(config, tokenizer, "train", input_context=context,
+                                    repeat=False)
+    per_pipeline.append(collections.Counter(
+        row for batch in batches.as_numpy_iterator() for row in _rows(batch)))
+  assert per_pipeline[0] and per_pipeline[1]
+  assert not per_pipeline[0] & per_pipeline[1]
+  assert per_pipeline[0] + per_pipeline[1] == expected
+
+
+def test_eval_split_keeps_every_pair_and_its_text(corpus, tokenizer):
+  config = _prepared_config(corpus)
+  batches = list(pipeline.make_dataset(config, tokenizer, "eval").as_numpy_iterator())
+  examples = prepared.load_manifest(corpus[1])["splits"]["eval"]["examples"]
+  assert sum(b["source"].shape[0] for b in batches) == examples
+  assert all(b["source"].shape[1] in _GRID for b in batches)
+  pairs = list(corpora.read_pairs(config.data.eval, config.data))
+  assert len(pairs) == examples and pairs[0] == _make_pairs(_NUM_PAIRS)[0]
+
+
+@pytest.mark.parametrize("num_pipelines,replicas", [(1, 1), (1, 2), (2, 2)])
+def test_resume_at_any_step_gives_the_uninterrupted_batches(corpus, tokenizer,
+                                                            num_pipelines, replicas):
+  """Per pipeline, a step takes one batch per replica: step N starts at batch N * R / P."""
+  config = _prepared_config(corpus)
+  context = tf.distribute.InputContext(num_pipelines, num_pipelines - 1, replicas)
+  per_step = replicas // num_pipelines
+  epoch = prepared.Plan(config, corpus[1], prepared._pipeline_shards(
+      prepared.load_manifest(corpus[1]), corpus[1], "train", context), context).epoch_batches
+  steps = [0, 1, epoch // per_step, epoch // per_step + 1, 2 * epoch // per_step + 3]
+  straight = pipeline.make_dataset(config, tokenizer, "train", input_context=context)
+  batches = list(straight.take(steps[-1] * per_step + 3).as_numpy_iterator())  # 2+ epochs.
+  for step in steps:
+    resumed = pipeline.make_dataset(config, tokenizer, "train", input_context=context,
+                                    start_step=step)
+    for i, batch in enumerate(resumed.take(3).as_numpy_iterator()):
+      for key in ("source", "target"):
+        np.testing.assert_array_equal(batch[key], batches[step * per_step + i][key])
+
+
+def test_resume_a_million_steps_in(corpus, tokenizer):
+  config = _prepared_config(corpus)
+  batch = next(iter(pipeline.make_dataset(config, tokenizer, "train", start_step=10**6)))
+  assert batch["source"].shape[0] == 8 and batch["source"].shape[1] in _GRID
+
+
+_TRAIN_SCRIPT = """
+import json, sys
+from configs import tiny
+from trainer import train
+import tensorflow as tf
+directory, workdir = sys.argv[1:3]
+def config(steps):
+  c = tiny.get_config()
+  c.data.train, c.data.eval = f"prepared:{directory}", f"prepared:{directory}"
+  c.data.max_source_length = c.data.max_target_length = 16
+  c.data.bucket_boundaries = (6, 10, 16, 24)
+  c.data.shuffle_buffer = 100
+  c.tokenizer.vocab_size = 60
+  c.model.units, c.model.embed_dim = 32, 16
+  c.data.eval_examples, c.eval.beam_size = 8, 1
+  c.distribute.strategy, c.distribute.cpu_devices = "mirrored", 2
+  c.train.batch_size, c.train.xla, c.train.precision = 8, "off", "float32"
+  c.train.update(steps=steps, steps_per_loop=3, log_every=3, checkpoint_every=6,
+                 eval_every=1000)
+  if "deterministic_ops" in c.train:
+    c.train.deterministic_ops = True
+  else:
+    tf.config.experimental.enable_op_determinism()
+  return c
+import shutil
+straight = train.train_and_evaluate(config(12), workdir + "/straight")
+# The run as if stopped after its checkpoint at step 6: a copy without the later one.
+shutil.copytree(workdir + "/straight/checkpoints", workdir + "/resumed/checkpoints",
+                ignore=shutil.ignore_patterns("best", "ckpt-12*"))
+tf.compat.v1.train.update_checkpoint_state(workdir + "/resumed/checkpoints",
+                                           workdir + "/resumed/checkpoints/ckpt-6")
+shutil.copytree(workdir + "/straight/tokenizer", workdir + "/resumed/tokenizer")
+losses = {"straight": straight["losses"],
+          "second": train.train_and_evaluate(config(12), workdir + "/resumed")["losses"]}
+print(json.dumps(losses))
+"""
+
+
+def test_stop_and_resume_on_two_replicas_reproduces_uninterrupted_losses(corpus, tmp_path):
+  """float32, shuffled multi-shard input, steps_per_loop 3, 2 replicas (logical CPUs, so in
+  a subprocess: the device split is process-global). The resumed run starts from the
+  straight run's step-6 checkpoint, as a run stopped there would."""
+  result = subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT, corpus[1], str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=_ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  losses = json.loads(result.stdout.strip().splitlines()[-1])
+  assert len(losses["second"]) == 6 and len(losses["straight"]) == 12
+  np.testing.assert_allclose(losses["second"], losses["straight"][6:], rtol=1e-6)
+
+
+def _corrupt(path, truncate):
+  data = bytearray(open(path, "rb").read())
+  if truncate:
+    data = data[:len(data) // 2]
+  else:
+    data[len(data) // 2] ^= 0xFF
+  open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncated", r"train-00003.tfrecord has \d+ bytes, manifest.json says \d+ \(truncated"),
+    ("corrupted", r"train-00003.tfrecord does not match its sha256 in manifest.json"),
+    ("extra shard", r"train-00999.tfrecord is not listed in manifest.json"),
+    ("missing shard", r"train-00003.tfrecord is missing"),
+    ("manifest", r"manifest.json is not a valid manifest"),
+])
+def test_damaged_directory_is_one_clear_error(corpus, tokenizer, tmp_path, damage, message):
+  copy = str(tmp_path / "data")
+  shutil.copytree(corpus[1], copy)
+  shard = os.path.join(copy, "train-00003.tfrecord")
+  if damage in ("truncated", "corrupted"):
+    _corrupt(shard, truncate=damage == "truncated")
+  elif damage == "extra shard":
+    shutil.copy(shard, os.path.join(copy, "train-00999.tfrecord"))
+  elif damage == "missing shard":
+    os.remove(shard)
+  else:
+    with open(os.path.join(copy, prepared.MANIFEST), "r+") as f:
+      f.truncate(100)
+  config = _prepared_config((corpus[0], copy))
+  with pytest.raises(prepared.PreparedDataError, match=message) as error:
+    pipeline.make_dataset(config, tokenizer, "train")
+  assert copy in str(error.value) and "\n" not in str(error.value)
+  assert "nmt-prepare" in str(error.value)
+
+
+@pytest.mark.parametrize("key,value", [("data.max_source_length", 12),
+                                       ("data.length_policy", "truncate"),
+                                       ("data.bucket_boundaries", (8, 16)),
+                                       ("tokenizer.vocab_size", 80)])
+def test_other_config_than_prepared_names_the_key(corpus, tokenizer, key, value):
+  config = _prepared_config(corpus)
+  section, name = key.split(".")
+  config[section][name] = value
+  with pytest.raises(prepared.PreparedDataError,
+                     match=rf"{corpus[1]}/manifest.json was prepared with another config "
+                           rf"\({key}: prepared .* vs config"):
+    pipeline.make_dataset(config, tokenizer, "train")
+
+
+def test_workdir_with_another_tokenizer_is_refused(corpus, tmp_path):
+  config = _prepared_config(corpus)
+  pairs = [(s + " extra", t + " words") for s, t in _make_pairs(300, seed=5)]
+  other = tokenizer_lib.load_or_train(config.tokenizer, str(tmp_path), lambda: iter(pairs))
+  with pytest.raises(prepared.PreparedDataError, match="another tokenizer than the run's"):
+    pipeline.make_dataset(config, other, "train")
+
+
+def test_nmt_prepare_cli_verifies_and_reports_a_corrupted_shard(corpus, tmp_path):
+  copy = str(tmp_path / "data")
+  shutil.copytree(corpus[1], copy)
+  config = corpus[0]
+  command = [sys.executable, "-c", "from trainer.main import run_prepare; run_prepare()",
+             "--config=configs/tiny.py", f"--output_dir={copy}",
+             f"--config.data.train={config.data.train}",
+             f"--config.data.eval={config.data.eval}",
+             "--config.data.max_source_length=16", "--config.data.max_target_length=16",
+             "--config.data.bucket_boundaries=(6, 10, 16, 24)",
+             "--config.tokenizer.vocab_size=60"]
+  ok = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=_ROOT)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert json.loads(ok.stdout.strip().splitlines()[-1])["train"]["skipped"] == {
+      "too few columns": 1}
+  _corrupt(os.path.join(copy, "train-00001.tfrecord"), truncate=False)
+  bad = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=_ROOT)
+  assert bad.returncode != 0 and "Traceback" not in bad.stderr
+  assert "error:" in bad.stderr and "train-00001.tfrecord does not match" in bad.stderr
+
+
+def test_tf_data_service_with_two_workers_trains_the_tiny_config(corpus, tmp_path):
+  from trainer import train
+  dispatcher = tf.data.experimental.service.DispatchServer()
+  address = dispatcher.target.split("://")[1]
+  workers = [tf.data.experimental.service.WorkerServer(
+      tf.data.experimental.service.WorkerConfig(dispatcher_address=address))
+      for _ in range(2)]
+  config = _prepared_config(corpus)
+  config.data.service_address = dispatcher.target
+  config.model.units, config.model.embed_dim = 32, 16
+  config.data.eval_examples, config.eval.beam_size = 8, 1
+  config.train.update(steps=6, steps_per_loop=3, log_every=3, checkpoint_every=6,
+                      eval_every=1000, xla="off")
+  summary = train.train_and_evaluate(config, str(tmp_path),
+                                     tf.distribute.OneDeviceStrategy("/cpu:0"))
+  assert summary["step"] == 6 and len(summary["losses"]) == 6
+  assert all(np.isfinite(summary["losses"]))
+  del workers, dispatcher
