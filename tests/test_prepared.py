@@ -325,21 +325,34 @@ def test_nmt_prepare_cli_verifies_and_reports_a_corrupted_shard(corpus, tmp_path
   assert "error:" in bad.stderr and "train-00001.tfrecord does not match" in bad.stderr
 
 
-def test_tf_data_service_with_two_workers_trains_the_tiny_config(corpus, tmp_path):
+def test_tf_data_service_with_two_workers_trains_the_tiny_config(corpus, tmp_path, caplog):
+  """launch/data_service.py (one dispatcher, two workers, localhost) feeds nmt-train."""
   from trainer import train
-  dispatcher = tf.data.experimental.service.DispatchServer()
-  address = dispatcher.target.split("://")[1]
-  workers = [tf.data.experimental.service.WorkerServer(
-      tf.data.experimental.service.WorkerConfig(dispatcher_address=address))
-      for _ in range(2)]
-  config = _prepared_config(corpus)
-  config.data.service_address = dispatcher.target
-  config.model.units, config.model.embed_dim = 32, 16
-  config.data.eval_examples, config.eval.beam_size = 8, 1
-  config.train.update(steps=6, steps_per_loop=3, log_every=3, checkpoint_every=6,
-                      eval_every=1000, xla="off")
-  summary = train.train_and_evaluate(config, str(tmp_path),
-                                     tf.distribute.OneDeviceStrategy("/cpu:0"))
+  service = subprocess.Popen(
+      [sys.executable, "launch/data_service.py", "--port=0", "--num_workers=2"],
+      stdout=subprocess.PIPE, text=True, cwd=_ROOT)
+  try:
+    line = service.stdout.readline()
+    assert "tf.data service dispatcher grpc://localhost:" in line, line
+    config = _prepared_config(corpus)
+    config.data.service_address = line.split()[3]
+    config.model.units, config.model.embed_dim = 32, 16
+    config.data.eval_examples, config.eval.beam_size = 8, 1
+    config.train.update(steps=6, steps_per_loop=3, log_every=3, checkpoint_every=6,
+                        eval_every=1000, xla="off")
+    caplog.set_level("INFO")
+    summary = train.train_and_evaluate(config, str(tmp_path),
+                                       tf.distribute.OneDeviceStrategy("/cpu:0"))
+  finally:
+    service.terminate()
+    service.wait(timeout=60)
   assert summary["step"] == 6 and len(summary["losses"]) == 6
   assert all(np.isfinite(summary["losses"]))
-  del workers, dispatcher
+  assert "Input through the tf.data service at grpc://localhost:" in caplog.text
+
+
+def test_kubernetes_data_service_manifest_parses():
+  yaml = pytest.importorskip("yaml")
+  with open(os.path.join(_ROOT, "launch", "k8s", "data-service.yaml")) as f:
+    kinds = [doc["kind"] for doc in yaml.safe_load_all(f)]
+  assert kinds == ["Service", "Deployment", "Deployment"]
