@@ -196,6 +196,42 @@ def test_resume_a_million_steps_in(corpus, tokenizer):
   assert batch["source"].shape[0] == 8 and batch["source"].shape[1] in _GRID
 
 
+def test_raw_source_resume_skips_one_batch_per_replica(corpus, tokenizer):
+  """The raw path replays: on 2 replicas of one pipeline, step N is batch 2N."""
+  config = corpus[0]
+  context = tf.distribute.InputContext(1, 0, 2)
+  straight = list(pipeline.make_dataset(config, tokenizer, "train", input_context=context)
+                  .take(8).as_numpy_iterator())
+  resumed = pipeline.make_dataset(config, tokenizer, "train", input_context=context,
+                                  start_step=3)
+  np.testing.assert_array_equal(next(resumed.as_numpy_iterator())["source"],
+                                straight[6]["source"])
+
+
+def test_shard_corrupted_after_the_check_is_a_clear_error(corpus, tokenizer, tmp_path):
+  copy = str(tmp_path / "data")
+  shutil.copytree(corpus[1], copy)
+  config = _prepared_config((corpus[0], copy))
+  config.data.shuffle_buffer = 0  # Groups in order: group 0 holds train-00000.
+  dataset = pipeline.make_dataset(config, tokenizer, "train")  # Checked here.
+  _corrupt(os.path.join(copy, "train-00000.tfrecord"), truncate=False)
+  with pytest.raises(corpora.CorpusError, match=r"prepared shard is corrupted .*run "
+                     r"nmt-prepare again with the same --output_dir"):
+    with corpora.surface_corpus_errors():
+      for _ in dataset.take(200):
+        pass
+
+
+def test_prepare_enforces_max_skip_fraction(tmp_path):
+  lines = [f"{s}\t{t}\n" for s, t in _make_pairs(100)] + ["no tab\n"] * 5
+  (tmp_path / "bad.tsv").write_text("".join(lines), encoding="utf-8")
+  config = _config(f"tsv:{tmp_path / 'bad.tsv'}", f"tsv:{tmp_path / 'bad.tsv'}")
+  with pytest.raises(corpora.CorpusError, match=r"bad.tsv: 5 of 105 lines skipped .*"
+                                                r"data.max_skip_fraction"):
+    prepared.prepare(config, str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out" / prepared.MANIFEST)
+
+
 _TRAIN_SCRIPT = """
 import json, sys
 from configs import tiny
