@@ -2,42 +2,48 @@
 
 `prepare(config, output_dir)` reads data.train and data.eval with corpora.read (same skipping,
 file:line logs and data.max_skip_fraction), trains or reuses the tokenizer, tokenizes and
-length-filters once, and writes:
+length-filters once (data.max_*_length, data.length_policy), and writes:
   <dir>/tokenizer/                 the tokenizer (tokenizer.json + model files)
   <dir>/train-00000.tfrecord ...   tf.train.Example records: "source" = ids + [EOS], "target"
-                                   = [BOS] + ids + [EOS] (int64 lists); eval records also
-                                   hold "source_text"/"target_text" (BLEU references)
-  <dir>/manifest.json              counts, skipped lines by reason, length filter counts, the
-                                   tokenizer config and fingerprint, data.* lengths, and per
-                                   shard: examples, bytes, sha256 and a histogram of lengths
+                                   = [BOS] + ids + [EOS] (int64 lists); train shards sorted
+                                   by grid length, eval shards in corpus order with the text
+                                   ("source_text", "target_text": BLEU references)
+  <dir>/manifest.json              counts, skipped lines by reason, length-filter counts, the
+                                   tokenizer config and fingerprint, the data.* lengths and
+                                   grid, and per shard: examples, bytes, sha256, a histogram
+                                   of lengths and the record run of each grid length
 Shards are written under a .tmp name and renamed when complete; the manifest is written
 last, so a directory without one is unfinished and is refused. Memory is bounded by one
-shard's buffer (`shard_examples`), not by the corpus.
+shard's buffer (`shard_examples`) and the tokenizer's training sample, not by the corpus.
 
-Reading (`make_dataset`): the shards of one input pipeline are file i mod N. They form
-groups of GROUP_SHARDS shards (group j = shards j, j+G, j+2G, ...: each group spans the
-corpus). An epoch visits the groups in an order drawn from (seed, epoch); a group is read
-by interleaving its files, shuffled with a seed drawn from (seed, group index), parsed in
-batches and bucketed on pipeline.py's grid, remainders dropped. A group is thus a pure
-function of its global index g = epoch * G + slot, and its batch count is
-sum over grid lengths L of floor(examples of length class L / batch size of L), known from
-the manifest's histograms without reading anything. Resuming at step N maps N straight to
-(g, offset): only the batches of group g before the offset are replayed.
+Reading (`make_dataset`): pipeline i of N gets shards i, i+N, ...; they form G groups of up
+to GROUP_SHARDS shards (group j = shards j, j+G, j+2G, ...). An epoch visits the groups in
+an order drawn from (seed, epoch). In a group, each grid length L is one stream: the shards'
+records of length L interleaved, permuted in windows of data.shuffle_buffer records
+(stateless, seeded by the group), batched by B_L, parsed and padded to L a batch at a time;
+the order of the batches of the different lengths is a permutation of the group's batch
+labels drawn from (seed, group). No op looks at one example at a time and no Python runs
+per example. A group is a pure function of its global index g = epoch * G + slot, and its
+batch count, sum over L of floor(examples of length L / B_L), comes from the manifest. So
+step N maps by arithmetic to (g, offset): batches before the offset are skipped as records
+of their lengths' streams, before parsing.
 
-Why this design and not tf.data iterator checkpointing: distributed iterators
-(distribute_datasets_from_function, the path nmt-train takes) cannot be saved in a
-checkpoint, a saved shuffle buffer costs checkpoint size at every save, and neither works
-through the tf.data service. Measured on this repository's benchmark (README, Prepared
-corpora): seconds to the first batch at step 10^6 equal those at step 0 within noise.
+Why this and not checkpointing the tf.data iterator: nmt-train's distributed iterator
+(distribute_datasets_from_function) cannot be saved in a checkpoint, a saved shuffle
+buffer would add to every checkpoint, and neither works through the tf.data service. The
+README (Prepared corpora) has the measured cost of both paths.
 
-Cost (design note): resuming costs one manifest read, a size and sha256 check of every
-shard (one sequential read of the prepared data: ~15 GB at 10^8 lines, seconds to a
-minute; it names a corrupted file before training instead of a DataLossError mid-run),
-O(G) plan arithmetic and the replay of at most one group (GROUP_SHARDS * shard_examples
-examples), whatever N is: the same at step 10^6 as at step 100. At 10^8 corpus lines with
-the default 20k examples per shard there are 5000 shards; the manifest is ~2 MB; the
-writer holds one shard (~5 MB) in memory. Trade-off: examples of different groups never
-share a batch; the group order and the order within a group change every epoch.
+Cost (design note). At any step N, resuming costs: one manifest read, a size and sha256
+check of this pipeline's shards, O(G) arithmetic, and skipping at most one group's records
+(GROUP_SHARDS * shard_examples, 80k by default): the same at step 10^6 as at step 100.
+At 10^8 corpus lines (default 20k examples per shard): 5000 shards, a ~1.5 MB manifest,
+~1 MB of group tables in the graph; the checksum pass reads the pipeline's share of ~15 GB
+at every start (seconds to minutes; it names a damaged file before training rather than
+failing mid-run); nmt-prepare holds one shard (~5 MB) plus the tokenizer sample and runs
+at the raw readers' speed (one process: hours at 10^8 lines). Trade-offs: examples of
+different groups never share a batch, and the tf.data service path (`data.service_address`)
+hands out whole groups to its workers in the order they ask, so it resumes at a group
+boundary and its order is not reproducible.
 """
 import concurrent.futures
 import hashlib
@@ -317,11 +323,11 @@ def check_tokenizer(manifest: dict, tokenizer: tokenizer_lib.Tokenizer,
 
 
 def verify_shards(directory: str, manifest: dict, split: str,
-                  checksums: bool = True) -> None:
-  """PreparedDataError naming the first shard that is missing, truncated or corrupted,
-  or an extra one the manifest does not list."""
-  shards = manifest["splits"][split]["shards"]
-  listed = {shard["file"] for shard in shards}
+                  shards: list[dict] | None = None) -> None:
+  """PreparedDataError naming the first shard (of `shards`, default all of the split) that
+  is missing, truncated or corrupted (sha256), or an extra one the manifest does not list."""
+  listed = {shard["file"] for shard in manifest["splits"][split]["shards"]}
+  shards = manifest["splits"][split]["shards"] if shards is None else shards
   extra = sorted(name for name in tf.io.gfile.listdir(directory)
                  if name.startswith(split + "-") and name not in listed)
   if extra:
@@ -336,7 +342,7 @@ def verify_shards(directory: str, manifest: dict, split: str,
     size = tf.io.gfile.stat(path).length
     if size != shard["bytes"]:
       return f"{path} has {size} bytes, {MANIFEST} says {shard['bytes']} (truncated?)"
-    if checksums and _sha256(path) != shard["sha256"]:
+    if _sha256(path) != shard["sha256"]:
       return f"{path} does not match its sha256 in {MANIFEST} (corrupted)"
     return None
 
@@ -372,13 +378,13 @@ def make_dataset(config, tokenizer: tokenizer_lib.Tokenizer, split: str, *,
   manifest = load_manifest(directory)
   check_config(manifest, config, directory)
   check_tokenizer(manifest, tokenizer, directory)
-  verify_shards(directory, manifest, part)
+  shards = _pipeline_shards(manifest, directory, part, input_context)
+  verify_shards(directory, manifest, part, shards)  # Each worker checks its own shards.
   if length_stats is not None:  # The filter ran at prepare time: report its counts.
     length_stats.add(*(manifest["splits"][part]["length_filter"][key]
                        for key in ("seen", "dropped", "truncated")))
   training = split == "train"
   repeat = training if repeat is None else repeat
-  shards = _pipeline_shards(manifest, directory, part, input_context)
   if not training:
     dataset = _parse(tf.data.TFRecordDataset([os.path.join(directory, s["file"])
                                               for s in shards]))
@@ -558,8 +564,8 @@ def read_text(spec: corpora.SourceSpec,
     raise PreparedDataError(f"{spec.source}: the {part} split of a prepared corpus holds "
                             f"token ids only; its text is in the eval split "
                             f"(prepared:{directory}:eval) or in the raw corpus")
-  verify_shards(directory, manifest, part)
   shards = _pipeline_shards(manifest, directory, part, input_context)
+  verify_shards(directory, manifest, part, shards)
   features = {key: tf.io.FixedLenFeature([], tf.string)
               for key in ("source_text", "target_text")}
   records = tf.data.TFRecordDataset([os.path.join(directory, s["file"]) for s in shards])
