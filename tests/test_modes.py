@@ -85,7 +85,7 @@ def test_doctor_runs_what_the_cpu_allows_and_says_why_not_for_the_rest(
   """nmt-bench doctor as a user runs it: one JSON line per combination."""
   command = [sys.executable, "-c", "from trainer.main import run_bench; run_bench()",
              "doctor", "--config=configs/tiny.py", f"--workdir={tmp_path}",
-             "--num_steps=2", "--precisions=float32,mixed_float16",
+             "--num_steps=2", "--precisions=float32",
              "--xla_modes=off,train_step", "--recurrences=keras,cudnn",
              f"--config.data.tfds_data_dir={embedded_data_dir}",
              "--config.model.units=16", "--config.model.embed_dim=8",
@@ -93,7 +93,7 @@ def test_doctor_runs_what_the_cpu_allows_and_says_why_not_for_the_rest(
   done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-  assert len(rows) == 8
+  assert len(rows) == 4
   for row in rows:
     if row["recurrence"] == "cudnn":
       assert not row["ran"] and ("needs a GPU" in row["reason"]

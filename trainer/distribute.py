@@ -302,7 +302,7 @@ def shared_tokenizer(config: ml_collections.ConfigDict, workdir: str,
 
 def preemption_handler(strategy: tf.distribute.Strategy, stop: StopFlag,
                        save_fn: Callable, chief_manager: tf.train.CheckpointManager,
-                       on_exit: Callable[[], None]
+                       current_step: Callable[[], int], on_exit: Callable[[], None]
                        ) -> tf.distribute.experimental.PreemptionCheckpointHandler:
   """TF's handler for MWMS: once any worker sees SIGTERM/SIGINT (`stop`, polled each
   second), all agree on a step, save there, run `on_exit` and exit PREEMPTED_EXIT_CODE.
@@ -314,8 +314,9 @@ def preemption_handler(strategy: tf.distribute.Strategy, stop: StopFlag,
   def exit_fn():
     cause = (f"{stop.signal_name} received" if stop.signal_name
              else "another worker was told to stop")
-    logging.warning("%s: all workers saved a checkpoint; exiting with code %d so that "
-                    "the restarted job resumes from it.", cause, PREEMPTED_EXIT_CODE)
+    logging.warning("%s: all workers saved a checkpoint at step %d; exiting with code %d "
+                    "so that the restarted job resumes from it.", cause, current_step(),
+                    PREEMPTED_EXIT_CODE)
     on_exit()
     sys.exit(PREEMPTED_EXIT_CODE)
 

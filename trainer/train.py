@@ -235,8 +235,10 @@ class Run:
 def setup(config: ml_collections.ConfigDict, workdir: str,
           strategy: Optional[tf.distribute.Strategy] = None) -> Run:
   """Validates the config, resolves its modes for this device, and builds the strategy,
-  tokenizer, model, optimizer, dataset iterator and checkpoint (restored if any)."""
+  tokenizer, model, optimizer, dataset iterator and checkpoint (restored if any).
+  A finished run (step >= train.steps) gets no iterator and writes nothing."""
   validate_lib.validate(config)
+  validate_lib.check_resume(config, workdir)
   # First: MultiWorkerMirroredStrategy must start TF's runtime itself (no TF op before).
   strategy = strategy or distribute.create_strategy(config)
   config = distribute.resolve_modes(config)
@@ -270,15 +272,18 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
       checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=None)
   _restore_latest(chief_manager, optimizer)
   length_stats = pipeline.LengthStats(name="train_length_filter")
-  iterator = iter(make_train_dataset(config, tokenizer, strategy,
-                                     int(optimizer.iterations.numpy()), length_stats))
-  if chief:  # After a successful restore, so it always describes the checkpoints.
+  step = int(optimizer.iterations.numpy())
+  iterator = None
+  if step < config.train.steps:
+    iterator = iter(make_train_dataset(config, tokenizer, strategy, step, length_stats))
+  if chief and iterator:  # After a successful restore, so it always describes the checkpoints.
     checkpoints.save_config(config, run_dir)
   run = Run(config, run_dir, strategy, tokenizer, model, optimizer, manager, best_manager,
             best_eval_loss, iterator, chief, length_stats)
   if distribute.is_multi_worker(strategy):
     run.preemption = distribute.preemption_handler(
         strategy, run.stop, manager.save, chief_manager,
+        current_step=lambda: int(optimizer.iterations.numpy()),
         on_exit=lambda: distribute.remove_scratch_dir(run_dir, strategy))
   return run
 
@@ -291,10 +296,14 @@ def _check_batch_split(config: ml_collections.ConfigDict, replicas: int) -> None
 
 
 def _restore_latest(manager: tf.train.CheckpointManager, optimizer) -> None:
-  if manager.latest_checkpoint:
-    manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    logging.info("Resumed from %s at step %d.", manager.latest_checkpoint,
-                 int(optimizer.iterations.numpy()))
+  """Restores the newest checkpoint that reads (a broken one is reported and skipped)."""
+  for directory in (manager.directory, os.path.join(manager.directory, "best")):
+    checkpoints.remove_partial_saves(directory)
+  paths = checkpoints.checkpoints_in(manager.directory)
+  if paths:
+    path = checkpoints.restore_newest_intact(
+        paths, lambda p: manager.checkpoint.restore(p).assert_existing_objects_matched())
+    logging.info("Resumed from %s at step %d.", path, int(optimizer.iterations.numpy()))
 
 
 def _count_nonfinite(finite: List[float], in_a_row: int, step: int, limit: int) -> int:
@@ -335,8 +344,29 @@ def _run_scalars(run: Run) -> Dict[str, float]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        strategy: Optional[tf.distribute.Strategy] = None) -> Dict:
   """Trains (resuming from workdir's latest checkpoint) and evaluates; returns a summary:
-  this invocation's per-step losses, the final eval metrics, the step reached."""
+  this invocation's per-step losses, the final eval metrics, the step reached, and
+  `already_complete` when the run had finished before (nothing done, nothing written).
+
+  The chief holds the workdir's lock throughout (checkpoints.workdir_lock): a second
+  nmt-train on the same workdir is refused.
+  """
+  validate_lib.validate(config)
+  # First: MultiWorkerMirroredStrategy must start TF's runtime itself (no TF op before).
+  strategy = strategy or distribute.create_strategy(config)
+  with checkpoints.workdir_lock(workdir, lock=distribute.is_chief(strategy)):
+    return _train_and_evaluate(config, workdir, strategy)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        strategy: tf.distribute.Strategy) -> Dict:
   run = setup(config, workdir, strategy)
+  if run.iterator is None:
+    step = int(run.optimizer.iterations.numpy())
+    logging.info("The run in %s is complete (step %d, config.train.steps=%d): nothing to "
+                 "do. Raise --config.train.steps to train further.", workdir, step,
+                 run.config.train.steps)
+    return dict(losses=[], eval=None, samples=[], workdir=workdir, step=step, seconds=0.0,
+                interrupted=None, already_complete=True)
   config, t = run.config, run.config.train
   train_loop = make_train_loop(run.strategy, make_replica_step(
       run.model, run.optimizer, config, run.strategy), timed=not t.deterministic_ops)
@@ -372,17 +402,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if step % t.log_every == 0 or step == t.steps:
           progress.flush(step, t.steps, _run_scalars(run))
         if step % t.checkpoint_every == 0:
-          run.manager.save(checkpoint_number=step)
+          checkpoints.save(run.manager, step)
         if run.preemption:  # Before eval: a preempted job may have seconds left.
           run.preemption.save_checkpoint_if_preempted(checkpoint_number=step)
         if step % t.eval_every == 0 or step == t.steps:
           eval_metrics = _evaluate(run, evaluator, step, writers.get("eval"))
           progress.reset()
+    except pipeline.corpora.CorpusError:
+      _save_before_data_error(run)
+      raise
     finally:
       profiler.stop()
   return _finish(run, step, progress, dict(
       losses=losses, eval=eval_metrics, samples=getattr(evaluator, "samples", []),
       workdir=workdir))
+
+
+def _save_before_data_error(run: Run) -> None:
+  """Saves the steps trained so far before a data error ends the run. Single worker only:
+  a multi-worker save needs every worker, and only this one may have hit the error."""
+  if distribute.is_multi_worker(run.strategy):
+    return
+  step = int(run.optimizer.iterations.numpy())
+  checkpoints.save(run.manager, step)
+  logging.warning("Checkpoint saved at step %d before stopping on a data error; fix the "
+                  "data and rerun to resume.", step)
 
 
 def _evaluate(run: Run, evaluator: Optional[evaluate.Evaluator], step: int,
@@ -394,21 +438,21 @@ def _evaluate(run: Run, evaluator: Optional[evaluate.Evaluator], step: int,
     metrics = evaluator(step, writer)
     if metrics["loss"] < float(run.best_eval_loss.numpy()):
       run.best_eval_loss.assign(metrics["loss"])
-      run.best_manager.save(checkpoint_number=step)
+      checkpoints.save(run.best_manager, step)
   distribute.wait_for_chief(run.strategy, step, run.config.distribute.collective_timeout_s)
   return metrics
 
 
 def _finish(run: Run, step: int, progress: summaries.ProgressWindow, summary: Dict) -> Dict:
   """Final checkpoint and logs; returns `summary` with the run-wide fields added."""
-  run.manager.save(checkpoint_number=step)
+  checkpoints.save(run.manager, step)
   if run.stop.signal_name:
     logging.warning("%s received: checkpoint saved at step %d; rerun to resume.",
                     run.stop.signal_name, step)
   lengths = sorted(progress.compiled_lengths)
   logging.info("Compiled batch lengths: %s (%d shapes).", lengths, len(lengths))
   run.length_stats.log()
-  summary.update(step=step, compiled_lengths=lengths,
+  summary.update(step=step, compiled_lengths=lengths, already_complete=False,
                  seconds=time.time() - progress.run_start, interrupted=run.stop.signal_name)
   distribute.remove_scratch_dir(run.workdir, run.strategy)
   return summary
