@@ -3,7 +3,6 @@ import json
 
 import ml_collections
 import pytest
-import tensorflow as tf
 
 from configs import tiny
 from trainer import bench
@@ -58,8 +57,8 @@ def test_run_reports_consistent_fields(tmp_path):
   config.train.batch_size, config.train.steps_per_loop = 16, 2
   config.train.xla = "off"
 
-  result = bench.run(config, str(tmp_path / "workdir"), num_steps=4,
-                     strategy=tf.distribute.OneDeviceStrategy("/cpu:0"))
+  config.distribute.strategy = "one_device"
+  result = bench.run(config, str(tmp_path / "workdir"), num_steps=4)
 
   json.dumps(result)  # One JSON line.
   assert result["precision"] == "float32" and result["xla"] == "off"

@@ -72,11 +72,10 @@ def test_nccl_without_gpus_is_refused():
     ("fpu avx2 avx512f avx512_vnni", False),  # Cascade Lake: bf16 only emulated.
     ("fpu avx512f avx512_bf16", True),  # Cooper Lake, Zen 4.
     ("fpu amx_bf16 amx_tile", True)])  # Sapphire Rapids.
-def test_cpu_bf16_units_are_read_from_cpuinfo(tmp_path, flags, bf16):
-  cpuinfo = tmp_path / "cpuinfo"
-  cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-  assert distribute.cpu_has_fast_bfloat16(str(cpuinfo)) == bf16
-  assert not distribute.cpu_has_fast_bfloat16(str(tmp_path / "missing"))
+def test_cpu_bf16_units_are_read_from_cpuinfo(flags, bf16):
+  cpuinfo = f"processor\t: 0\nflags\t\t: {flags}\n"
+  assert distribute.cpuinfo_has_bf16_units(cpuinfo) == bf16
+  assert not distribute.cpuinfo_has_bf16_units("processor\t: 0\n")
 
 
 @pytest.mark.slow

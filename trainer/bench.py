@@ -187,8 +187,7 @@ def _time_steps(run: train.Run, train_loop, num_steps: int, steps_per_loop: int)
   return dict(step_times=step_times, seconds=wall, input_wait=wait, **metrics)
 
 
-def run(config, workdir: str, num_steps: int = 30,
-        strategy: Optional[tf.distribute.Strategy] = None) -> Dict:
+def run(config, workdir: str, num_steps: int = 30) -> Dict:
   """`nmt-bench train`: one JSON-able dict of throughput, compile cost and MFU.
 
   Rates are over all timed steps (batches of different lengths take different times):
@@ -199,7 +198,7 @@ def run(config, workdir: str, num_steps: int = 30,
   if num_steps <= 0:
     raise ValueError(f"num_steps={num_steps}; must be > 0.")
   load_before = os.getloadavg()[0]
-  run_ = train.setup(config, workdir, strategy)
+  run_ = train.setup(config, workdir)
   config = run_.config  # Resolved: no 'auto' modes.
   train_loop = train.make_train_loop(run_.strategy, train.make_replica_step(
       run_.model, run_.optimizer, config, run_.strategy),

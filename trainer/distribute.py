@@ -43,18 +43,23 @@ class Devices:
     return bool(self.gpu_capabilities)
 
 
-def cpu_has_fast_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+def cpu_has_fast_bfloat16() -> bool:
   """True if the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16 flags).
 
   Without them oneDNN converts bf16 to fp32 and back, slower than fp32 (README,
   Performance). Non-Linux systems (no /proc/cpuinfo) report False.
   """
   try:
-    with open(cpuinfo, encoding="utf-8") as f:
-      flags = next((line.split(":", 1)[1].split() for line in f
-                    if line.startswith("flags")), [])
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      return cpuinfo_has_bf16_units(f.read())
   except OSError:
     return False
+
+
+def cpuinfo_has_bf16_units(cpuinfo: str) -> bool:
+  """Whether /proc/cpuinfo text lists avx512_bf16 or amx_bf16 among the CPU flags."""
+  flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                if line.startswith("flags")), [])
   return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
