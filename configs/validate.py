@@ -6,6 +6,9 @@ precision x XLA x recurrence combination runs on the device present is decided b
 `trainer.distribute.resolve_modes`, also once at start-up. Every message has one shape:
 `config.KEY=VALUE is invalid: WHY` (several keys: each named with its value).
 """
+import glob
+import json
+import os
 from typing import Any, Optional, Sequence
 
 import ml_collections
@@ -14,6 +17,8 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 XLA_MODES = ("auto", "off", "decoder_step", "train_step")
 RECURRENCES = ("auto", "fused", "keras", "cudnn")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
+# model.* keys that shape the variables: a checkpoint fits only the values it was trained with.
+SHAPE_KEYS = ("model.units", "model.embed_dim", "model.encoder_layers", "model.bidirectional")
 # Source kinds of data.train / data.eval; corpora.parse_source parses the rest of the string.
 SOURCE_KINDS = ("embedded", "tsv", "text", "tfds", "prepared")
 
@@ -31,6 +36,35 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first invalid key or combination of keys."""
   for section in (_data, _tokenizer, _model, _train, _eval, _distribute):
     section(config)
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """ConfigError naming each model.* key (SHAPE_KEYS) whose value differs from the one in
+  <workdir>/config.json when the workdir holds checkpoints: they would not fit the model."""
+  saved_path = os.path.join(workdir, "config.json")
+  if not (os.path.exists(saved_path)
+          and glob.glob(os.path.join(workdir, "checkpoints", "ckpt-*.index"))):
+    return
+  try:
+    with open(saved_path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return  # Reported when the run reads it.
+  changed = []
+  for key in SHAPE_KEYS:
+    try:
+      old = _get(saved, key)
+    except (KeyError, TypeError):
+      continue
+    if old != _get(config, key):
+      changed.append((key, old, _get(config, key)))
+  if changed:
+    raise ConfigError(
+        ", ".join(f"config.{k}={new!r}" for k, _, new in changed)
+        + f" {'is' if len(changed) == 1 else 'are'} invalid: the checkpoints in {workdir} "
+        f"were trained with " + ", ".join(f"{k}={old!r}" for k, old, _ in changed)
+        + f" ({saved_path}). Use those values to resume, or another --workdir to train "
+        "a new model.")
 
 
 def _get(config, key: str):

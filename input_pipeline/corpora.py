@@ -370,6 +370,9 @@ def _find_units(spec: SourceSpec) -> list[tuple[str, ...]]:
 
 def _glob(source: str, pattern: str) -> list[str]:
   paths = sorted(p for p in tf.io.gfile.glob(pattern) if not tf.io.gfile.isdir(p))
+  if not paths and tf.io.gfile.isdir(pattern):
+    raise CorpusError(f"{source}: {pattern!r} is a directory; name a file, or a glob like "
+                      f"{os.path.join(pattern, '*.tsv')!r}")
   if not paths:
     raise CorpusError(f"{source}: no file matches {pattern!r} "
                       f"(working directory {os.getcwd()})")
@@ -421,7 +424,8 @@ def _tsv_pairs(paths: list[str], tally: "_Tally", *, columns: tuple[int, int],
         fields = line.split(b"\t", needed)  # Later columns stay unsplit: they are ignored.
         if len(fields) < needed:
           raise _Skip("too few columns",
-                      f"{len(fields)} tab-separated columns, need at least {needed}")
+                      f"{len(fields)} tab-separated columns, need at least {needed} "
+                      f"(columns {src_col}:{tgt_col}, counted from 0)")
         pair = _pair(fields[src_col], fields[tgt_col])
       except _Skip as skip:
         tally.skip(path, lineno, skip)
@@ -494,10 +498,13 @@ class _Tally:
     self.name, self.max_skip_fraction, self.stats = name, max_skip_fraction, stats
     self.read = 0
     self.skipped = collections.Counter()
+    self.first_skip = ""
 
   def skip(self, path: str, lineno: int, skip: _Skip) -> None:
     self.skipped[skip.reason] += 1
     total = self.skipped.total()
+    if total == 1:
+      self.first_skip = f"{path}:{lineno}: {skip.detail}"
     if total <= _LOGGED_SKIPS_PER_FILE:
       logging.warning("%s:%d: skipped line: %s", path, lineno, skip.detail)
     if total == _LOGGED_SKIPS_PER_FILE + 1:
@@ -514,10 +521,10 @@ class _Tally:
     seen = self.read + skipped
     if seen and skipped / seen > self.max_skip_fraction:
       message = (f"{self.name}: {skipped} of {seen} lines skipped as malformed ({reasons}), "
-                 f"more than data.max_skip_fraction = {self.max_skip_fraction}; fix the "
-                 f"file (the log names the first bad lines) or raise data.max_skip_fraction")
-      logging.error("%s", message)
-      raise CorpusError(message)
+                 f"more than data.max_skip_fraction = {self.max_skip_fraction}; the first: "
+                 f"{self.first_skip}. Fix the file (the log names the first bad lines) or "
+                 "raise data.max_skip_fraction")
+      raise CorpusError(message)  # Not logged too: the caller prints it once.
 
 
 @contextlib.contextmanager

@@ -109,12 +109,26 @@ def load_or_train(tok_config, workdir: str,
   else:
     _check_same_config(stored["config"], config, directory)
     logging.info("Reusing the tokenizer in %s.", directory)
-  source_model, target_model = (_read_bytes(os.path.join(directory, stored["files"][side]))
-                                for side in ("source", "target"))
-  tokenizer = Tokenizer(source_model, target_model)
+  tokenizer = _load(directory, stored["files"])
   logging.info("Tokenizer: source vocab %d, target vocab %d (joint=%s).",
                tokenizer.source_vocab_size, tokenizer.target_vocab_size, tokenizer.joint)
   return tokenizer
+
+
+def _load(directory: str, files: dict) -> Tokenizer:
+  """The stored models as a Tokenizer; ValueError naming the file if one does not load."""
+  models = {}
+  for side in ("source", "target"):
+    path = os.path.join(directory, files[side])
+    models[side] = _read_bytes(path)
+    try:
+      _piece_size(models[side])
+    except RuntimeError as e:  # sentencepiece: "Internal: ... ParseFromArray ..."
+      raise ValueError(
+          f"{path} is not a valid SentencePiece model ({str(e).strip()[:200]}). If the run "
+          f"has no checkpoints yet, delete {directory} to train a new tokenizer; otherwise "
+          "restore the file from a copy: the checkpoints fit only its vocabulary.") from None
+  return Tokenizer(models["source"], models["target"])
 
 
 def _config_dict(tok_config) -> dict:
@@ -164,17 +178,20 @@ def _check_same_config(stored: dict, current: dict, directory: str) -> None:
 
 def _train_and_store(config: dict, directory: str,
                      sample: Callable[[], Iterable[tuple[str, str]]]) -> None:
-  """Trains the model(s) and writes them; tokenizer.json is written last, as the marker."""
-  tf.io.gfile.makedirs(directory)
+  """Trains the model(s) and writes them; tokenizer.json is written last, as the marker.
+  The directory is created only once training succeeded (no empty one after a failure)."""
   if config["joint"]:
     files = {"source": "joint.model", "target": "joint.model"}
-    model = train_model(_sentences(sample, (0, 1), config["sample_size"]), config, "joint")
-    _write_bytes(os.path.join(directory, "joint.model"), model)
+    models = {"joint.model": train_model(_sentences(sample, (0, 1), config["sample_size"]),
+                                         config, "joint")}
   else:
     files = {"source": "source.model", "target": "target.model"}
-    for index, side in enumerate(("source", "target")):
-      model = train_model(_sentences(sample, (index,), config["sample_size"]), config, side)
-      _write_bytes(os.path.join(directory, files[side]), model)
+    models = {files[side]: train_model(_sentences(sample, (index,), config["sample_size"]),
+                                       config, side)
+              for index, side in enumerate(("source", "target"))}
+  tf.io.gfile.makedirs(directory)
+  for name, model in models.items():
+    _write_bytes(os.path.join(directory, name), model)
   description = {"config": config, "files": files}
   _write_bytes(os.path.join(directory, CONFIG_FILE),
                json.dumps(description, indent=2, sort_keys=True).encode())
@@ -206,14 +223,25 @@ def train_model(sentences: Iterator[str], config: dict, name: str) -> bytes:
   """Trains one SentencePiece model from in-memory sentences; returns the ModelProto bytes."""
   model = io.BytesIO()
   logging.info("Training the %s SentencePiece model: %s", name, config)
+  failures = []
+
+  def reraised_sentences() -> Iterator[str]:
+    try:
+      yield from sentences
+    except Exception as e:  # A CorpusError while sampling: re-raised below as itself.
+      failures.append(e)
+      raise
+
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences, model_writer=model,
+        sentence_iterator=reraised_sentences(), model_writer=model,
         model_type=config["model_type"], vocab_size=config["vocab_size"],
         character_coverage=config["character_coverage"],
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
         num_threads=os.cpu_count() or 1, minloglevel=1)
   except RuntimeError as e:
+    if failures:
+      raise failures[0] from None
     raise ValueError(f"Training the {name} SentencePiece model with tokenizer config "
                      f"{config} failed: {e}") from e
   return model.getvalue()

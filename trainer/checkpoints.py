@@ -4,11 +4,14 @@
 `nmt-export` rebuild exactly the trained model from the workdir alone. Every failure says
 which directory, file or config key is wrong and what to do.
 """
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import re
-from typing import Optional
+import socket
+from typing import Callable, Iterator, List, Optional, Sequence
 
 from absl import logging
 import ml_collections
@@ -19,6 +22,7 @@ from trainer import distribute
 from trainer import model as model_lib
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".nmt-train.lock"
 # Config keys that change the variables' shapes or the vocabulary a checkpoint fits.
 _MODEL_KEYS = ("model", "tokenizer")
 
@@ -44,20 +48,117 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def find_checkpoint(workdir: str, checkpoint: Optional[str] = None) -> str:
-  """The checkpoint to use: `checkpoint` (a prefix or a directory) or the workdir's latest."""
-  if checkpoint:
-    path = (tf.train.latest_checkpoint(checkpoint) if tf.io.gfile.isdir(checkpoint)
-            else checkpoint)
-    if not path or not tf.io.gfile.exists(path + ".index"):
+  """The checkpoint to try first: `checkpoint` (a prefix or a directory) or the workdir's
+  latest (not checked for readability; load_for_inference falls back past broken ones)."""
+  return _candidates(workdir, checkpoint)[0]
+
+
+def _candidates(workdir: str, checkpoint: Optional[str]) -> List[str]:
+  """Checkpoints to try, newest first: `checkpoint` alone if it is a prefix, else those
+  of its directory (default <workdir>/checkpoints)."""
+  if checkpoint and not tf.io.gfile.isdir(checkpoint):
+    if not tf.io.gfile.exists(checkpoint + ".index"):
       raise ValueError(f"--checkpoint={checkpoint}: no checkpoint there; pass a prefix like "
                        f"{os.path.join(workdir, 'checkpoints', 'ckpt-1000')} or a directory "
                        "holding checkpoints.")
-    return path
-  path = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
-  if not path:
+    return [checkpoint]
+  paths = checkpoints_in(checkpoint or os.path.join(workdir, "checkpoints"))
+  if not paths and checkpoint:
+    raise ValueError(f"--checkpoint={checkpoint}: no checkpoint there; pass a prefix like "
+                     f"{os.path.join(workdir, 'checkpoints', 'ckpt-1000')} or a directory "
+                     "holding checkpoints.")
+  if not paths:
     raise ValueError(f"no checkpoint in {workdir}; train first with nmt-train "
                      f"--config=configs/default.py --workdir={workdir}")
-  return path
+  return paths
+
+
+def checkpoints_in(directory: str) -> List[str]:
+  """Prefixes of the nmt-train checkpoints in `directory` (ckpt-<step>.index), newest
+  first. Listed from the files, not the `checkpoint` state file, which may be stale."""
+  paths = [p[:-len(".index")] for p in
+           tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index"))]
+  return sorted((p for p in paths if checkpoint_step(p) is not None),
+                key=checkpoint_step, reverse=True)
+
+
+def unreadable(path: str) -> Optional[str]:
+  """Why checkpoint `path` does not read (truncated, corrupted), or None if it does.
+
+  Reads every tensor once (checking its CRC), so it is called only after a restore failed.
+  """
+  try:
+    reader = tf.train.load_checkpoint(path)
+    for key in reader.get_variable_to_shape_map():
+      reader.get_tensor(key)
+  except (tf.errors.OpError, IndexError, ValueError) as e:  # Truncated: IndexError.
+    return _first_line(e)
+  return None
+
+
+def restore_newest_intact(paths: Sequence[str], restore: Callable[[str], None]) -> str:
+  """Calls `restore` on the first of `paths` (newest first) that reads; returns that path.
+
+  A checkpoint that does not read (a kill -9 or a full disk while it was saved) is
+  reported and skipped; an intact one that does not fit (another config) raises
+  `restore`'s error. ValueError if none reads.
+  """
+  broken = []
+  for path in paths:
+    try:
+      restore(path)
+    except (ValueError, AssertionError, IndexError, tf.errors.OpError) as e:
+      why = unreadable(path)
+      if why is None:
+        raise
+      logging.warning("Checkpoint %s does not read (%s); trying the one before it.",
+                      path, why)
+      broken.append(f"{path} ({why})")
+      continue
+    if broken:
+      logging.warning("Using %s, the newest checkpoint that reads.", path)
+    return path
+  raise ValueError(f"no checkpoint reads: {'; '.join(broken)}. Move them out of the way "
+                   "to start from scratch.")
+
+
+def remove_partial_saves(directory: str) -> None:
+  """Deletes ckpt-N_temp/ directories, left when a process was killed while saving."""
+  for temp in tf.io.gfile.glob(os.path.join(directory, "ckpt-*_temp")):
+    logging.info("Removing %s, left by a save that did not finish.", temp)
+    tf.io.gfile.rmtree(temp)
+
+
+def save(manager: tf.train.CheckpointManager, step: int) -> str:
+  """manager.save at `step`; a failed save (disk full, no permission) becomes an OSError
+  naming the path, with the partial files removed and the previous checkpoint intact."""
+  try:
+    return manager.save(checkpoint_number=step)
+  except (tf.errors.OpError, OSError) as e:
+    prefix = os.path.join(manager.directory, f"ckpt-{step}")
+    for leftover in tf.io.gfile.glob(prefix + ".*") + tf.io.gfile.glob(prefix + "_temp"):
+      _remove(leftover)
+    previous = manager.latest_checkpoint
+    raise OSError(
+        f"cannot save checkpoint {prefix} ({type(e).__name__}: {_first_line(e)}); "
+        + (f"the previous checkpoint {previous} is intact" if previous else
+           "no earlier checkpoint exists") +
+        ". Free disk space or fix the permissions, then rerun to resume.") from None
+
+
+def _remove(path: str) -> None:
+  try:
+    if tf.io.gfile.isdir(path):
+      tf.io.gfile.rmtree(path)
+    else:
+      tf.io.gfile.remove(path)
+  except tf.errors.OpError as e:
+    logging.warning("Could not remove %s: %s", path, _first_line(e))
+
+
+def _first_line(error: Exception) -> str:
+  message = getattr(error, "message", None) or str(error)
+  return (message.strip().splitlines() or [""])[0][:300]
 
 
 def checkpoint_step(path: str) -> Optional[int]:
@@ -86,7 +187,7 @@ def load_for_inference(workdir: Optional[str], checkpoint: Optional[str] = None,
   """
   if not workdir:
     raise ValueError("--workdir is required: the run directory written by nmt-train.")
-  path = find_checkpoint(workdir, checkpoint)
+  paths = _candidates(workdir, checkpoint)
   config = load_config(workdir)
   config.model.recurrence = "auto"
   config.train.precision = "float32"
@@ -95,7 +196,7 @@ def load_for_inference(workdir: Optional[str], checkpoint: Optional[str] = None,
   tokenizer = _load_tokenizer(config, workdir)
   model = model_lib.create_model(config, tokenizer.source_vocab_size,
                                  tokenizer.target_vocab_size)
-  restore_model(model, path, config, workdir)
+  path = restore_newest_intact(paths, lambda p: restore_model(model, p, config, workdir))
   logging.info("Restored %s.", path)
   return Loaded(config, tokenizer, model, path, checkpoint_step(path))
 
@@ -187,3 +288,84 @@ def _read_json(path: str) -> dict:
       return json.load(f)
   except ValueError as e:
     raise ValueError(f"{path} is not valid JSON ({e}); it is written by nmt-train.") from e
+
+
+class WorkdirInUse(OSError):
+  """Another live nmt-train holds the workdir's lock."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, lock: bool = True) -> Iterator[None]:
+  """Holds <workdir>/.nmt-train.lock while training; WorkdirInUse names the holder if taken.
+
+  fcntl.flock is dropped by the kernel when its process dies (kill -9 too), so a lock file
+  left by a killed run is simply taken over. The file says who holds it (pid, host); it
+  is removed on exit, and a failed run removes the empty directories it created.
+  `lock=False` (multi-worker non-chief workers, who write only scratch dirs) just yields.
+  """
+  existed = tf.io.gfile.isdir(workdir)
+  handle = _acquire(workdir) if lock and "://" not in workdir else None
+  try:
+    yield
+  except BaseException:
+    _release(handle)
+    if lock:
+      _remove_empty_dirs(workdir, remove_top=not existed)
+    raise
+  _release(handle)
+
+
+def _acquire(workdir: str):
+  path = os.path.join(workdir, LOCK_FILE)
+  while True:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      handle = open(path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+    except OSError as e:  # Read-only, no permission, full.
+      raise OSError(f"cannot write to --workdir={workdir} ({e.strerror}: {path}); train in a "
+                    "directory you can write to.") from None
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.seek(0)
+      holder = handle.read().strip() or "holder unknown"
+      handle.close()
+      raise WorkdirInUse(f"--workdir={workdir} is in use by another nmt-train ({holder}; "
+                         f"lock file {path}). Wait for it to finish, stop it, or train in "
+                         "another --workdir.") from None
+    except OSError as e:  # A filesystem without flock (some network mounts).
+      logging.warning("Cannot lock %s (%s): nothing stops a second nmt-train here.", path, e)
+      handle.close()
+      return None
+    try:  # The holder may have removed the file between our open and flock: retry.
+      if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+        break
+    except FileNotFoundError:
+      pass
+    handle.close()
+  handle.seek(0)
+  previous = handle.read().strip()
+  if previous:
+    logging.warning("Taking over %s from %s, which is no longer running.", path, previous)
+  handle.seek(0)
+  handle.truncate()
+  handle.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+  handle.flush()
+  return handle
+
+
+def _release(handle) -> None:
+  if handle is None or handle.closed:
+    return
+  try:
+    os.remove(handle.name)  # Before unlocking: a waiter then retries on a new file.
+  except FileNotFoundError:
+    pass
+  handle.close()
+
+
+def _remove_empty_dirs(directory: str, remove_top: bool) -> None:
+  """Removes empty directories under `directory` (and it too if `remove_top`)."""
+  for root, _, _ in sorted(os.walk(directory), key=lambda w: -len(w[0])):
+    if (root != directory or remove_top) and not os.listdir(root):
+      os.rmdir(root)

@@ -160,16 +160,20 @@ def translate_file(translate_ids, tokenizer, config, input_path: Optional[str] =
   """Translates a UTF-8 text file (default stdin) line by line into `output_path` (stdout).
 
   Undecodable bytes become U+FFFD, which the tokenizer maps to UNK like any unknown
-  character; see `translate_lines`.
+  character, and NUL bytes spaces, each line with a warning; see `translate_lines`.
   """
   if input_path and not tf.io.gfile.exists(input_path):
     raise ValueError(f"--input={input_path}: no such file.")
+  for flag, path in (("input", input_path), ("output", output_path)):
+    if path and tf.io.gfile.isdir(path):
+      raise ValueError(f"--{flag}={path} is a directory; name a file, e.g. "
+                       f"{os.path.join(path, 'translations.txt')}.")
   with contextlib.ExitStack() as stack:
     if input_path:
       raw = stack.enter_context(tf.io.gfile.GFile(input_path, "rb"))
     else:
       raw = sys.stdin.buffer
-    lines = (line.decode("utf-8", errors="replace") for line in raw)
+    lines = _decode_lines(raw)
     if output_path:
       if os.path.dirname(output_path):
         tf.io.gfile.makedirs(os.path.dirname(output_path))
@@ -180,6 +184,30 @@ def translate_file(translate_ids, tokenizer, config, input_path: Optional[str] =
     for hyp in translate_lines(translate_ids, tokenizer, lines, config, attention_dir):
       out.write(hyp + "\n")
     out.flush()
+
+
+def _decode_lines(raw: Iterable[bytes], max_warnings: int = 10) -> Iterator[str]:
+  """Decodes input lines; one with invalid UTF-8 (U+FFFD in its place) or NUL bytes
+  (spaces) is still translated, with a warning naming its number (the first ones)."""
+  bad = 0
+  for number, line in enumerate(raw, start=1):
+    problems = []
+    try:
+      text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+      text = line.decode("utf-8", errors="replace")
+      problems.append(f"invalid UTF-8 at byte {e.start} (replaced by U+FFFD)")
+    if "\0" in text:
+      text = text.replace("\0", " ")
+      problems.append("NUL bytes (replaced by spaces)")
+    if problems:
+      bad += 1
+      if bad <= max_warnings:
+        logging.warning("input line %d: %s; translated anyway.", number, ", ".join(problems))
+    yield text
+  if bad > max_warnings:
+    logging.warning("%d input lines had invalid UTF-8 or NUL bytes (the first %d are named "
+                    "above).", bad, max_warnings)
 
 
 def _numbered_batches(lines: Iterable[str], batch_size: int
@@ -220,7 +248,9 @@ def evaluate_checkpoint(config, tokenizer, model, beam_size: Optional[int] = Non
   Translates the first data.eval_examples sentences (0 = all), as the training Evaluator
   does, with `beam_size` beams (default config.eval.beam_size).
   """
-  loss = eval_loss(make_eval_loss_fn(model), pipeline.make_dataset(config, tokenizer, "eval"))
+  with corpora.surface_corpus_errors():  # A bad eval file: its CorpusError, not tf.data's.
+    loss = eval_loss(make_eval_loss_fn(model),
+                     pipeline.make_dataset(config, tokenizer, "eval"))
   limit = config.data.eval_examples or None
   pairs = list(corpora.read_pairs(config.data.eval, config.data, limit=limit))
   translate_ids = make_translate_fn(model, config, beam_size)
@@ -272,7 +302,8 @@ class Evaluator:
     self.samples: List[Tuple[str, str, str]] = []
 
   def __call__(self, step: int, writer: Optional[tf.summary.SummaryWriter]) -> Dict:
-    metrics = {"loss": eval_loss(self.eval_step, self.dataset)}
+    with corpora.surface_corpus_errors():  # A bad eval file: its CorpusError.
+      metrics = {"loss": eval_loss(self.eval_step, self.dataset)}
     metrics["perplexity"] = float(np.exp(min(metrics["loss"], 50.0)))
     hyps, _, _, _ = translate(self.translate_ids, self.tokenizer, self.sources, self.config)
     metrics.update(score(hyps, self.references))

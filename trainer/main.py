@@ -7,7 +7,9 @@ calls one function.
 import json
 import math
 import os
+import re
 import sys
+from typing import Callable, List
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -26,11 +28,63 @@ def _define_common() -> None:
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, tokenizer, TensorBoard.")
 
 
+def _run(main: Callable[[List[str]], None]) -> None:
+  """app.run with our flag parsing: --help lists this command's flags and exits 0; a flag
+  or config-file error is one `error:` line (exit 1)."""
+  app.run(main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: List[str]) -> List[str]:
+  command = os.path.basename(argv[0])
+  options = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  if any(a in ("-h", "--help", "-help", "--helpshort") for a in options):
+    print(_usage(command))
+    sys.exit(0)
+  config_file = next((a.split("=", 1)[1] for a in options if a.startswith("--config=")),
+                     None)
+  if config_file and not os.path.isfile(config_file.split(":", 1)[0]):
+    _fail(f"--config={config_file}: no such file; use e.g. configs/default.py.")
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{e}. {command} --help lists the flags.")
+  except (AttributeError, KeyError) as e:  # An unknown --config.KEY override.
+    text = str(e.args[0] if e.args else e).replace("\\'", "'").replace("\\n", "\n")
+    lines = text.strip("'\" ").splitlines()
+    key = lines[0].strip("'\" ")
+    hint = next((line.strip() for line in lines if "Did you mean" in line), "")
+    given = [a.split("=", 1)[0] for a in options
+             if a.startswith("--config.") and re.search(rf"\.{re.escape(key)}(\.|=|$)", a)]
+    _fail(f"{given[0] if given else '--config.' + key}: no such config key '{key}'. "
+          f"{hint} Keys: configs/default.py.")
+  except Exception as e:  # pylint: disable=broad-except  (the config file itself raised)
+    _fail(f"--config={config_file}: the config file does not load: "
+          f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+  return []
+
+
+def _usage(command: str) -> str:
+  """The command's own flags (absl's --help would list only the flags of its __main__)."""
+  lines = [f"usage: {command} [flags]", ""]
+  for name in sorted(n for n in FLAGS if FLAGS.find_module_defining_flag(n) == __name__):
+    flag = FLAGS[name]
+    default = "" if flag.default is None else f" (default: {flag.default!r})"
+    lines.append(f"  --{name}: {flag.help}{default}")
+    if name == "config":
+      lines.append("  --config.KEY=VALUE: override any key of the config file, e.g. "
+                   "--config.train.steps=200 (keys: configs/default.py).")
+  lines += ["", "Exit codes: 0 done, 1 error (one `error:` line on stderr), "
+            "42 stopped by SIGTERM/SIGINT after saving a checkpoint "
+            "(nmt-train: rerun to resume).", "absl's own flags: --helpfull."]
+  return "\n".join(lines)
+
+
 def _train_main(argv) -> None:
   del argv
   from configs import validate
-  try:
-    validate.validate(FLAGS.config)  # Before the seconds of importing TensorFlow.
+  try:  # Before the seconds of importing TensorFlow.
+    validate.validate(FLAGS.config)
+    validate.check_resume(FLAGS.config, FLAGS.workdir)
   except validate.ConfigError as e:
     _fail(str(e))
   from trainer import train
@@ -38,13 +92,21 @@ def _train_main(argv) -> None:
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ValueError, FloatingPointError, OSError) as e:  # CorpusError is a ValueError.
     _fail(str(e))
+  except (train.tf.errors.PermissionDeniedError,
+          train.tf.errors.ResourceExhaustedError) as e:  # A write into the workdir failed.
+    _fail(f"{e.message.strip().splitlines()[0]} (check free space and permissions of "
+          f"--workdir={FLAGS.workdir}; rerun to resume)")
+  if summary["already_complete"]:
+    print(f"The run in {FLAGS.workdir} was already complete at step {summary['step']}: "
+          "nothing done, nothing written. Raise --config.train.steps to train further.")
   for source, reference, hypothesis in summary["samples"]:
     print(f"  {source}\n    -> {hypothesis}\n    (reference: {reference})")
   if summary["eval"]:
     print(f"Step {summary['step']}: BLEU {summary['eval']['bleu']:.1f}, "
           f"chrF {summary['eval']['chrf']:.1f}, eval loss {summary['eval']['loss']:.3f}. "
           f"TensorBoard: tensorboard --logdir {os.path.abspath(FLAGS.workdir)}")
-  final = {k: summary[k] for k in ("step", "eval", "seconds", "workdir", "interrupted")}
+  final = {k: summary[k] for k in ("step", "eval", "seconds", "workdir", "interrupted",
+                                    "already_complete")}
   print(_strict_json(final))
   if summary["interrupted"]:  # Stopped by a signal, checkpoint saved: rerun to resume.
     sys.exit(train.distribute.PREEMPTED_EXIT_CODE)
@@ -69,7 +131,7 @@ def _strict_json(value) -> str:
 def run_train() -> None:
   _define_common()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(_train_main)
+  _run(_train_main)
 
 
 def _bench_main(argv) -> None:
@@ -108,7 +170,7 @@ def run_bench() -> None:
   flags.DEFINE_list("recurrences", ["fused", "keras", "cudnn"],
                     "doctor: model.recurrence values to try.")
   flags.mark_flags_as_required(["config"])
-  app.run(_bench_main)
+  _run(_bench_main)
 
 
 def _prepare_main(argv) -> None:
@@ -128,7 +190,7 @@ def run_prepare() -> None:
   flags.DEFINE_string("output_dir", None, "Directory to write (or, if finished, verify).")
   flags.DEFINE_integer("shard_examples", 20000, "Examples per shard file.")
   flags.mark_flags_as_required(["config", "output_dir"])
-  app.run(_prepare_main)
+  _run(_prepare_main)
 
 
 def _fail(message: str) -> None:
@@ -155,7 +217,7 @@ def _eval_main(argv) -> None:
       loaded.config.data.eval = FLAGS.data
     metrics = evaluate.evaluate_checkpoint(loaded.config, loaded.tokenizer, loaded.model,
                                            FLAGS.beam_size)
-  except ValueError as e:
+  except (ValueError, OSError) as e:  # CorpusError is a ValueError.
     _fail(str(e))
   print(json.dumps(dict(bleu=metrics["bleu"], chrf=metrics["chrf"], loss=metrics["loss"],
                         examples=metrics["examples"], checkpoint=loaded.checkpoint,
@@ -166,7 +228,7 @@ def run_eval() -> None:
   _define_inference_flags()
   flags.DEFINE_string("data", None, "Corpus to score instead of the run's config.data.eval "
                       "(same syntax, e.g. tsv:test.tsv).")
-  app.run(_eval_main)
+  _run(_eval_main)
 
 
 def _translate_main(argv) -> None:
@@ -187,7 +249,7 @@ def run_translate() -> None:
   flags.DEFINE_string("input", None, "Text file, one sentence per line; default: stdin.")
   flags.DEFINE_string("output", None, "Where to write translations; default: stdout.")
   flags.DEFINE_string("attention_dir", None, "Write line N's attention as DIR/00000N.png.")
-  app.run(_translate_main)
+  _run(_translate_main)
 
 
 def _export_main(argv) -> None:
@@ -198,7 +260,7 @@ def _export_main(argv) -> None:
                                             for_export=True)
     translator = export.export(loaded.config, loaded.tokenizer, loaded.model,
                                FLAGS.export_dir, FLAGS.beam_size)
-  except ValueError as e:
+  except (ValueError, OSError) as e:
     _fail(str(e))
   print(json.dumps(dict(export_dir=FLAGS.export_dir, checkpoint=loaded.checkpoint,
                         step=loaded.step, beam_size=translator.beam_size)))
@@ -209,4 +271,4 @@ def run_export() -> None:
   flags.DEFINE_string("export_dir", None, "SavedModel directory to write, e.g. "
                       "exports/nmt/1 for TensorFlow Serving.")
   flags.mark_flags_as_required(["export_dir"])
-  app.run(_export_main)
+  _run(_export_main)
