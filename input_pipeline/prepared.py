@@ -230,30 +230,39 @@ def _bytes(value: bytes) -> tf.train.Feature:
 
 def _write_shard(output_dir: str, split: str, index: int, examples: list,
                  rng: np.random.Generator, grid: list[int], by_bucket: bool) -> dict:
-  """Writes one shard under a .tmp name, then renames it; returns its manifest entry.
+  """Writes one shard (a chunk of the corpus) and returns its manifest entry.
 
-  Train shards hold their examples sorted by grid length, shuffled within each length
-  ("buckets": [first record, count] per grid length), so that a reader batches each length
-  from a contiguous run of records without looking at one example at a time. Eval shards
-  keep corpus order (eval_examples takes the first ones for BLEU).
+  Train shards are one file per grid length L (`train-00012-L016.tfrecord`), shuffled, so a
+  reader batches each length from its own files without looking at single examples. Eval
+  shards are one file in corpus order (eval_examples takes the first ones for BLEU). Each
+  file is written under a .tmp name and renamed when complete.
   """
-  name = f"{split}-{index:05d}.tfrecord"
-  path = os.path.join(output_dir, name)
   lengths = np.array([length for _, length in examples])
-  buckets = np.searchsorted(grid, lengths)
-  order = (np.lexsort((rng.random(len(examples)), buckets)) if by_bucket
-           else np.arange(len(examples)))
-  with tf.io.TFRecordWriter(path + ".tmp") as writer:
-    for i in order:
-      writer.write(examples[i][0])
-  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
-  counts = np.bincount(buckets, minlength=len(grid))
-  starts = np.cumsum(counts) - counts
   values, numbers = np.unique(lengths, return_counts=True)
-  return {"file": name, "examples": len(examples), "bytes": tf.io.gfile.stat(path).length,
-          "sha256": _sha256(path),
-          "lengths": {str(length): int(n) for length, n in zip(values, numbers)},
-          "buckets": [[int(a), int(n)] for a, n in zip(starts, counts)] if by_bucket else []}
+  entry = {"examples": len(examples), "files": [],
+           "lengths": {str(length): int(n) for length, n in zip(values, numbers)}}
+  if not by_bucket:
+    entry["files"].append(_write_file(output_dir, f"{split}-{index:05d}.tfrecord",
+                                      [serialized for serialized, _ in examples]))
+    return entry
+  buckets = np.searchsorted(grid, lengths)
+  for b, length in enumerate(grid):
+    members = np.flatnonzero(buckets == b)
+    if len(members):
+      name = f"{split}-{index:05d}-L{length:03d}.tfrecord"
+      entry["files"].append(dict(length=length, **_write_file(
+          output_dir, name, [examples[i][0] for i in rng.permutation(members)])))
+  return entry
+
+
+def _write_file(output_dir: str, name: str, records: list[bytes]) -> dict:
+  path = os.path.join(output_dir, name)
+  with tf.io.TFRecordWriter(path + ".tmp") as writer:
+    for record in records:
+      writer.write(record)
+  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+  return {"file": name, "examples": len(records), "bytes": tf.io.gfile.stat(path).length,
+          "sha256": _sha256(path)}
 
 
 def _sha256(path: str) -> str:
@@ -288,7 +297,8 @@ def load_manifest(directory: str) -> dict:
                        f"{FORMAT_VERSION}")
     for split in SPLITS:
       for shard in manifest["splits"][split]["shards"]:
-        shard["file"], shard["bytes"], shard["sha256"], shard["lengths"]  # noqa: B018
+        for file in shard["files"]:
+          file["file"], file["examples"], file["bytes"], file["sha256"]  # noqa: B018
   except (ValueError, KeyError, TypeError) as e:
     raise PreparedDataError(f"{path} is not a valid manifest ({type(e).__name__}: {e}); "
                             f"delete {directory} and run nmt-prepare again") from None
@@ -326,7 +336,8 @@ def verify_shards(directory: str, manifest: dict, split: str,
                   shards: list[dict] | None = None) -> None:
   """PreparedDataError naming the first shard (of `shards`, default all of the split) that
   is missing, truncated or corrupted (sha256), or an extra one the manifest does not list."""
-  listed = {shard["file"] for shard in manifest["splits"][split]["shards"]}
+  listed = {file["file"] for shard in manifest["splits"][split]["shards"]
+            for file in shard["files"]}
   shards = manifest["splits"][split]["shards"] if shards is None else shards
   extra = sorted(name for name in tf.io.gfile.listdir(directory)
                  if name.startswith(split + "-") and name not in listed)
@@ -347,7 +358,8 @@ def verify_shards(directory: str, manifest: dict, split: str,
     return None
 
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    problems = [p for p in pool.map(check, shards) if p]
+    problems = [p for p in pool.map(check, [f for shard in shards for f in shard["files"]])
+                if p]
   if problems:
     raise PreparedDataError(f"{problems[0]}; run nmt-prepare again into a new --output_dir "
                             f"(or delete {directory} first)"
@@ -386,8 +398,7 @@ def make_dataset(config, tokenizer: tokenizer_lib.Tokenizer, split: str, *,
   training = split == "train"
   repeat = training if repeat is None else repeat
   if not training:
-    dataset = _parse(tf.data.TFRecordDataset([os.path.join(directory, s["file"])
-                                              for s in shards]))
+    dataset = _parse(tf.data.TFRecordDataset(_paths(directory, shards)))
     dataset = pipeline.bucket(dataset, config, input_context=input_context,
                               drop_remainder=False)
     return (dataset.repeat() if repeat else dataset).prefetch(tf.data.AUTOTUNE)
@@ -421,6 +432,12 @@ def _pipeline_shards(manifest: dict, directory: str, split: str,
   return shards[input_context.input_pipeline_id::count]
 
 
+def _paths(directory: str, shards: list[dict], length: int | None = None) -> list[str]:
+  """The files of `shards` (of grid length `length` only, if given), in order."""
+  return [os.path.join(directory, file["file"]) for shard in shards
+          for file in shard["files"] if length is None or file["length"] == length]
+
+
 def _parse(records: tf.data.Dataset) -> tf.data.Dataset:
   """Serialized examples -> {"source", "target"} int32 [T] examples (dense)."""
   features = {key: tf.io.RaggedFeature(tf.int64) for key in ("source", "target")}
@@ -450,18 +467,17 @@ class Plan:
     self.grid = pipeline.padded_shapes(config)
     self.sizes = pipeline.bucket_batch_sizes(config, input_context)
     self.num_groups = -(-len(shards) // GROUP_SHARDS)  # G
-    members = [list(range(j, len(shards), self.num_groups)) for j in range(self.num_groups)]
-    width = max(len(group) for group in members)
-    # [G, width] files and [G, width, lengths] record runs; missing members read nothing.
-    self.files = tf.constant([[os.path.join(directory, shards[group[min(k, len(group) - 1)]]
-                                            ["file"]) for k in range(width)]
-                              for group in members])
-    runs = np.zeros([self.num_groups, width, len(self.grid), 2], np.int64)
-    for j, group in enumerate(members):
-      for k, i in enumerate(group):
-        runs[j, k] = shards[i]["buckets"]
-    self.starts, self.counts = tf.constant(runs[..., 0]), tf.constant(runs[..., 1])
-    examples = runs[..., 1].sum(axis=1)  # [G, lengths]
+    members = [shards[j::self.num_groups] for j in range(self.num_groups)]
+    # Row j * len(grid) + b: the files of length grid[b] of group j; a group without any
+    # names one file that is not read (has_files), as TFRecordDataset needs a name.
+    placeholder = _paths(directory, shards)[:1]
+    self.files = tf.ragged.constant([_paths(directory, group, length) or placeholder
+                                     for group in members for length in self.grid])
+    self.has_files = tf.constant([bool(_paths(directory, group, length))
+                                  for group in members for length in self.grid])
+    examples = np.array([[sum(f["examples"] for shard in group for f in shard["files"]
+                              if f["length"] == length) for length in self.grid]
+                         for group in members], np.int64)  # [G, lengths]
     self.buffer = int(min(self.shuffle_buffer, max(1, examples.max())))
     self.batches = examples // np.array(self.sizes)  # [G, lengths], remainders dropped.
     self.epoch_batches = int(self.batches.sum())
@@ -510,20 +526,21 @@ class Plan:
 
   def _length_stream(self, group, j, b: int, skip_batches) -> tf.data.Dataset:
     """Batches [B_L, L] of grid length index b of group j (order: seeded by the group)."""
-    files, starts, counts = self.files[j], self.starts[j, :, b], self.counts[j, :, b]
-    records = tf.data.Dataset.range(tf.size(files, out_type=tf.int64)).interleave(
-        lambda k: tf.data.TFRecordDataset(files[k]).skip(starts[k]).take(counts[k]),
-        cycle_length=GROUP_SHARDS, num_parallel_calls=GROUP_SHARDS,
-        deterministic=self.deterministic)
+    row = j * len(self.grid) + b
+    records = tf.data.TFRecordDataset(self.files[row], num_parallel_reads=GROUP_SHARDS)
+    records = records.take(tf.where(self.has_files[row], tf.constant(-1, tf.int64), 0))
+    size, length = self.sizes[b], self.grid[b]
     if self.shuffle_buffer:  # A fresh permutation of each window of records per group.
       # Stateless: a pure function of (seed, group, length, window), so resumable; a
       # seeded tf.data shuffle cannot take a seed computed in the graph here.
       seed = tf.stack([self.seed * 1_000_003 + group, tf.constant(b * 2**32, tf.int64)])
-      records = records.batch(self.buffer).enumerate().map(
+      batches = records.batch(self.buffer).enumerate().map(
           lambda i, window: tf.random.experimental.stateless_shuffle(window, seed + [0, i]),
-          num_parallel_calls=tf.data.AUTOTUNE, deterministic=self.deterministic).unbatch()
-    size, length = self.sizes[b], self.grid[b]
-    return records.skip(skip_batches * size).batch(size, drop_remainder=True).map(
+          num_parallel_calls=tf.data.AUTOTUNE, deterministic=self.deterministic
+      ).rebatch(size, drop_remainder=True)
+    else:
+      batches = records.batch(size, drop_remainder=True)
+    return batches.skip(skip_batches).map(
         lambda serialized: _parse_padded(serialized, length),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=self.deterministic)
 
@@ -568,7 +585,7 @@ def read_text(spec: corpora.SourceSpec,
   verify_shards(directory, manifest, part, shards)
   features = {key: tf.io.FixedLenFeature([], tf.string)
               for key in ("source_text", "target_text")}
-  records = tf.data.TFRecordDataset([os.path.join(directory, s["file"]) for s in shards])
+  records = tf.data.TFRecordDataset(_paths(directory, shards))
   return records.batch(_PARSE_BATCH).map(
       lambda serialized: tf.io.parse_example(serialized, features)).unbatch().map(
           lambda f: (f["source_text"], f["target_text"]))

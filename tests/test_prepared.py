@@ -4,6 +4,7 @@ import collections
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -214,7 +215,8 @@ def test_shard_corrupted_after_the_check_is_a_clear_error(corpus, tokenizer, tmp
   config = _prepared_config((corpus[0], copy))
   config.data.shuffle_buffer = 0  # Groups in order: group 0 holds train-00000.
   dataset = pipeline.make_dataset(config, tokenizer, "train")  # Checked here.
-  _corrupt(os.path.join(copy, "train-00000.tfrecord"), truncate=False)
+  for path in _shard_files(copy, 0):
+    _corrupt(path, truncate=False)
   with pytest.raises(corpora.CorpusError, match=r"prepared shard is corrupted .*run "
                      r"nmt-prepare again with the same --output_dir"):
     with corpora.surface_corpus_errors():
@@ -291,17 +293,24 @@ def _corrupt(path, truncate):
   open(path, "wb").write(bytes(data))
 
 
+def _shard_files(directory, index):
+  """The files of train shard `index`, from the manifest."""
+  shard = prepared.load_manifest(directory)["splits"]["train"]["shards"][index]
+  return [os.path.join(directory, f["file"]) for f in shard["files"]]
+
+
 @pytest.mark.parametrize("damage,message", [
-    ("truncated", r"train-00003.tfrecord has \d+ bytes, manifest.json says \d+ \(truncated"),
-    ("corrupted", r"train-00003.tfrecord does not match its sha256 in manifest.json"),
+    ("truncated", r"{name} has \d+ bytes, manifest.json says \d+ \(truncated"),
+    ("corrupted", r"{name} does not match its sha256 in manifest.json"),
     ("extra shard", r"train-00999.tfrecord is not listed in manifest.json"),
-    ("missing shard", r"train-00003.tfrecord is missing"),
+    ("missing shard", r"{name} is missing"),
     ("manifest", r"manifest.json is not a valid manifest"),
 ])
 def test_damaged_directory_is_one_clear_error(corpus, tokenizer, tmp_path, damage, message):
   copy = str(tmp_path / "data")
   shutil.copytree(corpus[1], copy)
-  shard = os.path.join(copy, "train-00003.tfrecord")
+  shard = _shard_files(copy, 3)[0]
+  message = message.format(name=re.escape(os.path.basename(shard)))
   if damage in ("truncated", "corrupted"):
     _corrupt(shard, truncate=damage == "truncated")
   elif damage == "extra shard":
@@ -355,10 +364,11 @@ def test_nmt_prepare_cli_verifies_and_reports_a_corrupted_shard(corpus, tmp_path
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert json.loads(ok.stdout.strip().splitlines()[-1])["train"]["skipped"] == {
       "too few columns": 1}
-  _corrupt(os.path.join(copy, "train-00001.tfrecord"), truncate=False)
+  shard = _shard_files(copy, 1)[0]
+  _corrupt(shard, truncate=False)
   bad = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=_ROOT)
   assert bad.returncode != 0 and "Traceback" not in bad.stderr
-  assert "error:" in bad.stderr and "train-00001.tfrecord does not match" in bad.stderr
+  assert "error:" in bad.stderr and f"{shard} does not match" in bad.stderr
 
 
 def test_tf_data_service_with_two_workers_trains_the_tiny_config(corpus, tmp_path, caplog):
