@@ -157,7 +157,9 @@ def _remove(path: str) -> None:
 
 
 def _first_line(error: Exception) -> str:
+  """The error's first line without TensorFlow's `{{function_node ...}}` and `[Op:...]`."""
   message = getattr(error, "message", None) or str(error)
+  message = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\]", "", message)
   return (message.strip().splitlines() or [""])[0][:300]
 
 
@@ -364,8 +366,11 @@ def _release(handle) -> None:
   handle.close()
 
 
-def _remove_empty_dirs(directory: str, remove_top: bool) -> None:
-  """Removes empty directories under `directory` (and it too if `remove_top`)."""
-  for root, _, _ in sorted(os.walk(directory), key=lambda w: -len(w[0])):
-    if (root != directory or remove_top) and not os.listdir(root):
-      os.rmdir(root)
+def _remove_empty_dirs(workdir: str, remove_top: bool) -> None:
+  """Removes the run's own subdirectories of `workdir` that are empty (and `workdir` too if
+  `remove_top`); never walks the tree: --workdir may be a directory holding other things."""
+  for sub in ("tokenizer", os.path.join("checkpoints", "best"), "checkpoints", "train",
+              "eval", ""):
+    path = os.path.join(workdir, sub) if sub else workdir
+    if (sub or remove_top) and os.path.isdir(path) and not os.listdir(path):
+      os.rmdir(path)
