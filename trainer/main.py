@@ -47,7 +47,12 @@ def _define_common() -> None:
 def _run(main: Callable[[List[str]], None]) -> None:
   """app.run with our flag parsing: --help lists this command's flags and exits 0; a flag
   or config-file error is one `error:` line (exit 1)."""
-  app.run(main, flags_parser=_parse_flags)
+  try:
+    app.run(main, flags_parser=_parse_flags)
+  except KeyboardInterrupt:  # Ctrl-C outside nmt-train's loop (which saves and exits 42).
+    sys.stderr.write("error: interrupted (SIGINT); nmt-train resumes from its last "
+                     "checkpoint when rerun.\n")
+    sys.exit(130)
 
 
 def _parse_flags(argv: List[str]) -> List[str]:
