@@ -483,7 +483,6 @@ class Plan:
     examples = np.array([[sum(f["examples"] for shard in group for f in shard["files"]
                               if f["length"] == length) for length in self.grid]
                          for group in members], np.int64)  # [G, lengths]
-    self.buffer = int(min(self.shuffle_buffer, max(1, examples.max())))
     self.batches = examples // np.array(self.sizes)  # [G, lengths], remainders dropped.
     self.epoch_batches = int(self.batches.sum())
     if not self.epoch_batches:
@@ -535,20 +534,26 @@ class Plan:
     records = tf.data.TFRecordDataset(self.files[row])
     records = records.take(tf.where(self.has_files[row], tf.constant(-1, tf.int64), 0))
     size, length = self.sizes[b], self.grid[b]
-    if self.shuffle_buffer:  # A fresh permutation of each window of records per group.
+    # Windows of whole batches, parsed and permuted at once: one op per window, not per
+    # batch or example; skipped batches that fill whole windows are never parsed.
+    per_window = max(1, (self.shuffle_buffer or _PARSE_BATCH) // size)
+    seed = tf.stack([self.seed * 1_000_003 + group, tf.constant(b * 2**32, tf.int64)])
+
+    def parse(i, serialized):
+      window = _parse_padded(serialized, length)
+      if not self.shuffle_buffer:
+        return window
       # Stateless: a pure function of (seed, group, length, window), so resumable; a
       # seeded tf.data shuffle cannot take a seed computed in the graph here.
-      seed = tf.stack([self.seed * 1_000_003 + group, tf.constant(b * 2**32, tf.int64)])
-      batches = records.batch(self.buffer).enumerate().map(
-          lambda i, window: tf.random.experimental.stateless_shuffle(window, seed + [0, i]),
-          num_parallel_calls=tf.data.AUTOTUNE, deterministic=self.deterministic
-      ).rebatch(size, drop_remainder=True)
-    else:
-      batches = records.batch(size, drop_remainder=True)
-    return batches.skip(skip_batches).map(
-        lambda serialized: _parse_padded(serialized, length),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=self.deterministic
-    ).prefetch(_STREAM_PREFETCH)
+      order = tf.random.experimental.stateless_shuffle(
+          tf.range(tf.shape(serialized)[0]), seed + [0, i])
+      return {key: tf.gather(value, order) for key, value in window.items()}
+
+    windows = records.batch(per_window * size).enumerate().skip(skip_batches // per_window)
+    batches = windows.map(parse, num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=self.deterministic)
+    return batches.rebatch(size, drop_remainder=True).skip(
+        skip_batches % per_window).prefetch(_STREAM_PREFETCH)
 
 
 def _parse_padded(serialized: tf.Tensor, length: int) -> dict:
