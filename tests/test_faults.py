@@ -19,7 +19,6 @@ import pytest
 import tensorflow as tf
 
 from configs import tiny
-from configs import validate
 from input_pipeline import corpora
 from input_pipeline import tokenizer as tokenizer_lib
 from trainer import checkpoints
