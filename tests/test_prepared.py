@@ -249,6 +249,7 @@ def config(steps):
   c.tokenizer.vocab_size = 60
   c.model.units, c.model.embed_dim = 32, 16
   c.data.eval_examples, c.eval.beam_size = 8, 1
+  c.eval.num_probes, c.eval.probe_sentences = 0, ()  # No attention images to draw.
   c.distribute.strategy, c.distribute.cpu_devices = "mirrored", 2
   c.train.batch_size, c.train.xla, c.train.precision = 8, "off", "float32"
   c.train.update(steps=steps, steps_per_loop=3, log_every=3, checkpoint_every=6,
@@ -384,6 +385,7 @@ def test_tf_data_service_with_two_workers_trains_the_tiny_config(corpus, tmp_pat
     config.data.service_address = line.split()[3]
     config.model.units, config.model.embed_dim = 32, 16
     config.data.eval_examples, config.eval.beam_size = 8, 1
+    config.eval.num_probes, config.eval.probe_sentences = 0, ()
     config.train.update(steps=6, steps_per_loop=3, log_every=3, checkpoint_every=6,
                         eval_every=1000, xla="off")
     caplog.set_level("INFO")
