@@ -65,7 +65,7 @@ from input_pipeline import tokenizer as tokenizer_lib
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "eval")
-GROUP_SHARDS = 4  # Shards read (interleaved) and shuffled together; bounds a resume replay.
+GROUP_SHARDS = 4  # Shards read and shuffled together; a resume skips at most one group.
 SHARD_EXAMPLES = 20000  # Default examples per shard written by nmt-prepare.
 # Batches each grid length's stream prepares ahead, in its own thread: the streams of a
 # group read their files concurrently. (Within a stream the files are read one after the
@@ -459,8 +459,8 @@ class Plan:
   """The training stream of one input pipeline as a sequence of groups (module docstring).
 
   Everything here is arithmetic on the manifest: nothing is read to locate a step. Within a
-  group, each grid length L is one stream of records (the shards' runs of length L,
-  interleaved, shuffled, batched by B_L, parsed and padded to L a batch at a time); the
+  group, each grid length L is one stream (the group's files of length L, parsed, padded to
+  L and permuted a window of whole batches at a time, then cut into batches of B_L); the
   order in which the lengths' batches follow each other is a seeded permutation of the
   group's batch labels, so no op ever looks at a single example.
   """
