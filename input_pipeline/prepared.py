@@ -35,16 +35,17 @@ buffer would add to every checkpoint, and neither works through the tf.data serv
 README (Prepared corpora) has the measured cost of both paths.
 
 Cost (design note). At any step N, resuming costs: one manifest read, a size and sha256
-check of this pipeline's shards, O(G) arithmetic, and skipping at most one group's records
-(GROUP_SHARDS * shard_examples, 80k by default): the same at step 10^6 as at step 100.
-At 10^8 corpus lines (default 20k examples per shard): 5000 shards, a ~1.5 MB manifest,
-~1 MB of group tables in the graph; the checksum pass reads the pipeline's share of ~15 GB
-at every start (seconds to minutes; it names a damaged file before training rather than
-failing mid-run); nmt-prepare holds one shard (~5 MB) plus the tokenizer sample and runs
-at the raw readers' speed (one process: hours at 10^8 lines). Trade-offs: examples of
-different groups never share a batch, and the tf.data service path (`data.service_address`)
-hands out whole groups to its workers in the order they ask, so it resumes at a group
-boundary and its order is not reproducible.
+check of this pipeline's shards, O(G) arithmetic, and skipping at most one group's batches
+(GROUP_SHARDS * shard_examples = 80k examples by default, whole windows unparsed): the same
+at step 10^6 as at step 100. At 10^8 corpus lines: 5000 shards of 20k examples, up to one
+file per shard and grid length; every start lists the directory and hashes this pipeline's
+share of the data, O(corpus bytes / workers), which names a damaged file before training
+rather than failing mid-run. nmt-prepare holds one shard plus the tokenizer's sample, not
+the corpus, and runs at the raw readers' speed in one process. The README (Prepared
+corpora) has these sizes and times extrapolated from a measured 1M-pair run. Trade-offs:
+examples of different groups never share a batch, and the tf.data service path
+(`data.service_address`) hands out whole groups to its workers in the order they ask, so
+it resumes at a group boundary and its order is not reproducible.
 """
 import concurrent.futures
 import hashlib
