@@ -47,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.batch_size = 64  # Global batch in sentences (split over replicas).
   train.tokens_per_batch = 0  # Global token budget per batch when data.batch_by = tokens.
   train.steps = 20000  # Total training steps.
+  train.max_seconds = 0.0  # Wall-clock budget of the run in seconds, counted over all resumes (0 = none): at the budget it evaluates, checkpoints and exits 0; raise it to go on.
+  train.accumulate_steps = 1  # Batches whose gradients make one update: k x train.batch_size sentences per step, exactly as one batch of that size.
   train.steps_per_loop = 10  # Train steps per tf.function call (cuts host overhead).
   train.learning_rate = 1e-3  # Peak Adam learning rate.
   train.warmup_steps = 500  # Linear warmup steps.
@@ -59,8 +61,10 @@ def get_config() -> ml_collections.ConfigDict:
   train.max_nonfinite_steps = 10  # Stop after this many non-finite losses in a row (each is skipped).
   train.log_every = 100  # Steps between progress lines and scalar summaries.
   train.checkpoint_every = 1000  # Steps between checkpoints.
-  train.keep_checkpoints = 3  # Most recent checkpoints kept (the best by eval loss is kept too).
+  train.keep_checkpoints = 3  # Most recent checkpoints kept (the best by dev BLEU is kept too, in checkpoints/best).
   train.eval_every = 1000  # Steps between evaluations (loss, BLEU, attention images).
+  train.early_stopping_patience = 0  # Stop after this many evaluations in a row without dev BLEU beating the best by train.early_stopping_min_delta (0 = off).
+  train.early_stopping_min_delta = 0.1  # BLEU points an evaluation must gain over the best to reset the patience.
   train.profile_steps = ""  # Profiler trace for a step range "START,END" ("" = off).
 
   config.eval = ev = ml_collections.ConfigDict()

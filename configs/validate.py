@@ -162,7 +162,11 @@ def _train(config) -> None:
   _ints(config, 1, "train.batch_size", "train.steps", "train.steps_per_loop",
         "train.log_every", "train.checkpoint_every", "train.eval_every",
         "train.keep_checkpoints", "train.max_nonfinite_steps")
-  _ints(config, 0, "train.warmup_steps", "train.tokens_per_batch")
+  _ints(config, 0, "train.warmup_steps", "train.tokens_per_batch",
+        "train.early_stopping_patience")
+  _ints(config, 1, "train.accumulate_steps")
+  _number(config, "train.max_seconds", 0.0)
+  _number(config, "train.early_stopping_min_delta", 0.0)
   _number(config, "train.learning_rate", 0.0)
   if t.learning_rate == 0:
     raise invalid("train.learning_rate", t.learning_rate, "must be > 0")

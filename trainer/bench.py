@@ -202,7 +202,8 @@ def run(config, workdir: str, num_steps: int = 30) -> Dict:
   config = run_.config  # Resolved: no 'auto' modes.
   train_loop = train.make_train_loop(run_.strategy, train.make_replica_step(
       run_.model, run_.optimizer, config, run_.strategy),
-      timed=not config.train.deterministic_ops)
+      timed=not config.train.deterministic_ops,
+      accumulate_steps=config.train.accumulate_steps)
   peak = measure_peak_gflops(compute_dtype(config.train.precision))
   compiled = _warm_up(run_, train_loop, config)
   timed = _time_steps(run_, train_loop, num_steps, config.train.steps_per_loop)

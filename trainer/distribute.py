@@ -362,3 +362,25 @@ def wait_for_chief(strategy: tf.distribute.Strategy, step: int,
   if is_multi_worker(strategy):
     with peer_failures(strategy, step, collective_timeout_s):
       barrier(strategy, BARRIER_TIMEOUT_S)
+
+
+def broadcast_from_chief(strategy: tf.distribute.Strategy, variable: tf.Variable) -> None:
+  """Multi-worker: every worker takes the chief's value of `variable` (a decision the
+  chief alone can make, like early stopping, or that must not differ between workers,
+  like the time budget), so that all stop at the same step. No-op on one worker."""
+  if not is_multi_worker(strategy):
+    return
+  # Each of the chief's local replicas adds its share: the sum over all is the value.
+  local_replicas = len(strategy.extended.worker_devices)
+  mine = (tf.cast(variable.read_value(), tf.float64) / local_replicas if is_chief(strategy)
+          else tf.zeros([], tf.float64))
+
+  def all_reduce(value):
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM,
+                                                          value)
+
+  total = strategy.experimental_local_results(
+      strategy.run(tf.function(all_reduce), args=(mine,)))[0]
+  if variable.dtype.is_integer:
+    total = tf.round(total)
+  variable.assign(tf.cast(total, variable.dtype))

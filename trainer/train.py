@@ -6,6 +6,7 @@ by the *global* token count, so the loss is right for any replica count. Where i
 (modes, strategy, multi-worker plumbing) is trainer/distribute.py; evaluation is one call
 into trainer/evaluate.py; progress lines and the profiler are trainer/summaries.py.
 """
+import contextlib
 import dataclasses
 import os
 import time
@@ -85,13 +86,22 @@ def make_gradient_fn(model, config, scale_fn):
   grad_fn = make_grad_fn(model, config)
   clip = float(config.train.clip_norm)
 
-  def global_gradients(batch):
+  def global_gradients(batches):
+    """`batches`: one batch, or the train.accumulate_steps micro-batches of one update."""
     ctx = tf.distribute.get_replica_context()
-    source, target = batch["source"], batch["target"]
-    local_tokens = tf.reduce_sum(tf.cast(target[:, 1:] != 0, tf.float32))
+    batches = batches if isinstance(batches, (list, tuple)) else [batches]
+    local_tokens = tf.add_n([tf.reduce_sum(tf.cast(b["target"][:, 1:] != 0, tf.float32))
+                             for b in batches])
     global_tokens = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_tokens)
     scale = scale_fn()
-    grads, loss_sum = grad_fn(source, target, global_tokens, scale)
+    # Every micro-batch's loss is divided by the tokens of all of them, so the summed
+    # gradients are exactly those of one batch holding them all.
+    grads, loss_sum = grad_fn(batches[0]["source"], batches[0]["target"], global_tokens,
+                              scale)
+    for b in batches[1:]:
+      more, more_loss = grad_fn(b["source"], b["target"], global_tokens, scale)
+      grads = [_add_gradients(g, m) for g, m in zip(grads, more)]
+      loss_sum += more_loss
     # The loss sum rides along in the gradients' all-reduce: no collective of its own.
     *grads, global_loss = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
                                          [g / scale for g in grads] + [loss_sum])
@@ -103,6 +113,15 @@ def make_gradient_fn(model, config, scale_fn):
     return grads, loss_sum, local_tokens, grad_norm, finite
 
   return global_gradients
+
+
+def _add_gradients(a, b):
+  """a + b for dense gradients; embedding gradients (IndexedSlices) stay sparse: their
+  rows are concatenated, and summed where the all-reduce or the optimizer densifies."""
+  if isinstance(a, tf.IndexedSlices):
+    return tf.IndexedSlices(tf.concat([a.values, b.values], 0),
+                            tf.concat([a.indices, b.indices], 0), a.dense_shape)
+  return a + b
 
 
 def _skip_keras_all_reduce(optimizer) -> bool:
@@ -141,8 +160,8 @@ def make_replica_step(model, optimizer, config, strategy):
 
     tf.cond(finite, apply, lambda: None)
 
-  def replica_step(batch):
-    grads, loss_sum, local_tokens, grad_norm, finite = global_gradients(batch)
+  def replica_step(batches):
+    grads, loss_sum, local_tokens, grad_norm, finite = global_gradients(batches)
     scale = scale_fn()
     grads = [g * (scale / n) for g in grads]
     if fp16:  # LossScaleOptimizer skips non-finite steps and lowers its scale itself; a
@@ -152,18 +171,22 @@ def make_replica_step(model, optimizer, config, strategy):
     else:
       tf.distribute.get_replica_context().merge_call(apply_if_finite,
                                                      args=(grads, finite))
-    shape = tf.shape(batch["source"])
+    batches = batches if isinstance(batches, (list, tuple)) else [batches]
+    shapes = [tf.shape(b["source"]) for b in batches]
     return dict(loss_sum=loss_sum, tokens=local_tokens,
-                examples=tf.cast(shape[0], tf.float32), grad_norm=grad_norm,
-                finite=tf.cast(finite, tf.float32), length=tf.cast(shape[1], tf.float32))
+                examples=tf.cast(tf.add_n([s[0] for s in shapes]), tf.float32),
+                grad_norm=grad_norm, finite=tf.cast(finite, tf.float32),
+                length=tf.cast(tf.reduce_max([s[1] for s in shapes]), tf.float32))
   return replica_step
 
 
-def make_train_loop(strategy, replica_step, timed: bool = True):
+def make_train_loop(strategy, replica_step, timed: bool = True,
+                    accumulate_steps: int = 1):
   """tf.function (iterator, num_steps) -> per-step metrics [num_steps] and input wait (s).
 
   Several steps per call cut host overhead; the time spent in get_next is measured in-graph
   unless `timed` is False (tf.timestamp is refused under config.train.deterministic_ops).
+  Each step takes `accumulate_steps` batches (train.accumulate_steps) for one update.
   """
   sum_keys = ("loss_sum", "tokens", "examples")
 
@@ -175,10 +198,10 @@ def make_train_loop(strategy, replica_step, timed: bool = True):
     for i in tf.range(num_steps):
       t0 = tf.timestamp() if timed else tf.constant(0.0, tf.float64)
       with tf.control_dependencies([t0]):
-        batch = next(iterator)
+        batch = [next(iterator) for _ in range(accumulate_steps)]
       if timed:
         with tf.control_dependencies(tf.nest.flatten(
-            strategy.experimental_local_results(batch))):
+            [strategy.experimental_local_results(b) for b in batch])):
           input_wait += tf.timestamp() - t0
       out = strategy.run(replica_step, args=(batch,))
       red = {k: strategy.reduce("SUM", out[k], axis=None) for k in sum_keys}
@@ -223,7 +246,7 @@ class Run:
   optimizer: keras.optimizers.Optimizer
   manager: tf.train.CheckpointManager
   best_manager: tf.train.CheckpointManager
-  best_eval_loss: tf.Variable
+  state: "RunState"
   iterator: object
   is_chief: bool
   length_stats: pipeline.LengthStats
@@ -259,9 +282,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
                                    tokenizer.target_vocab_size, policy)
     optimizer = create_optimizer(config, policy)
     optimizer.build(model.trainable_variables)
-    best_eval_loss = tf.Variable(np.inf, dtype=tf.float32, trainable=False)
+    state = RunState()
   checkpoint = tf.train.Checkpoint(model=checkpoints.model_variables(model),
-                                   optimizer=optimizer, best_eval_loss=best_eval_loss)
+                                   optimizer=optimizer, **state.variables())
   manager, best_manager = (tf.train.CheckpointManager(
       checkpoint, os.path.join(run_dir, *path), max_to_keep=keep,
       step_counter=optimizer.iterations) for path, keep in (
@@ -274,18 +297,53 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   length_stats = pipeline.LengthStats(name="train_length_filter")
   step = int(optimizer.iterations.numpy())
   iterator = None
-  if step < config.train.steps:
-    iterator = iter(make_train_dataset(config, tokenizer, strategy, step, length_stats))
+  if not finished_reason(config, step, state):
+    iterator = iter(make_train_dataset(config, tokenizer, strategy,
+                                       step * config.train.accumulate_steps, length_stats))
   if chief and iterator:  # After a successful restore, so it always describes the checkpoints.
     checkpoints.save_config(config, run_dir)
   run = Run(config, run_dir, strategy, tokenizer, model, optimizer, manager, best_manager,
-            best_eval_loss, iterator, chief, length_stats)
+            state, iterator, chief, length_stats)
   if distribute.is_multi_worker(strategy):
     run.preemption = distribute.preemption_handler(
         strategy, run.stop, manager.save, chief_manager,
         current_step=lambda: int(optimizer.iterations.numpy()),
         on_exit=lambda: distribute.remove_scratch_dir(run_dir, strategy))
   return run
+
+
+class RunState:
+  """Run-wide progress kept in the checkpoint besides model and optimizer: the best dev
+  BLEU (for checkpoints/best and early stopping), evaluations since it last improved, and
+  the wall-clock seconds trained so far over all invocations (train.max_seconds)."""
+
+  def __init__(self):
+    with tf.init_scope():
+      self.best_bleu = tf.Variable(-1.0, dtype=tf.float64, trainable=False)
+      self.evals_without_gain = tf.Variable(0, dtype=tf.int64, trainable=False)
+      self.elapsed_s = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+
+  def variables(self) -> Dict[str, tf.Variable]:
+    return dict(best_bleu=self.best_bleu, evals_without_gain=self.evals_without_gain,
+                elapsed_s=self.elapsed_s)
+
+
+def finished_reason(config: ml_collections.ConfigDict, step: int,
+                    state: RunState) -> Optional[str]:
+  """Why the run has nothing left to do (its steps, its time budget or early stopping),
+  saying which key to raise to go on; None while it has."""
+  t = config.train
+  if step >= t.steps:
+    return f"reached config.train.steps={t.steps}; raise it to train further"
+  if t.max_seconds and float(state.elapsed_s.numpy()) >= t.max_seconds:
+    return (f"spent its wall-clock budget config.train.max_seconds={t.max_seconds}; raise "
+            "it to train further")
+  if (t.early_stopping_patience and
+      int(state.evals_without_gain.numpy()) >= t.early_stopping_patience):
+    return (f"stopped early: dev BLEU did not improve by {t.early_stopping_min_delta} in "
+            f"{t.early_stopping_patience} evaluations (config.train.early_stopping_patience)"
+            "; raise it to train further")
+  return None
 
 
 def _check_batch_split(config: ml_collections.ConfigDict, replicas: int) -> None:
@@ -362,14 +420,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run = setup(config, workdir, strategy)
   if run.iterator is None:
     step = int(run.optimizer.iterations.numpy())
-    logging.info("The run in %s is complete (step %d, config.train.steps=%d): nothing to "
-                 "do. Raise --config.train.steps to train further.", workdir, step,
-                 run.config.train.steps)
+    logging.info("The run in %s is complete at step %d: it %s.", workdir, step,
+                 finished_reason(run.config, step, run.state))
     return dict(losses=[], eval=None, samples=[], workdir=workdir, step=step, seconds=0.0,
-                interrupted=None, already_complete=True)
+                interrupted=None, already_complete=True, stopped_by=None)
   config, t = run.config, run.config.train
   train_loop = make_train_loop(run.strategy, make_replica_step(
-      run.model, run.optimizer, config, run.strategy), timed=not t.deterministic_ops)
+      run.model, run.optimizer, config, run.strategy), timed=not t.deterministic_ops,
+      accumulate_steps=t.accumulate_steps)
   evaluator = evaluate.Evaluator(config, run.tokenizer, run.model) if run.is_chief else None
   writers = {}
   if run.is_chief:
@@ -377,7 +435,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                for k in ("train", "eval")}
     summaries.write_hparams(writers["train"], config)
   step = int(run.optimizer.iterations.numpy())
-  losses, nonfinite, eval_metrics = [], 0, {}
+  losses, nonfinite, eval_metrics, stopped_by = [], 0, {}, None
+  clock = _Clock(run.state)
   progress = summaries.ProgressWindow(writers.get("train"), step)
   profiler = summaries.Profiler(t.profile_steps, os.path.join(run.workdir, "train"))
   logging.info("Training %s (xla %s, recurrence %s) from step %d to %d; TensorBoard: "
@@ -388,7 +447,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     try:
       # Multi-worker, run.preemption acts on the signal instead: it stops all workers at
       # one step (a worker leaving alone would block the others in their next all-reduce).
-      while step < t.steps and (run.stop.signal_name is None or run.preemption):
+      while not stopped_by and (run.stop.signal_name is None or run.preemption):
         profiler.update(step)
         n = _steps_until_boundary(step, config)
         with (pipeline.corpora.surface_corpus_errors(),
@@ -396,26 +455,63 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           out, input_wait = train_loop(run.iterator, tf.constant(n))
         out = {k: v.numpy().tolist() for k, v in out.items()}
         step += n
+        clock.tick()
+        if t.max_seconds:  # Every worker must see the budget run out at the same step.
+          distribute.broadcast_from_chief(run.strategy, run.state.elapsed_s)
+        stopped_by = finished_reason(config, step, run.state)
         losses += out["loss"]
         progress.add(out, input_wait)
         nonfinite = _count_nonfinite(out["finite"], nonfinite, step, t.max_nonfinite_steps)
-        if step % t.log_every == 0 or step == t.steps:
+        if step % t.log_every == 0 or stopped_by:
           progress.flush(step, t.steps, _run_scalars(run))
         if step % t.checkpoint_every == 0:
           checkpoints.save(run.manager, step)
         if run.preemption:  # Before eval: a preempted job may have seconds left.
           run.preemption.save_checkpoint_if_preempted(checkpoint_number=step)
-        if step % t.eval_every == 0 or step == t.steps:
-          eval_metrics = _evaluate(run, evaluator, step, writers.get("eval"))
+        if step % t.eval_every == 0 or stopped_by:
+          with clock.evaluating():
+            eval_metrics = _evaluate(run, evaluator, step, writers.get("eval"))
+          stopped_by = stopped_by or finished_reason(config, step, run.state)
+          if writers:
+            summaries.write_scalars(writers["train"], step,
+                                    {"eval_time_fraction": clock.eval_fraction()})
           progress.reset()
     except pipeline.corpora.CorpusError:
       _save_before_data_error(run)
       raise
     finally:
       profiler.stop()
+  if stopped_by and not run.stop.signal_name:
+    logging.info("Stopping at step %d: the run %s.", step, stopped_by)
   return _finish(run, step, progress, dict(
       losses=losses, eval=eval_metrics, samples=getattr(evaluator, "samples", []),
-      workdir=workdir))
+      workdir=workdir, stopped_by=stopped_by, eval_time_fraction=clock.eval_fraction()))
+
+
+class _Clock:
+  """Wall-clock seconds of the run, kept in RunState.elapsed_s across invocations (for
+  train.max_seconds), and the share of this invocation's time spent evaluating."""
+
+  def __init__(self, state: RunState):
+    self.state, self.start, self.last = state, time.time(), time.time()
+    self.eval_s = 0.0
+
+  def tick(self) -> None:
+    now = time.time()
+    self.state.elapsed_s.assign_add(now - self.last)
+    self.last = now
+
+  @contextlib.contextmanager
+  def evaluating(self):
+    started = time.time()
+    try:
+      yield
+    finally:
+      self.eval_s += time.time() - started
+      self.tick()
+
+  def eval_fraction(self) -> float:
+    return self.eval_s / max(time.time() - self.start, 1e-9)
 
 
 def _save_before_data_error(run: Run) -> None:
@@ -431,15 +527,21 @@ def _save_before_data_error(run: Run) -> None:
 
 def _evaluate(run: Run, evaluator: Optional[evaluate.Evaluator], step: int,
               writer) -> Dict:
-  """Evaluates on the chief (keeping the best checkpoint by eval loss); the other workers
-  wait for it."""
+  """Evaluates on the chief, keeping the best checkpoint by dev BLEU and counting the
+  evaluations without a gain of train.early_stopping_min_delta (early stopping); the other
+  workers wait for it, then take the chief's count."""
   metrics = {}
+  state = run.state
   if evaluator:
     metrics = evaluator(step, writer)
-    if metrics["loss"] < float(run.best_eval_loss.numpy()):
-      run.best_eval_loss.assign(metrics["loss"])
+    best = float(state.best_bleu.numpy())
+    if metrics["bleu"] > best:
+      state.best_bleu.assign(metrics["bleu"])
       checkpoints.save(run.best_manager, step)
+    gained = metrics["bleu"] >= best + run.config.train.early_stopping_min_delta
+    state.evals_without_gain.assign(0 if gained else state.evals_without_gain + 1)
   distribute.wait_for_chief(run.strategy, step, run.config.distribute.collective_timeout_s)
+  distribute.broadcast_from_chief(run.strategy, state.evals_without_gain)
   return metrics
 
 

@@ -1,0 +1,118 @@
+"""The loop's stopping rules and accumulation: time budget, early stopping, eval share,
+gradient accumulation (k batches of B = one batch of kB)."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import tiny
+from trainer import distribute
+from trainer import model as model_lib
+from trainer import train
+
+pytestmark = pytest.mark.slow
+
+
+def _config(data_dir, steps):
+  config = tiny.get_config()
+  config.data.tfds_data_dir = data_dir
+  config.data.eval_examples = 16
+  config.model.units, config.model.embed_dim = 32, 16
+  config.eval.beam_size, config.eval.num_probes = 1, 0
+  config.eval.probe_sentences = ()
+  config.train.xla = "off"
+  config.train.update(steps=steps, steps_per_loop=5, log_every=5, checkpoint_every=1000,
+                      eval_every=10)
+  return config
+
+
+def _one():
+  return tf.distribute.OneDeviceStrategy("/cpu:0")
+
+
+def test_time_budget_stops_with_eval_and_checkpoint_then_resumes_when_raised(
+    embedded_data_dir, tmp_path):
+  config = _config(embedded_data_dir, 20)
+  config.train.max_seconds = 1e-3  # Spent by the first loop call, whatever the machine.
+  first = train.train_and_evaluate(config, str(tmp_path), _one())
+  assert first["step"] == 5 and "max_seconds" in first["stopped_by"]
+  assert first["eval"]["bleu"] >= 0  # Evaluated at the budget, not only at eval_every.
+  again = train.train_and_evaluate(config, str(tmp_path), _one())
+  assert again["already_complete"] and again["step"] == 5  # Nothing written.
+  config.train.max_seconds = 1e6
+  raised = train.train_and_evaluate(config, str(tmp_path), _one())
+  assert raised["step"] == 20 and len(raised["losses"]) == 15
+  assert raised["stopped_by"].startswith("reached config.train.steps=20")
+  assert 0 < raised["eval_time_fraction"] < 1
+
+
+def test_early_stopping_after_patience_evaluations_without_bleu_gain(embedded_data_dir,
+                                                                      tmp_path):
+  config = _config(embedded_data_dir, 100)
+  # No evaluation can gain 1000 BLEU: each one counts against the patience of 2.
+  config.train.early_stopping_patience, config.train.early_stopping_min_delta = 2, 1000.0
+  summary = train.train_and_evaluate(config, str(tmp_path), _one())
+  assert summary["step"] == 20 and "stopped early" in summary["stopped_by"]
+  # The first evaluation is the best so far: it is kept as checkpoints/best.
+  assert tf.io.gfile.glob(str(tmp_path / "checkpoints" / "best" / "ckpt-10.index"))
+  again = train.train_and_evaluate(config, str(tmp_path), _one())
+  assert again["already_complete"] and again["step"] == 20
+
+
+def _batches(seed=0):
+  """Two batches of 8 of a reversal task, of different padded lengths."""
+  rng = np.random.RandomState(seed)
+  out = []
+  for length in (6, 9):
+    src = rng.randint(4, 40, size=(8, length)).astype(np.int32)
+    src[:, -1] = 3
+    tgt = np.concatenate([np.full((8, 1), 2, np.int32), src[:, ::-1][:, 1:],
+                          np.full((8, 1), 3, np.int32)], 1)
+    out.append({"source": src, "target": tgt})
+  return out
+
+
+def _concat(a, b):
+  """One batch holding both, each side padded to the longer of the two."""
+  out = {}
+  for k in a:
+    length = max(a[k].shape[1], b[k].shape[1])
+    out[k] = np.concatenate([np.pad(x[k], [[0, 0], [0, length - x[k].shape[1]]])
+                             for x in (a, b)])
+  return out
+
+
+def _update(config, batches_per_step, steps):
+  """Weights after `steps` updates of `batches_per_step` batches each."""
+  tf.keras.utils.set_random_seed(0)
+  config = distribute.resolve_modes(config, distribute.Devices())
+  strategy = _one()
+  with strategy.scope():
+    model = model_lib.create_model(config, 40, 40)
+    optimizer = train.create_optimizer(config, "float32")
+    optimizer.build(model.trainable_variables)
+  dataset = tf.data.Dataset.from_generator(
+      lambda: iter(batches_per_step), output_signature={
+          k: tf.TensorSpec([None, None], tf.int32) for k in ("source", "target")})
+  loop = train.make_train_loop(strategy, train.make_replica_step(
+      model, optimizer, config, strategy), accumulate_steps=config.train.accumulate_steps)
+  out, _ = loop(iter(strategy.experimental_distribute_dataset(dataset)), tf.constant(steps))
+  return [w.numpy() for w in model.trainable_variables], out
+
+
+def test_two_accumulated_batches_update_like_one_batch_holding_both():
+  config = tiny.get_config()
+  config.model.units, config.model.embed_dim = 32, 16
+  config.train.xla, config.train.warmup_steps = "off", 0
+  a, b = _batches()
+  both = _concat(a, b)
+  one_weights, one_out = _update(config, [both], 1)
+  config.train.accumulate_steps = 2
+  acc_weights, acc_out = _update(config, [a, b], 1)
+  assert acc_out["examples"].numpy().tolist() == [16.0]
+  np.testing.assert_allclose(acc_out["loss"].numpy(), one_out["loss"].numpy(), rtol=1e-5)
+  for x, y in zip(one_weights, acc_weights):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+  # Not a tautology: one batch of 8 alone moves the weights differently.
+  config.train.accumulate_steps = 1
+  half_weights, _ = _update(config, [a], 1)
+  assert max(np.abs(x - y).max() for x, y in zip(one_weights, half_weights)) > 1e-4
