@@ -118,6 +118,9 @@ def _data(config) -> None:
       raise invalid(key, source, "must start with one of " + ", ".join(
           k + ":" for k in SOURCE_KINDS) + " (README, Data formats)")
   _bool(config, "data.deterministic")
+  if not isinstance(config.data.service_address, str):
+    raise invalid("data.service_address", config.data.service_address,
+                  'must be a string: "" (off) or the dispatcher, like grpc://host:5050')
   _choice(config, "data.length_policy", ("drop", "truncate"))
   _choice(config, "data.batch_by", ("sentences", "tokens"))
   _number(config, "data.max_skip_fraction", 0, 1)

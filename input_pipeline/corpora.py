@@ -161,59 +161,6 @@ def _bad_source(source: str, why: str) -> CorpusError:
   return CorpusError(f"data source {source!r} is not valid ({why}); valid forms: {_FORMS}")
 
 
-def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first invalid data.* key, its value and what is valid.
-
-  read() calls it, so a bad config fails before any file is opened or any step is run.
-  """
-  for key in ("train", "eval"):
-    try:
-      parse_source(data_config[key])
-    except ValueError as e:
-      raise ValueError(f"data.{key}: {e}") from None
-  for key, choices in (("length_policy", ("drop", "truncate")),
-                       ("batch_by", ("sentences", "tokens"))):
-    if data_config[key] not in choices:
-      raise _invalid(key, data_config[key], "one of " + " | ".join(choices))
-  if not isinstance(data_config.service_address, str):
-    raise _invalid("service_address", data_config.service_address,
-                   'a string: "" (off) or the dispatcher, like grpc://host:5050')
-  fraction = data_config.max_skip_fraction
-  if not _is_number(fraction) or not 0 <= fraction <= 1:
-    raise _invalid("max_skip_fraction", fraction, "a number from 0 to 1")
-  for key, least in (("max_source_length", 1), ("max_target_length", 1),
-                     ("shuffle_buffer", 0), ("eval_examples", 0)):
-    if not _is_int(data_config[key]) or data_config[key] < least:
-      raise _invalid(key, data_config[key], f"an integer >= {least}")
-  _validate_buckets(data_config)
-
-
-def _validate_buckets(data_config: ml_collections.ConfigDict) -> None:
-  boundaries = data_config.bucket_boundaries
-  if (not isinstance(boundaries, (tuple, list)) or not boundaries
-      or not all(_is_int(b) and b > 0 for b in boundaries)):
-    raise _invalid("bucket_boundaries", boundaries, "a non-empty sequence of positive integers")
-  if any(a >= b for a, b in zip(boundaries, boundaries[1:])):
-    raise _invalid("bucket_boundaries", boundaries, "strictly increasing")
-  longest = max(data_config.max_source_length, data_config.max_target_length)
-  if boundaries[-1] < longest:
-    raise _invalid("bucket_boundaries", boundaries,
-                   f"ending in a boundary >= max(data.max_source_length, "
-                   f"data.max_target_length) = {longest}")
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _invalid(key: str, value, valid: str) -> ValueError:
-  return ValueError(f"data.{key} = {value!r} is invalid: it must be {valid}")
-
-
 def read(source: str, data_config: ml_collections.ConfigDict, *,
          input_context: tf.distribute.InputContext | None = None,
          shuffle_files: bool = False, seed: int = 0,
@@ -225,7 +172,6 @@ def read(source: str, data_config: ml_collections.ConfigDict, *,
   TFDS record). Errors found while iterating are CorpusErrors wrapped by tf.data in an
   InvalidArgumentError; iterate inside surface_corpus_errors() to get them back as raised.
   """
-  validate_data_config(data_config)
   spec = parse_source(source)
   shard = _Shard(1, 0)
   if input_context is not None:
@@ -245,7 +191,8 @@ def read_pairs(source: str, data_config: ml_collections.ConfigDict,
 
   For tokenizer training samples and BLEU references; a CorpusError is raised as itself.
   """
-  if limit is not None and (not _is_int(limit) or limit < 0):
+  if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
+                            or limit < 0):
     raise ValueError(f"read_pairs: limit = {limit!r} is invalid: it must be None or >= 0")
   dataset = read(source, data_config, stats=stats)  # Now, so that bad sources fail here.
   if limit is not None:

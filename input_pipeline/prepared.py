@@ -59,6 +59,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from configs import validate as validate_lib
 from input_pipeline import corpora
 from input_pipeline import pipeline
 from input_pipeline import tokenizer as tokenizer_lib
@@ -92,7 +93,7 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, *,
   A directory with a manifest is verified (checksums, config) instead and returned as it is.
   A directory without one (an interrupted run) is written again from the start.
   """
-  corpora.validate_data_config(config.data)
+  validate_lib.validate(config)
   if not isinstance(shard_examples, int) or shard_examples < 1:
     raise ValueError(f"shard_examples={shard_examples!r} is invalid: it must be an "
                      f"integer >= 1")

@@ -1,6 +1,6 @@
 """Raw against prepared input, side by side in one run: one JSON line per measurement.
 
-  python -m trainer.bench_input --pairs=200000 --workdir=/tmp/nmt_bench_input
+  python -m benchmarks.prepared_input --pairs=200000 --workdir=/tmp/nmt_bench_input
 
 Writes a synthetic TSV (trainer.bench.write_synthetic_tsv, a closed vocabulary of random
 words so that the default 8000-piece tokenizer can be trained), runs nmt-prepare on it
