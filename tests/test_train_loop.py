@@ -116,3 +116,21 @@ def test_two_accumulated_batches_update_like_one_batch_holding_both():
   config.train.accumulate_steps = 1
   half_weights, _ = _update(config, [a], 1)
   assert max(np.abs(x - y).max() for x, y in zip(one_weights, half_weights)) > 1e-4
+
+
+def test_average_last_k_checkpoints_is_the_mean_of_their_weights(embedded_data_dir,
+                                                                  tmp_path):
+  from trainer import checkpoints
+  config = _config(embedded_data_dir, 10)
+  config.train.checkpoint_every = 5
+  train.train_and_evaluate(config, str(tmp_path), _one())
+  weights = {}
+  for step in (5, 10):
+    loaded = checkpoints.load_for_inference(
+        str(tmp_path), str(tmp_path / "checkpoints" / f"ckpt-{step}"))
+    weights[step] = [w.numpy() for w in loaded.model.weights]
+  averaged = checkpoints.load_for_inference(str(tmp_path), average_last=2)
+  assert averaged.step == 10 and averaged.checkpoint.count(",") == 1
+  for mean, a, b in zip(averaged.model.weights, weights[5], weights[10]):
+    np.testing.assert_allclose(mean.numpy(), (a + b) / 2, rtol=1e-5, atol=1e-7)
+  assert any(np.abs(a - b).max() > 1e-4 for a, b in zip(weights[5], weights[10]))

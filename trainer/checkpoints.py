@@ -180,8 +180,10 @@ class Loaded:
 
 
 def load_for_inference(workdir: Optional[str], checkpoint: Optional[str] = None,
-                       for_export: bool = False) -> Loaded:
-  """Config, tokenizer and float32 model of a workdir, restored from `checkpoint` (latest).
+                       for_export: bool = False, average_last: int = 0) -> Loaded:
+  """Config, tokenizer and float32 model of a workdir, restored from `checkpoint` (latest),
+  or with `average_last` = K > 0 the mean of the weights of the K newest intact checkpoints
+  of that directory (checkpoint averaging, as OpenNMT's average_checkpoints).
 
   The run's modes are re-resolved for this machine (a run trained with cuDNN on a GPU
   decodes on a CPU): the decoder step is XLA-compiled unless the run's config.train.xla is
@@ -200,7 +202,37 @@ def load_for_inference(workdir: Optional[str], checkpoint: Optional[str] = None,
                                  tokenizer.target_vocab_size)
   path = restore_newest_intact(paths, lambda p: restore_model(model, p, config, workdir))
   logging.info("Restored %s.", path)
-  return Loaded(config, tokenizer, model, path, checkpoint_step(path))
+  if average_last > 1:
+    path = _average(model, paths[paths.index(path):], average_last, config, workdir)
+  return Loaded(config, tokenizer, model, path, checkpoint_step(path.split(",")[0]))
+
+
+def _average(model: model_lib.Seq2Seq, paths: Sequence[str], k: int,
+             config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Sets the model's weights to the mean over the first `k` of `paths` that read (the
+  model holds the first already); returns the averaged paths joined by commas."""
+  totals = [v.numpy().astype("float64") for v in model.weights]
+  used = [paths[0]]
+  for path in paths[1:]:
+    if len(used) == k:
+      break
+    try:
+      restore_model(model, path, config, workdir)
+    except ValueError:
+      why = unreadable(path)
+      if why is None:
+        raise
+      logging.warning("Checkpoint %s does not read (%s); not averaged.", path, why)
+      continue
+    totals = [t + v.numpy() for t, v in zip(totals, model.weights)]
+    used.append(path)
+  if len(used) < k:
+    logging.warning("--average_last=%d: only %d checkpoints read; averaging those.", k,
+                    len(used))
+  for variable, total in zip(model.weights, totals):
+    variable.assign((total / len(used)).astype(variable.dtype.name))
+  logging.info("Averaged the weights of %s.", ", ".join(used))
+  return ",".join(used)
 
 
 def _load_tokenizer(config: ml_collections.ConfigDict, workdir: str):

@@ -226,6 +226,9 @@ def _define_inference_flags() -> None:
                       "workdir's latest.")
   flags.DEFINE_integer("beam_size", None, "Beam width (1 = greedy); default: the run's "
                        "config.eval.beam_size.")
+  flags.DEFINE_integer("average_last", 0, "Use the mean weights of the K newest checkpoints "
+                       "of --checkpoint's directory (default the workdir's); 0 = no "
+                       "averaging.", lower_bound=0)
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -233,7 +236,8 @@ def _eval_main(argv) -> None:
   del argv
   from trainer import checkpoints, evaluate
   try:
-    loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint)
+    loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint,
+                                            average_last=FLAGS.average_last)
     if FLAGS.data:
       loaded.config.data.eval = FLAGS.data
     metrics = evaluate.evaluate_checkpoint(loaded.config, loaded.tokenizer, loaded.model,
@@ -256,7 +260,8 @@ def _translate_main(argv) -> None:
   del argv
   from trainer import checkpoints, evaluate
   try:
-    loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint)
+    loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint,
+                                            average_last=FLAGS.average_last)
     translate_ids = evaluate.make_translate_fn(loaded.model, loaded.config,
                                                FLAGS.beam_size)
     evaluate.translate_file(translate_ids, loaded.tokenizer, loaded.config, FLAGS.input,
@@ -278,7 +283,8 @@ def _export_main(argv) -> None:
   from trainer import checkpoints, export
   try:
     loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint,
-                                            for_export=True)
+                                            for_export=True,
+                                            average_last=FLAGS.average_last)
     translator = export.export(loaded.config, loaded.tokenizer, loaded.model,
                                FLAGS.export_dir, FLAGS.beam_size)
   except (ValueError, OSError) as e:
