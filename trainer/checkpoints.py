@@ -230,7 +230,7 @@ def _average(model: model_lib.Seq2Seq, paths: Sequence[str], k: int,
     logging.warning("--average_last=%d: only %d checkpoints read; averaging those.", k,
                     len(used))
   for variable, total in zip(model.weights, totals):
-    variable.assign((total / len(used)).astype(variable.dtype.name))
+    variable.assign((total / len(used)).astype(variable.numpy().dtype))
   logging.info("Averaged the weights of %s.", ", ".join(used))
   return ",".join(used)
 
