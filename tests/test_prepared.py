@@ -3,7 +3,6 @@ sharding, constant-time exact resume), every kind of bad prepared input, tf.data
 import collections
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -18,24 +17,14 @@ from input_pipeline import corpora
 from input_pipeline import pipeline
 from input_pipeline import prepared
 from input_pipeline import tokenizer as tokenizer_lib
+import word_pairs  # tests/word_pairs.py
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_DE = ("null eins zwei drei vier fünf sechs sieben acht neun zehn elf zwölf zwanzig "
-       "dreißig vierzig hundert tausend million und am im märz juni mai").split()
-_EN = ("zero one two three four five six seven eight nine ten eleven twelve twenty "
-       "thirty forty hundred thousand million and on in march june may").split()
 _NUM_PAIRS = 600
 _GRID = [6, 10, 16]
 
 
-def _make_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
-  """n distinct (de, en) word-for-word pairs of 1-7 words (some exceed 16 tokens)."""
-  rng = random.Random(seed)
-  pairs = {}
-  while len(pairs) < n:
-    words = [rng.randrange(len(_EN)) for _ in range(rng.randint(1, 7))]
-    pairs[" ".join(_DE[i] for i in words)] = " ".join(_EN[i] for i in words)
-  return list(pairs.items())
+_make_pairs = word_pairs.make_pairs
 
 
 def _config(train: str, eval_: str):
