@@ -372,15 +372,15 @@ def broadcast_from_chief(strategy: tf.distribute.Strategy, variable: tf.Variable
     return
   # Each of the chief's local replicas adds its share: the sum over all is the value.
   local_replicas = len(strategy.extended.worker_devices)
-  mine = (tf.cast(variable.read_value(), tf.float64) / local_replicas if is_chief(strategy)
-          else tf.zeros([], tf.float64))
+  mine = float(variable.numpy()) / local_replicas if is_chief(strategy) else 0.0
 
-  def all_reduce(value):
-    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM,
-                                                          value)
+  def all_reduce():
+    # The value is made inside the replica function, on the replica's device: a tensor
+    # from outside has no all-reduce destination under MultiWorkerMirroredStrategy.
+    return tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.constant(mine, tf.float64))
 
-  total = strategy.experimental_local_results(
-      strategy.run(tf.function(all_reduce), args=(mine,)))[0]
+  total = strategy.experimental_local_results(strategy.run(tf.function(all_reduce)))[0]
   if variable.dtype.is_integer:
     total = tf.round(total)
   variable.assign(tf.cast(total, variable.dtype))
