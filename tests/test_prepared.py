@@ -2,6 +2,7 @@
 sharding, constant-time exact resume), every kind of bad prepared input, tf.data service."""
 import collections
 import json
+import logging
 import os
 import re
 import shutil
@@ -378,8 +379,15 @@ def test_tf_data_service_with_two_workers_trains_the_tiny_config(corpus, tmp_pat
     config.train.update(steps=6, steps_per_loop=3, log_every=3, checkpoint_every=6,
                         eval_every=1000, xla="off")
     caplog.set_level("INFO")
-    summary = train.train_and_evaluate(config, str(tmp_path),
-                                       tf.distribute.OneDeviceStrategy("/cpu:0"))
+    # Straight on absl's logger: an earlier test in the session may have stopped it
+    # propagating to the root logger that caplog listens on.
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addHandler(caplog.handler)
+    try:
+      summary = train.train_and_evaluate(config, str(tmp_path),
+                                         tf.distribute.OneDeviceStrategy("/cpu:0"))
+    finally:
+      absl_logger.removeHandler(caplog.handler)
   finally:
     service.terminate()
     service.wait(timeout=60)
