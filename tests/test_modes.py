@@ -85,7 +85,7 @@ def test_doctor_runs_what_the_cpu_allows_and_says_why_not_for_the_rest(
   command = [sys.executable, "-c", "from trainer.main import run_bench; run_bench()",
              "doctor", "--config=configs/tiny.py", f"--workdir={tmp_path}",
              "--num_steps=2", "--precisions=float32",
-             "--xla_modes=off,train_step", "--recurrences=keras,cudnn",
+             "--xla_modes=decoder_step,train_step", "--recurrences=keras,cudnn",
              f"--config.data.tfds_data_dir={embedded_data_dir}",
              "--config.model.units=16", "--config.model.embed_dim=8",
              "--config.data.bucket_boundaries=(24,)"]

@@ -110,7 +110,7 @@ def _losses(strategy, config, steps, policy="float32"):
     ("decoder_step", "fused"), ("train_step", "fused"),
     # What a GPU user gets with recurrence=keras: the Keras GRU (never cuDNN) compiled
     # whole by XLA; on a GPU, cudnn under train_step is refused instead (test_modes.py).
-    ("train_step", "keras"), ("decoder_step", "keras")])
+    ("train_step", "keras")])
 def test_xla_modes_and_recurrences_train_like_no_xla_fused(xla, recurrence):
   config = tiny.get_config()
   config.train.xla, config.model.recurrence = "off", "fused"
