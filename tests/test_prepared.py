@@ -379,6 +379,7 @@ def test_tf_data_service_with_two_workers_trains_the_tiny_config(corpus, tmp_pat
     config.train.update(steps=6, steps_per_loop=3, log_every=3, checkpoint_every=6,
                         eval_every=1000, xla="off")
     caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="absl")  # An earlier in-process CLI may have raised it.
     # Straight on absl's logger: an earlier test in the session may have stopped it
     # propagating to the root logger that caplog listens on.
     absl_logger = logging.getLogger("absl")
