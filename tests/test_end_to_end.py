@@ -1,5 +1,4 @@
 """End to end: the tiny config learns the embedded task, logs to TensorBoard, resumes exactly."""
-import glob
 import json
 import os
 import subprocess
@@ -11,7 +10,6 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import tiny
-from trainer import train
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +72,6 @@ _RESUME_SCRIPT = """
 import json, sys
 import tensorflow as tf
 from tests.test_end_to_end import _short_config
-from trainer import train
 data_dir, root = sys.argv[1:]
 one = tf.distribute.OneDeviceStrategy("/cpu:0")
 losses = {}

@@ -107,7 +107,7 @@ def restore_newest_intact(paths: Sequence[str], restore: Callable[[str], None]) 
   for path in paths:
     try:
       restore(path)
-    except (ValueError, AssertionError, IndexError, tf.errors.OpError) as e:
+    except (ValueError, AssertionError, IndexError, tf.errors.OpError):
       why = unreadable(path)
       if why is None:
         raise
