@@ -214,13 +214,23 @@ def barrier(strategy: tf.distribute.Strategy, timeout_s: float) -> None:
   the tokenizer or evaluating). A dead worker still fails it within seconds, through
   MultiWorkerMirroredStrategy's heartbeats; `timeout_s` bounds a live but stuck one.
   """
+  _sum_over_replicas(strategy, 0.0, timeout_s)
+
+
+def _sum_over_replicas(strategy: tf.distribute.Strategy, value: float,
+                       timeout_s: Optional[float] = None) -> tf.Tensor:
+  """The sum of `value` over every replica of every worker (float64), once all arrive.
+
+  The value is made inside the replica function, on the replica's device: a tensor from
+  outside has no all-reduce destination under MultiWorkerMirroredStrategy.
+  """
   options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_s)
 
   def all_reduce():
     return tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM, tf.constant(0.0), options=options)
+        tf.distribute.ReduceOp.SUM, tf.constant(value, tf.float64), options=options)
 
-  strategy.run(tf.function(all_reduce))
+  return strategy.experimental_local_results(strategy.run(tf.function(all_reduce)))[0]
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -356,15 +366,17 @@ def peer_failures(strategy: tf.distribute.Strategy, step: int,
 
 
 def wait_for_chief(strategy: tf.distribute.Strategy, step: int,
-                   collective_timeout_s: float) -> None:
-  """Multi-worker: the others wait here while the chief alone evaluates; in their next
-  all-reduce they would give up after config.distribute.collective_timeout_s."""
+                   collective_timeout_s: float, share: tf.Variable) -> None:
+  """Multi-worker: the others wait here while the chief alone evaluates (in their next
+  all-reduce they would give up after config.distribute.collective_timeout_s), then take
+  the chief's value of `share` (its early-stopping count) with the same all-reduce."""
   if is_multi_worker(strategy):
     with peer_failures(strategy, step, collective_timeout_s):
-      barrier(strategy, BARRIER_TIMEOUT_S)
+      broadcast_from_chief(strategy, share, BARRIER_TIMEOUT_S)
 
 
-def broadcast_from_chief(strategy: tf.distribute.Strategy, variable: tf.Variable) -> None:
+def broadcast_from_chief(strategy: tf.distribute.Strategy, variable: tf.Variable,
+                         timeout_s: Optional[float] = None) -> None:
   """Multi-worker: every worker takes the chief's value of `variable` (a decision the
   chief alone can make, like early stopping, or that must not differ between workers,
   like the time budget), so that all stop at the same step. No-op on one worker."""
@@ -373,14 +385,7 @@ def broadcast_from_chief(strategy: tf.distribute.Strategy, variable: tf.Variable
   # Each of the chief's local replicas adds its share: the sum over all is the value.
   local_replicas = len(strategy.extended.worker_devices)
   mine = float(variable.numpy()) / local_replicas if is_chief(strategy) else 0.0
-
-  def all_reduce():
-    # The value is made inside the replica function, on the replica's device: a tensor
-    # from outside has no all-reduce destination under MultiWorkerMirroredStrategy.
-    return tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM, tf.constant(mine, tf.float64))
-
-  total = strategy.experimental_local_results(strategy.run(tf.function(all_reduce)))[0]
+  total = _sum_over_replicas(strategy, mine, timeout_s)
   if variable.dtype.is_integer:
     total = tf.round(total)
   variable.assign(tf.cast(total, variable.dtype))

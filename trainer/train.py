@@ -540,8 +540,8 @@ def _evaluate(run: Run, evaluator: Optional[evaluate.Evaluator], step: int,
       checkpoints.save(run.best_manager, step)
     gained = metrics["bleu"] >= best + run.config.train.early_stopping_min_delta
     state.evals_without_gain.assign(0 if gained else state.evals_without_gain + 1)
-  distribute.wait_for_chief(run.strategy, step, run.config.distribute.collective_timeout_s)
-  distribute.broadcast_from_chief(run.strategy, state.evals_without_gain)
+  distribute.wait_for_chief(run.strategy, step, run.config.distribute.collective_timeout_s,
+                            share=state.evals_without_gain)
   return metrics
 
 
