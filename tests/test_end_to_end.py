@@ -72,6 +72,7 @@ _RESUME_SCRIPT = """
 import json, sys
 import tensorflow as tf
 from tests.test_end_to_end import _short_config
+from trainer import train
 data_dir, root = sys.argv[1:]
 one = tf.distribute.OneDeviceStrategy("/cpu:0")
 losses = {}
