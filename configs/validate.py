@@ -20,7 +20,7 @@ STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 # model.* keys that shape the variables: a checkpoint fits only the values it was trained with.
 SHAPE_KEYS = ("model.units", "model.embed_dim", "model.encoder_layers", "model.bidirectional")
 # Source kinds of data.train / data.eval; corpora.parse_source parses the rest of the string.
-SOURCE_KINDS = ("embedded", "tsv", "text", "tfds", "prepared")
+SOURCE_KINDS = ("embedded", "tsv", "text", "tfds", "prepared", "holdout")
 
 
 class ConfigError(ValueError):
@@ -117,6 +117,19 @@ def _data(config) -> None:
     if kind not in SOURCE_KINDS:
       raise invalid(key, source, "must start with one of " + ", ".join(
           k + ":" for k in SOURCE_KINDS) + " (README, Data formats)")
+  if _get(config, "data.train").startswith("holdout:"):
+    raise invalid("data.train", config.data.train,
+                  "holdout:N is a dev set carved out of data.train; it is for data.eval only")
+  if config.data.eval.startswith("holdout:"):
+    count = config.data.eval.partition(":")[2]
+    if not (count.isdigit() and int(count) >= 1):
+      raise invalid("data.eval", config.data.eval,
+                    "holdout:N needs the number of held-out pairs N >= 1, like holdout:2000")
+    if config.data.train.startswith("prepared:"):
+      raise invalid("data.eval", config.data.eval,
+                    "holdout:N carves the dev set out of a raw data.train; for a prepared "
+                    "corpus, run nmt-prepare with data.eval=holdout:N and use "
+                    "data.eval=prepared:DIR:eval")
   _bool(config, "data.deterministic")
   if not isinstance(config.data.service_address, str):
     raise invalid("data.service_address", config.data.service_address,

@@ -9,6 +9,8 @@ A source string (`data.train`, `data.eval`) names one corpus:
   tfds:NAME[:SPLIT]             any TFDS dataset, e.g. tfds:wmt14_translate/de-en:train
   prepared:DIR[:SPLIT]          written by nmt-prepare (input_pipeline/prepared.py); SPLIT
                                 is train or eval, by default the split of the config key
+  holdout:N                     data.eval only: N pairs carved out of data.train, which
+                                then trains without them (see holdout_threshold)
 PATH and the globs may match several shards (read in sorted order) and may be gzipped
 (`.gz`). Bad lines of tsv/text files are skipped, logged with file:line and counted; more
 than `data.max_skip_fraction` of a file skipped is a CorpusError.
@@ -45,7 +47,7 @@ _CHUNK_SIGNATURE = (tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.s
 _LOGGED_SKIPS_PER_FILE = 10
 _END = object()  # Marks the end of the shorter file of an aligned pair.
 _FORMS = ("embedded[:SPLIT], tsv:PATH[:SRC_COL:TGT_COL], text:SRC_GLOB,TGT_GLOB, "
-          "tfds:NAME[:SPLIT], prepared:DIR[:train|eval]")
+          "tfds:NAME[:SPLIT], prepared:DIR[:train|eval], holdout:N (data.eval only)")
 _PREPARED_SPLITS = ("train", "eval")
 # NAME may carry a TFDS version (mnist:3.0.1) and SPLIT a slice (train[:10%]).
 _TFDS_SOURCE = re.compile(r"(?P<name>[^:\[]+(?::\d+\.[\d*]+\.[\d*]+)?)(?::(?P<split>.+))?")
@@ -59,11 +61,12 @@ class CorpusError(ValueError):
 class SourceSpec:
   """A parsed source string; `source` is the original, for error messages."""
   source: str
-  kind: str  # embedded | tsv | text | tfds | prepared
+  kind: str  # embedded | tsv | text | tfds | prepared | holdout
   paths: tuple[str, ...] = ()  # tsv: (PATH,); text: (SRC_GLOB, TGT_GLOB); prepared: (DIR,).
   columns: tuple[int, int] = (0, 1)  # tsv: source and target column, from 0.
   name: str = ""  # embedded/tfds: the TFDS name, with config and version if given.
   split: str = ""  # embedded/tfds: the TFDS split, slices allowed; prepared: "" or the split.
+  count: int = 0  # holdout: the number of pairs held out.
 
 
 class _Shard(NamedTuple):
@@ -138,6 +141,10 @@ def parse_source(source: str) -> SourceSpec:
     if not directory:
       raise _bad_source(source, "prepared: needs the DIR that nmt-prepare wrote")
     return SourceSpec(source, kind, paths=(directory,), split=split)
+  if kind == "holdout":
+    if not re.fullmatch(r"[1-9]\d*", rest):
+      raise _bad_source(source, "holdout: needs the number of pairs N >= 1, like holdout:2000")
+    return SourceSpec(source, kind, count=int(rest))
   raise _bad_source(source, f"unknown kind {kind!r}" if source else "empty")
 
 
@@ -164,8 +171,11 @@ def _bad_source(source: str, why: str) -> CorpusError:
 def read(source: str, data_config: ml_collections.ConfigDict, *,
          input_context: tf.distribute.InputContext | None = None,
          shuffle_files: bool = False, seed: int = 0,
-         stats: SkipStats | None = None) -> tf.data.Dataset:
+         stats: SkipStats | None = None, _holdout: bool = True) -> tf.data.Dataset:
   """Dataset of (source, target) scalar tf.string pairs from one source string; finite (one epoch).
+
+  With data.eval=holdout:N, reading data.train leaves out the dev set, and reading
+  holdout:N gives it (see holdout_threshold).
 
   With an input_context the pipelines get disjoint parts that together cover the corpus once:
   whole files if there are at least as many files as pipelines, else every N-th line (or
@@ -173,15 +183,80 @@ def read(source: str, data_config: ml_collections.ConfigDict, *,
   InvalidArgumentError; iterate inside surface_corpus_errors() to get them back as raised.
   """
   spec = parse_source(source)
+  if spec.kind == "holdout":
+    threshold = holdout_threshold(data_config)
+    dataset = read(data_config.train, data_config, stats=stats, _holdout=False)
+    return dataset.filter(lambda src, _: _source_hash(src) <= threshold)
   shard = _Shard(1, 0)
   if input_context is not None:
     shard = _Shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
   if spec.kind in ("embedded", "tfds"):
-    return _read_tfds(spec, data_config, shard, shuffle_files, seed)
-  if spec.kind == "prepared":  # The text of a prepared eval split (BLEU references).
+    dataset = _read_tfds(spec, data_config, shard, shuffle_files, seed)
+  elif spec.kind == "prepared":  # The text of a prepared eval split (BLEU references).
     from input_pipeline import prepared  # Here: prepared imports this module.
     return prepared.read_text(spec, input_context)
-  return _read_files(spec, data_config, shard, shuffle_files, seed, stats)
+  else:
+    dataset = _read_files(spec, data_config, shard, shuffle_files, seed, stats)
+  if _holdout and source == data_config.train and _holdout_spec(data_config):
+    threshold = holdout_threshold(data_config)  # Training reads data.train without the dev set.
+    dataset = dataset.filter(lambda src, _: _source_hash(src) > threshold)
+  return dataset
+
+
+def _holdout_spec(data_config: ml_collections.ConfigDict) -> SourceSpec | None:
+  spec = parse_source(data_config.eval)
+  return spec if spec.kind == "holdout" else None
+
+
+def _source_hash(sources: tf.Tensor) -> tf.Tensor:
+  """A stable non-negative int64 of each source string (FarmHash Fingerprint64, the same on
+  every platform and TensorFlow version), which decides the side of data.eval=holdout:N."""
+  return tf.strings.to_hash_bucket_fast(sources, _HASH_BUCKETS)
+
+
+_HASH_BUCKETS = (1 << 63) - 1
+_thresholds: dict[tuple, int] = {}
+
+
+def holdout_threshold(data_config: ml_collections.ConfigDict) -> int:
+  """The largest source hash of the dev set of data.eval=holdout:N: the N-th smallest
+  source hash of data.train's pairs. Pairs whose source hashes at most this are the dev
+  set, all others train, so a source never lands on both sides (the dev set has a few
+  more than N pairs when the N-th source has several translations; none is dropped) and
+  the split is the same on every run, worker and machine, whatever the file order.
+
+  It costs one scan of data.train per process (hashing in-graph, keeping the N smallest:
+  O(lines) time, O(N) memory; about 1 s per 10^5 pairs here, so ~15 min at 10^8); for
+  such corpora run nmt-prepare with data.eval=holdout:N once, which stores both sides.
+  """
+  spec = _holdout_spec(data_config)
+  train = parse_source(data_config.train)
+  if train.kind in ("prepared", "holdout"):
+    raise CorpusError(
+        f"data.eval={data_config.eval!r} carves its pairs out of a raw data.train, not "
+        f"{data_config.train!r}; run nmt-prepare on the raw corpus with "
+        f"data.eval={data_config.eval!r} and then train on prepared:DIR with "
+        f"data.eval=prepared:DIR:eval")
+  key = (data_config.train, spec.count, data_config.tfds_data_dir,
+         data_config.tfds_source_key, data_config.tfds_target_key)
+  if key not in _thresholds:
+    smallest = np.zeros([0], np.int64)  # The N smallest source hashes, repeats included.
+    hashes = read(data_config.train, data_config, _holdout=False).batch(1 << 14).map(
+        lambda src, _: _source_hash(src))
+    pairs = 0
+    with surface_corpus_errors():
+      for chunk in hashes.as_numpy_iterator():
+        pairs += len(chunk)
+        smallest = np.sort(np.concatenate([smallest, chunk]))[:spec.count]
+    if pairs <= spec.count:
+      raise CorpusError(f"data.eval={data_config.eval!r} asks for {spec.count} held-out "
+                        f"pairs but data.train={data_config.train!r} has only {pairs}, "
+                        f"which would leave nothing to train on")
+    _thresholds[key] = int(smallest[-1])
+    logging.info("data.eval=%s: dev set = the pairs of %s whose source hashes <= %d; "
+                 "training skips them.", data_config.eval, data_config.train,
+                 _thresholds[key])
+  return _thresholds[key]
 
 
 def read_pairs(source: str, data_config: ml_collections.ConfigDict,

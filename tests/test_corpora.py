@@ -400,3 +400,47 @@ def test_read_pairs_limit(tmp_path):
   assert list(corpora.read_pairs(f"tsv:{path}", _data_config())) == _PAIRS
   with pytest.raises(ValueError, match="limit = -1"):
     corpora.read_pairs(f"tsv:{path}", _data_config(), limit=-1)
+
+
+def _holdout_corpus(tmp_path, name="train.tsv", order=1):
+  """60 pairs, 10 of whose sources have a second translation; `order` -1 reverses the file."""
+  pairs = [(f"Quelle {i}", f"target {i}") for i in range(50)]
+  pairs += [(f"Quelle {i}", f"other target {i}") for i in range(10)]
+  return pairs, _write(tmp_path / name, _tsv(pairs[::order]))
+
+
+def test_holdout_carves_a_deterministic_disjoint_dev_set(tmp_path):
+  pairs, path = _holdout_corpus(tmp_path)
+  data = _data_config(train=f"tsv:{path}", eval="holdout:12")
+  dev, train = _read(data.eval, data), _read(data.train, data)
+  assert 12 <= len(dev) <= 13  # 13 if the 12th source has a second translation.
+  assert sorted(dev + train) == sorted(pairs)  # Nothing lost, nothing twice.
+  assert not {src for src, _ in dev} & {src for src, _ in train}
+  # The same split whatever the file order and name: it depends on the sentences only.
+  _, reversed_path = _holdout_corpus(tmp_path, "reversed.tsv", order=-1)
+  data_reversed = _data_config(train=f"tsv:{reversed_path}", eval="holdout:12")
+  assert sorted(_read(data_reversed.eval, data_reversed)) == sorted(dev)
+  # The tokenizer sample (read_pairs of data.train) leaves the dev set out too.
+  assert not set(corpora.read_pairs(data.train, data)) & set(dev)
+
+
+def test_holdout_larger_than_the_corpus_is_named(tmp_path):
+  _, path = _holdout_corpus(tmp_path)
+  data = _data_config(train=f"tsv:{path}", eval="holdout:60")
+  with pytest.raises(corpora.CorpusError, match=r"holdout:60.*has only 60"):
+    _read(data.eval, data)
+
+
+@pytest.mark.parametrize("train, eval_, message", [
+    ("holdout:5", "holdout:5", "config.data.train='holdout:5' is invalid: holdout:N is a dev "
+                               "set carved out of data.train; it is for data.eval only"),
+    ("tsv:a.tsv", "holdout:0", "config.data.eval='holdout:0' is invalid: holdout:N needs"),
+    ("tsv:a.tsv", "holdout:x", "config.data.eval='holdout:x' is invalid"),
+    ("prepared:d", "holdout:5", "run nmt-prepare with data.eval=holdout:N"),
+])
+def test_holdout_config_errors(train, eval_, message):
+  from configs import validate
+  config = default.get_config()
+  config.data.train, config.data.eval = train, eval_
+  with pytest.raises(validate.ConfigError, match=re.escape(message)):
+    validate.validate(config)

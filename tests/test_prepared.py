@@ -161,6 +161,18 @@ def test_eval_split_keeps_every_pair_and_its_text(corpus, tokenizer):
   assert len(pairs) == examples and pairs[0] == _make_pairs(_NUM_PAIRS)[0]
 
 
+def test_prepare_with_a_holdout_dev_set_stores_both_sides(corpus, tmp_path):
+  raw, _ = corpus
+  config = _config(raw.data.train, "holdout:40")
+  manifest = prepared.prepare(config, str(tmp_path / "data"), shard_examples=200)
+  raw_dev = list(corpora.read_pairs("holdout:40", config.data))
+  config.data.eval = f"prepared:{tmp_path / 'data'}:eval"
+  dev = list(corpora.read_pairs(config.data.eval, config.data))
+  assert set(dev) <= set(raw_dev) and dev  # Less the over-long pairs, as in training.
+  seen = {split: manifest["splits"][split]["length_filter"]["seen"] for split in ("train", "eval")}
+  assert seen == {"train": _NUM_PAIRS - len(raw_dev), "eval": len(raw_dev)}, seen
+
+
 @pytest.mark.parametrize("num_pipelines,replicas", [(1, 1), (1, 2), (2, 2)])
 def test_resume_at_any_step_gives_the_uninterrupted_batches(corpus, tokenizer,
                                                             num_pipelines, replicas):
