@@ -44,10 +44,12 @@ class Devices:
 
 
 def cpu_has_fast_bfloat16() -> bool:
-  """True if the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16 flags).
+  """True if the CPU has bf16 matrix units (AMX-BF16), where bf16 beats fp32.
 
-  Without them oneDNN converts bf16 to fp32 and back, slower than fp32 (README,
-  Performance). Non-Linux systems (no /proc/cpuinfo) report False.
+  Without bf16 units oneDNN converts bf16 to fp32 and back, ~3x slower than fp32; with only
+  AVX512-BF16 dot products (Zen 4, Cooper Lake) a bf16 step was still 0.90x as fast as fp32
+  here (`nmt-bench doctor --config=configs/tatoeba.py`, 2-core Zen 4, 2026-12-01): the small
+  matmuls of a GRU step gain less than the casts cost. Non-Linux systems report False.
   """
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -57,10 +59,10 @@ def cpu_has_fast_bfloat16() -> bool:
 
 
 def cpuinfo_has_bf16_units(cpuinfo: str) -> bool:
-  """Whether /proc/cpuinfo text lists avx512_bf16 or amx_bf16 among the CPU flags."""
+  """Whether /proc/cpuinfo text lists amx_bf16 among the CPU flags (see above)."""
   flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
                 if line.startswith("flags")), [])
-  return "avx512_bf16" in flags or "amx_bf16" in flags
+  return "amx_bf16" in flags
 
 
 def detect_devices() -> Devices:
@@ -74,7 +76,7 @@ def detect_devices() -> Devices:
 
 def resolve_precision(name: str, devices: Devices) -> str:
   """'auto' -> mixed_float16 on GPUs with fast fp16 (compute capability >= 7), float32 on
-  older GPUs, mixed_bfloat16 on CPUs with bf16 units, else float32."""
+  older GPUs, mixed_bfloat16 on CPUs with AMX bf16 units, else float32."""
   if name != "auto":
     return name
   if devices.gpu:
