@@ -11,6 +11,8 @@ setuptools.setup(
                                                "input_pipeline", "input_pipeline.*",
                                                "configs", "configs.*", "launch", "launch.*",
                                                "benchmarks", "benchmarks.*"]),
+    # The embedded Tatoeba corpus (input_pipeline/data/deu-eng, ~4.9 MB) with its licence.
+    package_data={"input_pipeline": ["data/*/*.tsv.gz", "data/*/*.md", "data/*/*.txt"]},
     install_requires=[
         "tensorflow>=2.21,<2.22",
         # Keras 3 as TF 2.21 ships it; train.py relies on its optimizer's all-reduce hook

@@ -12,8 +12,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0  # Seeds parameter init, shuffling and dropout.
 
   config.data = data = ml_collections.ConfigDict()
-  data.train = "embedded:train"  # Training corpus: embedded[:SPLIT] | tsv:PATH[:SRC:TGT] | text:SRC_GLOB,TGT_GLOB | tfds:NAME[:SPLIT] | prepared:DIR (nmt-prepare).
+  data.train = "embedded:train"  # Training corpus: embedded[:SPLIT] (generated numbers and dates) | embedded:deu-eng[:train|dev|test] (Tatoeba, shipped) | tsv:PATH[:SRC:TGT] | text:SRC_GLOB,TGT_GLOB | tfds:NAME[:SPLIT] | prepared:DIR (nmt-prepare).
   data.eval = "embedded:validation"  # Held-out corpus, same syntax as data.train, or holdout:N (N pairs carved out of data.train).
+  data.test = ""  # Test corpus scored once when training ends (all of it, BLEU/chrF printed and logged; never used to select or stop); "" = none.
   data.tfds_data_dir = ""  # TFDS data dir for embedded/tfds sources; "" = TFDS default (~/tensorflow_datasets).
   data.tfds_source_key = ""  # tfds: feature key of the source side; "" = first language of the config name (de-en -> de).
   data.tfds_target_key = ""  # tfds: feature key of the target side; "" = second language of the config name.

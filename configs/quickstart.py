@@ -1,31 +1,20 @@
-"""Quickstart: the README's first command. Trains in about 10 minutes on a 2-core CPU.
+"""Quickstart: the README's first command. A German->English translator in about 10 minutes
+on a 2-core CPU, from the Tatoeba corpus that ships with the package (`embedded:deu-eng`).
 
-Same model and pipeline as configs/default.py at a quarter of the width; full sizes are
-`--config=configs/default.py`.
+The recipe of configs/tatoeba.py for a fixed number of steps (so every machine trains the
+same model; ~9 minutes here) with a cosine decay to the last one, and three evaluations.
+Full sizes are `--config=configs/default.py`; longer runs `--config=configs/tatoeba.py`.
 """
 import ml_collections
 
-from configs import default
+from configs import tatoeba
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """Returns a CPU-sized variant of the default configuration."""
-  config = default.get_config()
-  config.data.max_source_length = 24
-  config.data.max_target_length = 24
-  config.data.bucket_boundaries = (12, 16, 24)
-  config.data.eval_examples = 500
-  config.tokenizer.vocab_size = 1000
-  config.tokenizer.sample_size = 50000
-  config.model.units = 256
-  config.model.embed_dim = 128
-  config.train.batch_size = 64
-  config.train.steps = 1500
-  config.train.learning_rate = 3e-3
-  config.train.warmup_steps = 200
+  """Returns the Tatoeba recipe sized to about 10 minutes of a 2-core CPU."""
+  config = tatoeba.get_config()
+  config.train.steps = 4500
   config.train.decay = "cosine"
-  config.train.xla = "train_step"
-  config.train.log_every = 100
-  config.train.checkpoint_every = 500
-  config.train.eval_every = 500
+  config.train.eval_every = 1500
+  config.train.checkpoint_every = 1500
   return config

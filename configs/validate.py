@@ -117,6 +117,10 @@ def _data(config) -> None:
     if kind not in SOURCE_KINDS:
       raise invalid(key, source, "must start with one of " + ", ".join(
           k + ":" for k in SOURCE_KINDS) + " (README, Data formats)")
+  test = _get(config, "data.test")
+  if not isinstance(test, str) or (test and test.split(":", 1)[0] not in SOURCE_KINDS[:-1]):
+    raise invalid("data.test", test, '"" (none) or a source like data.train (README, Data '
+                  'formats); holdout:N is for data.eval only')
   if _get(config, "data.train").startswith("holdout:"):
     raise invalid("data.train", config.data.train,
                   "holdout:N is a dev set carved out of data.train; it is for data.eval only")

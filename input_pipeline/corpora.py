@@ -1,7 +1,9 @@
 """Reads parallel corpora into (source, target) string pairs, skipping and counting bad lines.
 
 A source string (`data.train`, `data.eval`) names one corpus:
-  embedded[:SPLIT]              the generated cldr_numbers TFDS corpus (default split train)
+  embedded:deu-eng[:SPLIT]      Tatoeba German->English, shipped with the package (SPLIT =
+                                train, dev or test; input_pipeline/data/deu-eng/README.md)
+  embedded[:cldr_numbers][:SPLIT]  the generated cldr_numbers TFDS corpus (default split train)
   tsv:PATH[:SRC_COL:TGT_COL]    tab-separated pairs, Tatoeba/Anki style; columns count from 0
                                 and default to 0:1, extra columns are ignored
   text:SRC_GLOB,TGT_GLOB        Moses-style aligned plain text: line i of one side
@@ -46,11 +48,18 @@ _CHUNK_PAIRS = 2048  # Pairs per from_generator element: amortizes its per-call 
 _CHUNK_SIGNATURE = (tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.string))
 _LOGGED_SKIPS_PER_FILE = 10
 _END = object()  # Marks the end of the shorter file of an aligned pair.
-_FORMS = ("embedded[:SPLIT], tsv:PATH[:SRC_COL:TGT_COL], text:SRC_GLOB,TGT_GLOB, "
-          "tfds:NAME[:SPLIT], prepared:DIR[:train|eval], holdout:N (data.eval only)")
+_FORMS = ("embedded:deu-eng[:train|dev|test], embedded[:cldr_numbers][:SPLIT], "
+          "tsv:PATH[:SRC_COL:TGT_COL], text:SRC_GLOB,TGT_GLOB, tfds:NAME[:SPLIT], "
+          "prepared:DIR[:train|eval], holdout:N (data.eval only)")
 _PREPARED_SPLITS = ("train", "eval")
 # NAME may carry a TFDS version (mnist:3.0.1) and SPLIT a slice (train[:10%]).
 _TFDS_SOURCE = re.compile(r"(?P<name>[^:\[]+(?::\d+\.[\d*]+\.[\d*]+)?)(?::(?P<split>.+))?")
+
+
+_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+# Corpora shipped as package data: {name: {split: path}}.
+EMBEDDED_FILES = {"deu-eng": {split: os.path.join(_DATA_DIR, "deu-eng", f"{split}.tsv.gz")
+                              for split in ("train", "dev", "test")}}
 
 
 class CorpusError(ValueError):
@@ -62,7 +71,8 @@ class SourceSpec:
   """A parsed source string; `source` is the original, for error messages."""
   source: str
   kind: str  # embedded | tsv | text | tfds | prepared | holdout
-  paths: tuple[str, ...] = ()  # tsv: (PATH,); text: (SRC_GLOB, TGT_GLOB); prepared: (DIR,).
+  # tsv: (PATH,); text: (SRC_GLOB, TGT_GLOB); prepared: (DIR,); embedded:deu-eng: (its file,).
+  paths: tuple[str, ...] = ()
   columns: tuple[int, int] = (0, 1)  # tsv: source and target column, from 0.
   name: str = ""  # embedded/tfds: the TFDS name, with config and version if given.
   split: str = ""  # embedded/tfds: the TFDS split, slices allowed; prepared: "" or the split.
@@ -121,7 +131,16 @@ def parse_source(source: str) -> SourceSpec:
   kind, colon, rest = source.partition(":")
   if kind == "embedded":
     if colon and not rest:
-      raise _bad_source(source, "embedded: needs a SPLIT after the colon")
+      raise _bad_source(source, "embedded: needs a corpus or SPLIT after the colon")
+    name, _, split = rest.partition(":")
+    if name in EMBEDDED_FILES:
+      if split not in ("",) + tuple(EMBEDDED_FILES[name]):
+        raise _bad_source(source, f"embedded:{name} has the splits "
+                                  f"{', '.join(EMBEDDED_FILES[name])}")
+      return SourceSpec(source, kind, name=name, split=split or "train",
+                        paths=(EMBEDDED_FILES[name][split or "train"],))
+    if name == "cldr_numbers":
+      return SourceSpec(source, kind, name=name, split=split or "train")
     return SourceSpec(source, kind, name="cldr_numbers", split=rest or "train")
   if kind == "tsv":
     return _parse_tsv(source, rest)
@@ -184,13 +203,14 @@ def read(source: str, data_config: ml_collections.ConfigDict, *,
   """
   spec = parse_source(source)
   if spec.kind == "holdout":
-    threshold = holdout_threshold(data_config)
-    dataset = read(data_config.train, data_config, stats=stats, _holdout=False)
-    return dataset.filter(lambda src, _: _source_hash(src) <= threshold)
+    return _holdout_pairs(data_config, stats)
   shard = _Shard(1, 0)
   if input_context is not None:
     shard = _Shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-  if spec.kind in ("embedded", "tfds"):
+  if spec.kind == "embedded" and spec.paths:  # Shipped files, read as tsv:.
+    dataset = _read_files(dataclasses.replace(spec, kind="tsv"), data_config, shard,
+                          shuffle_files, seed, stats)
+  elif spec.kind in ("embedded", "tfds"):
     dataset = _read_tfds(spec, data_config, shard, shuffle_files, seed)
   elif spec.kind == "prepared":  # The text of a prepared eval split (BLEU references).
     from input_pipeline import prepared  # Here: prepared imports this module.
@@ -201,6 +221,35 @@ def read(source: str, data_config: ml_collections.ConfigDict, *,
     threshold = holdout_threshold(data_config)  # Training reads data.train without the dev set.
     dataset = dataset.filter(lambda src, _: _source_hash(src) > threshold)
   return dataset
+
+
+_dev_sets: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _holdout_pairs(data_config: ml_collections.ConfigDict,
+                   stats: SkipStats | None) -> tf.data.Dataset:
+  """The dev set of data.eval=holdout:N, in corpus order; kept in memory (N pairs) after the
+  first call, so the evaluations during training do not rescan data.train."""
+  key = _holdout_key(data_config)
+  if key not in _dev_sets:
+    threshold = holdout_threshold(data_config)
+    dataset = read(data_config.train, data_config, stats=stats, _holdout=False)
+    dev = dataset.filter(lambda src, _: _source_hash(src) <= threshold).batch(1 << 14)
+    sources, targets = [np.zeros([0], object)], [np.zeros([0], object)]
+    with surface_corpus_errors():
+      for src, tgt in dev.as_numpy_iterator():
+        sources.append(src)
+        targets.append(tgt)
+    _dev_sets[key] = np.concatenate(sources), np.concatenate(targets)
+  sources, targets = _dev_sets[key]
+  return tf.data.Dataset.from_tensor_slices((tf.constant(sources, tf.string),
+                                             tf.constant(targets, tf.string)))
+
+
+def _holdout_key(data_config: ml_collections.ConfigDict) -> tuple:
+  return (data_config.train, data_config.eval, data_config.tfds_data_dir,
+          data_config.tfds_source_key, data_config.tfds_target_key,
+          data_config.max_skip_fraction)
 
 
 def _holdout_spec(data_config: ml_collections.ConfigDict) -> SourceSpec | None:
@@ -237,8 +286,7 @@ def holdout_threshold(data_config: ml_collections.ConfigDict) -> int:
         f"{data_config.train!r}; run nmt-prepare on the raw corpus with "
         f"data.eval={data_config.eval!r} and then train on prepared:DIR with "
         f"data.eval=prepared:DIR:eval")
-  key = (data_config.train, spec.count, data_config.tfds_data_dir,
-         data_config.tfds_source_key, data_config.tfds_target_key)
+  key = _holdout_key(data_config)
   if key not in _thresholds:
     smallest = np.zeros([0], np.int64)  # The N smallest source hashes, repeats included.
     hashes = read(data_config.train, data_config, _holdout=False).batch(1 << 14).map(

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from configs import default, quickstart, tiny
+from configs import default, quickstart, tatoeba, tiny
 from configs import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +42,7 @@ def test_every_config_key_has_a_comment_and_a_readme_row():
   assert not missing, "README config reference is stale; regenerate it:\n" + "\n".join(missing)
 
 
-@pytest.mark.parametrize("module", [default, quickstart, tiny])
+@pytest.mark.parametrize("module", [default, quickstart, tatoeba, tiny])
 def test_configs_validate(module):
   validate.validate(module.get_config())
 

@@ -333,9 +333,11 @@ def test_corrupt_gzip_is_named(tmp_path):
 
 @pytest.mark.parametrize("source", ["csv:foo", "tsv:", "tsv:f.tsv:a:b", "tsv:f.tsv:1",
                                     "text:only-one", "text:a,", "tfds:", "embedded:", "",
-                                    "train.tsv"])
+                                    "train.tsv", "embedded:deu-eng:validation", "holdout:0",
+                                    "holdout:"])
 def test_bad_source_strings_list_the_valid_forms(source):
-  with pytest.raises(ValueError, match=r"valid forms: embedded\[:SPLIT\], "
+  with pytest.raises(ValueError, match=r"valid forms: embedded:deu-eng\[:train\|dev\|test\], "
+                                       r"embedded\[:cldr_numbers\]\[:SPLIT\], "
                                        r"tsv:PATH\[:SRC_COL:TGT_COL\], text:SRC_GLOB,TGT_GLOB, "
                                        r"tfds:NAME\[:SPLIT\]") as error:
     corpora.parse_source(source)
@@ -345,6 +347,10 @@ def test_bad_source_strings_list_the_valid_forms(source):
 @pytest.mark.parametrize("source, expected", [
     ("embedded", dict(kind="embedded", name="cldr_numbers", split="train")),
     ("embedded:validation", dict(kind="embedded", split="validation")),
+    ("embedded:cldr_numbers:test", dict(kind="embedded", name="cldr_numbers", split="test")),
+    ("embedded:deu-eng", dict(kind="embedded", name="deu-eng", split="train")),
+    ("embedded:deu-eng:dev", dict(name="deu-eng", split="dev")),
+    ("holdout:2000", dict(kind="holdout", count=2000)),
     ("tsv:data/a.tsv", dict(kind="tsv", paths=("data/a.tsv",), columns=(0, 1))),
     ("tsv:gs://bucket/a-*.tsv.gz:3:1", dict(paths=("gs://bucket/a-*.tsv.gz",), columns=(3, 1))),
     ("tsv:gs://bucket/a.tsv", dict(paths=("gs://bucket/a.tsv",), columns=(0, 1))),
@@ -444,3 +450,17 @@ def test_holdout_config_errors(train, eval_, message):
   config.data.train, config.data.eval = train, eval_
   with pytest.raises(validate.ConfigError, match=re.escape(message)):
     validate.validate(config)
+
+
+def test_embedded_deu_eng_splits_are_disjoint_by_the_holdout_rule():
+  data = _data_config()
+  splits = {split: _read(f"embedded:deu-eng:{split}", data) for split in ("train", "dev", "test")}
+  assert {k: len(v) for k, v in splits.items()} == {"train": 165520, "dev": 2000, "test": 2000}
+  sources = {k: {src for src, _ in v} for k, v in splits.items()}
+  assert not sources["train"] & sources["dev"] and not sources["test"] & (
+      sources["train"] | sources["dev"])
+  # dev = the pairs with the smallest source hashes, as data.eval=holdout:2000 would carve it.
+  hashes = {k: corpora._source_hash(tf.constant(sorted(v))).numpy() for k, v in sources.items()}
+  assert hashes["dev"].max() < hashes["train"].min()
+  assert splits["test"][0] == ("Ich glaube, du hast, was ich brauche.",
+                               "I think you've got what I need.")

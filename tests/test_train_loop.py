@@ -33,9 +33,13 @@ def test_time_budget_stops_with_eval_and_checkpoint_then_resumes_when_raised(
     embedded_data_dir, tmp_path):
   config = _config(embedded_data_dir, 20)
   config.train.max_seconds = 1e-3  # Spent by the first loop call, whatever the machine.
+  config.data.test = "embedded:cldr_numbers:test[:30]"
   first = train.train_and_evaluate(config, str(tmp_path), _one())
   assert first["step"] == 5 and "max_seconds" in first["stopped_by"]
   assert first["eval"]["bleu"] >= 0  # Evaluated at the budget, not only at eval_every.
+  # The test set is scored at the end, all of it (not data.eval_examples), and logged.
+  assert first["test"]["examples"] == 30 and first["test"]["bleu"] >= 0
+  assert tf.io.gfile.glob(str(tmp_path / "test" / "events.out.tfevents.*"))
   again = train.train_and_evaluate(config, str(tmp_path), _one())
   assert again["already_complete"] and again["step"] == 5  # Nothing written.
   config.train.max_seconds = 1e6

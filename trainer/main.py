@@ -126,8 +126,13 @@ def _train_main(argv) -> None:
     print(f"Step {summary['step']}: BLEU {summary['eval']['bleu']:.1f}, "
           f"chrF {summary['eval']['chrf']:.1f}, eval loss {summary['eval']['loss']:.3f}. "
           f"TensorBoard: tensorboard --logdir {os.path.abspath(FLAGS.workdir)}")
-  final = {k: summary[k] for k in ("step", "eval", "seconds", "workdir", "interrupted",
-                                    "already_complete")}
+  if summary.get("test"):
+    test = summary["test"]
+    print(f"Test set {test['source']} ({test['examples']} pairs): BLEU {test['bleu']:.1f}, "
+          f"chrF {test['chrf']:.1f}")
+  final = {k: summary.get(k) for k in ("step", "eval", "test", "seconds", "eval_time_fraction",
+                                        "stopped_by", "workdir", "interrupted",
+                                        "already_complete")}
   print(_strict_json(final))
   if summary["interrupted"]:  # Stopped by a signal, checkpoint saved: rerun to resume.
     sys.exit(train.distribute.PREEMPTED_EXIT_CODE)

@@ -473,8 +473,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             eval_metrics = _evaluate(run, evaluator, step, writers.get("eval"))
           stopped_by = stopped_by or finished_reason(config, step, run.state)
           if writers:
-            summaries.write_scalars(writers["train"], step,
-                                    {"eval_time_fraction": clock.eval_fraction()})
+            summaries.write_scalars(writers["train"], step, {
+                "eval_time_fraction": clock.eval_fraction(),
+                "elapsed_s": float(run.state.elapsed_s.numpy())})  # For BLEU vs time.
           progress.reset()
     except pipeline.corpora.CorpusError:
       _save_before_data_error(run)
@@ -483,9 +484,27 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       profiler.stop()
   if stopped_by and not run.stop.signal_name:
     logging.info("Stopping at step %d: the run %s.", step, stopped_by)
+  test_metrics = None
+  if stopped_by and not run.stop.signal_name and config.data.test and run.is_chief:
+    test_metrics = _test(run, step, workdir)
   return _finish(run, step, progress, dict(
       losses=losses, eval=eval_metrics, samples=getattr(evaluator, "samples", []),
-      workdir=workdir, stopped_by=stopped_by, eval_time_fraction=clock.eval_fraction()))
+      workdir=workdir, stopped_by=stopped_by, eval_time_fraction=clock.eval_fraction(),
+      test=test_metrics))
+
+
+def _test(run: Run, step: int, workdir: str) -> Dict:
+  """Scores all of config.data.test once with the final weights (after eval_time_fraction
+  is measured: it is a report, not part of training); logged to TensorBoard under test/."""
+  config = ml_collections.ConfigDict(run.config.to_dict())
+  config.data.eval, config.data.eval_examples = config.data.test, 0
+  metrics = evaluate.evaluate_checkpoint(config, run.tokenizer, run.model)
+  logging.info("test (%s, %d pairs) at step %d: BLEU %.2f  chrF %.2f", config.data.test,
+               metrics["examples"], step, metrics["bleu"], metrics["chrf"])
+  writer = tf.summary.create_file_writer(os.path.join(workdir, "test"))
+  summaries.write_scalars(writer, step, {k: metrics[k] for k in ("bleu", "chrf", "loss")})
+  writer.close()
+  return dict(metrics, source=config.data.test)
 
 
 class _Clock:
