@@ -27,11 +27,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.tokenizer.sample_size = 200000
   config.model.units = 256
   config.model.embed_dim = 256
+  # Tuning on the dev set, 600 s runs (README, Real corpora): 38.5 dev BLEU as above with a
+  # one-way encoder, 40.8 bidirectional (0.13 s/step instead of 0.10), 41.6 bidirectional with
+  # label smoothing 0.1.
+  config.model.bidirectional = True
   config.train.batch_size = 128
   config.train.steps = 100000
   config.train.learning_rate = 3e-3
   config.train.warmup_steps = 300
-  config.train.decay = "rsqrt"
+  config.train.decay = "rsqrt"  # No end to decay to: runs are cut by train.max_seconds.
+  config.train.label_smoothing = 0.1
   config.train.log_every = 200
   config.train.checkpoint_every = 1000
   config.train.eval_every = 1000
