@@ -122,3 +122,16 @@ def test_nmt_eval_after_tiny_training_reports_bleu_above_threshold(tiny_run):
   assert scores["step"] == 600
   assert scores["bleu"] > BLEU_THRESHOLD, scores
   assert abs(scores["bleu"] - summary["eval"]["bleu"]) < 1.0  # Same checkpoint and search.
+
+
+def test_bleu_against_wall_clock_is_read_from_the_run(tiny_run, tmp_path):
+  from benchmarks import bleu_vs_time
+  _, workdir, summary = tiny_run
+  curve = bleu_vs_time.run_curve(workdir)
+  assert len(curve) == 2  # Evaluations at steps 300 and 600.
+  assert 0 < curve[0][0] < curve[1][0] and curve[1][1] == pytest.approx(summary["eval"]["bleu"])
+  tutorial = tmp_path / "tutorial.json"
+  tutorial.write_text('{"steps": 10, "sec_per_step": 3.0, "bleu": 0.5}\n')
+  bleu_vs_time.main([f"--runs=tiny={workdir}", f"--tutorial_json={tutorial}",
+                     f"--output={tmp_path / 'plot.png'}"])
+  assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
