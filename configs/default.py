@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.clip_norm = 1.0  # Clip gradients by this global norm (0 disables).
   train.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
   train.precision = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16 (auto: fp16 on GPUs with CC>=7, bf16 on CPUs with AMX bf16 units, else float32).
-  train.xla = "auto"  # XLA scope: auto | off | decoder_step | train_step (auto = train_step, or decoder_step with model.recurrence=cudnn).
+  train.xla = "auto"  # XLA scope: auto | off | decoder_step | train_step (auto = train_step; decoder_step with model.recurrence=cudnn or with bf16 on a CPU).
   train.deterministic_ops = False  # TensorFlow op determinism: bitwise-reproducible runs, somewhat slower; input_wait_fraction is then not measured.
   train.max_nonfinite_steps = 10  # Stop after this many non-finite losses in a row (each is skipped).
   train.log_every = 100  # Steps between progress lines and scalar summaries.

@@ -32,7 +32,7 @@ def _resolved(devices, **modes):
 
 @pytest.mark.parametrize("devices, expected", [
     (CPU, ("float32", "train_step", "fused")),
-    (BF16_CPU, ("mixed_bfloat16", "train_step", "fused")),
+    (BF16_CPU, ("mixed_bfloat16", "decoder_step", "fused")),
     (A100, ("mixed_float16", "train_step", "fused")),
     (V100, ("mixed_float16", "train_step", "fused")),
     (P100, ("float32", "train_step", "fused")),
@@ -42,6 +42,13 @@ def test_auto_picks_a_combination_known_to_run(devices, expected):
   assert resolved == expected
   # Never a cuDNN op inside an XLA cluster, whatever the device.
   assert not (resolved[2] == "cudnn" and resolved[1] == "train_step")
+
+
+def test_bf16_on_a_cpu_keeps_its_matmuls_out_of_xla_unless_asked():
+  # XLA:CPU runs bf16 dots without AMX; oneDNN (outside XLA) uses it (docs/amx.json).
+  assert _resolved(CPU, precision="mixed_bfloat16")[1] == "decoder_step"
+  assert _resolved(BF16_CPU, xla="train_step")[1] == "train_step"
+  assert _resolved(A100, precision="mixed_bfloat16")[1] == "train_step"
 
 
 def test_cudnn_with_auto_xla_compiles_only_the_decoder_step():

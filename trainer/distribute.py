@@ -46,10 +46,10 @@ class Devices:
 def cpu_has_fast_bfloat16() -> bool:
   """True if the CPU has bf16 matrix units (AMX-BF16), where bf16 beats fp32.
 
-  Without bf16 units oneDNN converts bf16 to fp32 and back, ~3x slower than fp32; with only
-  AVX512-BF16 dot products (Zen 4, Cooper Lake) a bf16 step was still 0.90x as fast as fp32
-  here (`nmt-bench doctor --config=configs/tatoeba.py`, 2-core Zen 4, 2026-12-01): the small
-  matmuls of a GRU step gain less than the casts cost. Non-Linux systems report False.
+  Without bf16 units oneDNN converts bf16 to fp32 and back, slower than fp32; with only
+  AVX512-BF16 dot products (Zen 4, Cooper Lake) a bf16 step was still slower than fp32: the
+  small matmuls of a GRU step gain less than the casts cost. With AMX it is faster (outside
+  XLA). Measurements: README, Training, Precision; docs/amx.json. Non-Linux systems: False.
   """
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -106,17 +106,20 @@ def resolve_modes(config: ml_collections.ConfigDict,
   """A copy of `config` with every 'auto' mode replaced by what runs on `devices`
   (default: this machine); ConfigError naming the keys if the combination cannot run.
 
-  auto: recurrence fused (plain TF ops: XLA-compilable on CPUs and GPUs); xla train_step,
-  or decoder_step with recurrence=cudnn; precision by `resolve_precision`.
+  auto: recurrence fused (plain TF ops: XLA-compilable on CPUs and GPUs); precision by
+  `resolve_precision`; xla train_step, or decoder_step with recurrence=cudnn (no XLA kernel
+  for cuDNN) and with bf16 on a CPU (XLA:CPU does not run bf16 matmuls on AMX, oneDNN does:
+  docs/amx.json).
   """
   devices = devices or detect_devices()
   config = ml_collections.ConfigDict(config.to_dict())
   m, t = config.model, config.train
   if m.recurrence == "auto":
     m.recurrence = "fused"
-  if t.xla == "auto":
-    t.xla = "decoder_step" if m.recurrence == "cudnn" else "train_step"
   t.precision = resolve_precision(t.precision, devices)
+  if t.xla == "auto":
+    bf16_cpu = t.precision == "mixed_bfloat16" and not devices.gpu
+    t.xla = "decoder_step" if m.recurrence == "cudnn" or bf16_cpu else "train_step"
   why = mode_refusal(m.recurrence, t.xla, t.precision, devices)
   if why:
     raise validate_lib.ConfigError(why)
