@@ -64,6 +64,7 @@ def plot(curves: Dict[str, Curve], path: str, title: str) -> None:
     ax.plot(minutes, bleu, marker="o", label=label)
     ax.annotate(f"{bleu[-1]:.1f}", (minutes[-1], bleu[-1]), textcoords="offset points",
                 xytext=(4, 4))
+  ax.margins(x=0.1)  # Room for the last point's label.
   ax.set_xlabel("wall-clock minutes (training + evaluation)")
   ax.set_ylabel("dev BLEU (sacreBLEU)")
   ax.set_title(title)
