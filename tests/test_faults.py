@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import random
 import shutil
 import signal
@@ -253,8 +254,10 @@ def test_second_trainer_is_refused_and_a_signal_exits_42_with_a_checkpoint(run, 
   flags = _flags(run[0], **{"train.steps": 100_000}) + [f"--workdir={copy}"]
   code = "from trainer import main; main.run_train()"
   with open(tmp_path / "err", "w") as err, open(tmp_path / "out", "w") as out:
+    # As a user starts it: without conftest's TF_CPP_MIN_LOG_LEVEL (main.py sets its own).
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     first = subprocess.Popen([sys.executable, "-c", code, *flags], stdout=out, stderr=err,
-                             cwd=REPO)
+                             cwd=REPO, env=env)
   try:
     _wait_for(tmp_path / "err", "Training float32", first)
     if signum == signal.SIGTERM:  # Once is enough.
@@ -274,6 +277,8 @@ def test_second_trainer_is_refused_and_a_signal_exits_42_with_a_checkpoint(run, 
   assert final["interrupted"] == signum.name and final["step"] > 20
   assert checkpoints.find_checkpoint(copy).endswith(f"ckpt-{final['step']}")
   assert not os.path.exists(os.path.join(copy, checkpoints.LOCK_FILE))
+  if not os.path.exists("/proc/driver/nvidia/version"):  # CPU-only: CUDA's cuInit is no fault.
+    assert not re.search(r"^E\d{4} ", (tmp_path / "err").read_text(), re.M)
 
 
 # Finished runs, empty directories (rows 18, 20) ---------------------------------------------
