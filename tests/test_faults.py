@@ -8,8 +8,8 @@ import hashlib
 import json
 import logging
 import os
-import re
 import random
+import re
 import shutil
 import signal
 import subprocess
