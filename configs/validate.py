@@ -9,7 +9,7 @@ precision x XLA x recurrence combination runs on the device present is decided b
 import glob
 import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import ml_collections
 
@@ -40,14 +40,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
   """ConfigError naming each model.* key (SHAPE_KEYS) whose value differs from the one in
-  <workdir>/config.json when the workdir holds checkpoints: they would not fit the model."""
+  <workdir>/config.json when the workdir holds checkpoints: they would not fit the model.
+
+  A URL workdir (gs://, ram://, ...) is read through tf.io.gfile, which imports TensorFlow:
+  only such a run pays for that here."""
+  exists, glob_files, read_text = _filesystem(workdir)
   saved_path = os.path.join(workdir, "config.json")
-  if not (os.path.exists(saved_path)
-          and glob.glob(os.path.join(workdir, "checkpoints", "ckpt-*.index"))):
+  if not (exists(saved_path)
+          and glob_files(os.path.join(workdir, "checkpoints", "ckpt-*.index"))):
     return
   try:
-    with open(saved_path, encoding="utf-8") as f:
-      saved = json.load(f)
+    saved = json.loads(read_text(saved_path))
   except (OSError, ValueError):
     return  # Reported when the run reads it.
   changed = []
@@ -65,6 +68,32 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
         f"were trained with " + ", ".join(f"{k}={old!r}" for k, old, _ in changed)
         + f" ({saved_path}). Use those values to resume, or another --workdir to train "
         "a new model.")
+
+
+def _filesystem(path: str) -> tuple[Callable, Callable, Callable]:
+  """(exists, glob, read_text) for `path`: os and glob for a local path, so that a bad
+  flag is still reported before TensorFlow loads; tf.io.gfile for a URL (gs://bucket/run),
+  which os.path would take for a missing local directory."""
+  if "://" not in path:
+    def read_local(name: str) -> str:
+      with open(name, encoding="utf-8") as f:
+        return f.read()
+    return os.path.exists, glob.glob, read_local
+  import tensorflow as tf  # Only for URLs: local runs check here without the import.
+
+  def read_url(name: str) -> str:
+    try:
+      with tf.io.gfile.GFile(name, "rb") as f:
+        return f.read().decode("utf-8")
+    except tf.errors.OpError as e:
+      raise OSError(e.message) from e
+
+  def glob_url(pattern: str) -> list[str]:
+    try:
+      return tf.io.gfile.glob(pattern)
+    except tf.errors.NotFoundError:
+      return []
+  return tf.io.gfile.exists, glob_url, read_url
 
 
 def _get(config, key: str):

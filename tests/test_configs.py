@@ -1,8 +1,10 @@
 """Configs: every key is commented, documented in the README, and the configs validate."""
+import json
 import os
 import re
 
 import pytest
+import tensorflow as tf
 
 from configs import default, quickstart, tatoeba, tiny
 from configs import validate
@@ -77,3 +79,22 @@ def test_cudnn_under_whole_step_xla_is_refused_on_every_device():
   config.model.recurrence, config.train.xla = "cudnn", "train_step"
   with pytest.raises(validate.ConfigError, match="XLA has no kernel for the cuDNN RNN op"):
     validate.validate(config)
+
+
+def test_resume_check_reads_a_url_workdir(tmp_path):
+  """A gs:// workdir is checked like a local one; TensorFlow's in-memory ram:// filesystem
+  stands in for it (os.path would take either for a missing local directory)."""
+  config = tiny.get_config()
+  workdir = f"ram://{tmp_path.name}/run"
+  tf.io.gfile.makedirs(f"{workdir}/checkpoints")
+  saved = config.to_dict()
+  saved["model"]["units"] = config.model.units * 2
+  with tf.io.gfile.GFile(f"{workdir}/config.json", "w") as f:
+    f.write(json.dumps(saved))
+  validate.check_resume(config, workdir)  # No checkpoint yet: nothing to fit.
+  with tf.io.gfile.GFile(f"{workdir}/checkpoints/ckpt-10.index", "w") as f:
+    f.write("")
+  with pytest.raises(validate.ConfigError,
+                     match=rf"config.model.units={config.model.units} is invalid: the "
+                     rf"checkpoints in {workdir} were trained with model.units="):
+    validate.check_resume(config, workdir)
