@@ -120,10 +120,11 @@ def _attend(keys, query, v, mask, values):
 
 def _attend_backward(keys, query, v, d_score, d_keys):
   """d_score [S,B] -> tanh(keys + W1 s) (recomputed: cheaper than keeping T of them),
-  dL/d(W1 s) [U,B], and d_keys plus this step's dL/dkeys [S,U,B]."""
+  dL/d(W1 s) [U,B], and d_keys [S,U,B] float32 plus this step's dL/dkeys (summed in
+  float32: T additions in bf16 lose ~T/2 of its 8 mantissa bits' worth of accuracy)."""
   a = tf.tanh(keys + query[None])
   d_pre = d_score[:, None] * v * (1 - a * a)
-  return a, tf.reduce_sum(d_pre, 0), d_keys + d_pre
+  return a, tf.reduce_sum(d_pre, 0), d_keys + tf.cast(d_pre, tf.float32)
 
 
 # The same functions as single XLA kernels: fusing their [S,U,B] elementwise chains makes
@@ -189,13 +190,16 @@ def attention_gru_scan(inputs: tf.Tensor, state: tf.Tensor, values: tf.Tensor,
         d_v += tf.cast(tf.reduce_sum(a * d_score[:, None], [0, 2]), tf.float32)
         return (ds, d_keys, d_v), (dx, dh, d_context)
 
-      carry = (zeros, tf.zeros_like(keys_fm), tf.zeros(tf.shape(v), tf.float32))
+      # Sums over the T steps are carried in float32 also under mixed precision.
+      carry = (zeros, tf.zeros(tf.shape(keys_fm), tf.float32),
+               tf.zeros(tf.shape(v), tf.float32))
       (d_state, d_keys, d_v), (dx, dh, d_context) = _backward_loop(
           tf.shape(inputs)[0], step_back, carry, (state.dtype,) * 3)
       # d_values[b] = weights[b]^T [S,T] x d_context[b] [T,U], batch-major.
       d_values = tf.matmul(tf.transpose(tf.cast(weights, d_context.dtype), [2, 1, 0]),
                            tf.transpose(d_context, [2, 0, 1]))
-      return (_fm(dx), _fm(d_state), d_values, tf.transpose(d_keys, [2, 0, 1]),
+      d_keys = tf.cast(tf.transpose(d_keys, [2, 0, 1]), keys.dtype)
+      return (_fm(dx), _fm(d_state), d_values, d_keys,
               _weight_grad(previous, dh), tf.reduce_sum(dh[:, units:], [0, 2]),
               _weight_grad(context, dx), tf.cast(d_v, v.dtype))
 
