@@ -120,8 +120,9 @@ def _attend(keys, query, v, mask, values):
 
 def _attend_backward(keys, query, v, d_score, d_keys):
   """d_score [S,B] -> tanh(keys + W1 s) (recomputed: cheaper than keeping T of them),
-  dL/d(W1 s) [U,B], and d_keys [S,U,B] float32 plus this step's dL/dkeys (summed in
-  float32: T additions in bf16 lose ~T/2 of its 8 mantissa bits' worth of accuracy)."""
+  dL/d(W1 s) [U,B], and d_keys [S,U,B] plus this step's dL/dkeys. d_keys is float32 under
+  mixed precision too: a running sum of T terms rounded to bf16's 8 bits each step drifts
+  (tests/test_fused_rnn.py measures it)."""
   a = tf.tanh(keys + query[None])
   d_pre = d_score[:, None] * v * (1 - a * a)
   return a, tf.reduce_sum(d_pre, 0), d_keys + tf.cast(d_pre, tf.float32)
