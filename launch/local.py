@@ -1,10 +1,14 @@
 """Runs a multi-worker job on this machine: N `nmt-train` processes joined by TF_CONFIG.
 
-  python launch/local.py --num_workers=2 [--max_restarts=1] -- \
+  python launch/local.py --num_workers=2 [--max_restarts=1] [--gpus_per_worker=G] -- \
       --config=configs/tiny.py --workdir=/tmp/nmt_cluster
 
 Every worker gets the same nmt-train arguments and a TF_CONFIG naming all workers on free
-localhost ports (worker 0 is the chief). Their output is streamed with a `[worker i]`
+localhost ports (worker 0 is the chief). Each worker sees only its own GPUs, through
+CUDA_VISIBLE_DEVICES: worker i gets the i-th run of G of the GPUs this launcher sees (those
+of its CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`'s); by default the GPUs are split evenly,
+0 means none (CPU workers). Without this every worker would see, and claim the memory of,
+every GPU. Their output is streamed with a `[worker i]`
 prefix. If any worker fails, the others cannot go on: they fail within seconds too, or
 are killed after --grace_s; with --max_restarts the whole job is then started again (new
 ports, same command) and resumes from the chief's last checkpoint. SIGINT/SIGTERM to the
@@ -86,17 +90,68 @@ class Output:
     self.write("launcher", message)
 
 
+def visible_gpus() -> List[str]:
+  """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries: that variable's list
+  when it is set (CUDA ignores everything from the first negative index on, so do we),
+  else the indices `nvidia-smi -L` lists; [] without either. No TensorFlow import: it
+  would take seconds and claim the GPUs' memory in the launcher itself."""
+  listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+  if listed is not None:
+    gpus = []
+    for entry in (e.strip() for e in listed.split(",") if e.strip()):
+      if entry.startswith("-"):
+        break
+      gpus.append(entry)
+    return gpus
+  if shutil.which("nvidia-smi") is None:
+    return []
+  try:
+    result = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                            check=False, timeout=60)
+  except subprocess.TimeoutExpired:
+    raise ValueError("`nvidia-smi -L` did not answer in 60 s; name the GPUs with "
+                     "CUDA_VISIBLE_DEVICES=0,1,... instead") from None
+  if result.returncode != 0:  # No driver loaded: no usable GPU.
+    return []
+  return [str(i) for i, line in enumerate(
+      l for l in result.stdout.splitlines() if l.startswith("GPU "))]
+
+
+def split_gpus(gpus: Sequence[str], num_workers: int,
+               gpus_per_worker: Optional[int]) -> List[str]:
+  """Each worker's CUDA_VISIBLE_DEVICES: consecutive runs of gpus_per_worker GPUs (None:
+  as many as divide evenly). ValueError if the workers need more GPUs than there are."""
+  if gpus_per_worker is None:
+    if 0 < len(gpus) < num_workers:
+      raise ValueError(
+          f"{num_workers} workers but {len(gpus)} GPUs ({','.join(gpus)}): give each worker "
+          f"at least one (--num_workers<={len(gpus)}) or none (--gpus_per_worker=0, CPU)")
+    gpus_per_worker = len(gpus) // num_workers
+  if num_workers * gpus_per_worker > len(gpus):
+    raise ValueError(
+        f"--num_workers={num_workers} x --gpus_per_worker={gpus_per_worker} needs "
+        f"{num_workers * gpus_per_worker} GPUs, but {len(gpus)} are visible"
+        + (f" ({','.join(gpus)})" if gpus else "")
+        + (f"; use --gpus_per_worker<={len(gpus) // num_workers} or fewer workers"
+           if len(gpus) >= num_workers else "")
+        + "; --gpus_per_worker=0 runs the workers on CPU")
+  return [",".join(gpus[i * gpus_per_worker:(i + 1) * gpus_per_worker])
+          for i in range(num_workers)]
+
+
 class Job:
   """One attempt: N worker processes started together and stopped together."""
 
-  def __init__(self, command: List[str], num_workers: int, output: Output):
-    ports = free_ports(num_workers)
+  def __init__(self, command: List[str], worker_gpus: List[str], output: Output):
+    ports = free_ports(len(worker_gpus))
     self.processes, self.threads = [], []
-    for index in range(num_workers):
-      env = dict(os.environ, TF_CONFIG=tf_config(ports, index), PYTHONUNBUFFERED="1")
+    for index, gpus in enumerate(worker_gpus):
+      env = dict(os.environ, TF_CONFIG=tf_config(ports, index), PYTHONUNBUFFERED="1",
+                 CUDA_VISIBLE_DEVICES=gpus)
       process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, errors="replace")
-      output.log(f"worker {index}: pid {process.pid}, localhost:{ports[index]}")
+      output.log(f"worker {index}: pid {process.pid}, localhost:{ports[index]}, "
+                 f"GPUs: {gpus or 'none'}")
       thread = threading.Thread(target=output.stream, args=(index, process), daemon=True)
       thread.start()
       self.processes.append(process)
@@ -141,7 +196,7 @@ def run_job(command: List[str], args, output: Output, stop_signals: List[int]) -
   A first SIGINT/SIGTERM to the launcher becomes SIGTERM to every worker (they save
   together and exit); a second one kills them.
   """
-  job = Job(command, args.num_workers, output)
+  job = Job(command, args.worker_gpus, output)
   forwarded = 0
   while job.running():
     if len(stop_signals) > forwarded:
@@ -172,7 +227,15 @@ def main(argv: Sequence[str]) -> int:
   if nmt_train is None:
     sys.exit("error: nmt-train is not on PATH; install the project with `pip install -e .`")
   command = [nmt_train, *args.train_args]
+  try:
+    gpus = visible_gpus()
+    args.worker_gpus = split_gpus(gpus, args.num_workers, args.gpus_per_worker)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   output, stop_signals = Output(), []
+  used = sum(len(g.split(",")) for g in args.worker_gpus if g)
+  if used < len(gpus):
+    output.log(f"GPUs {','.join(gpus[used:])} are not used (--gpus_per_worker)")
   for signum in (signal.SIGINT, signal.SIGTERM):
     signal.signal(signum, lambda s, _: stop_signals.append(s))
   for attempt in range(args.max_restarts + 1):
@@ -196,9 +259,13 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   split = argv.index("--") if "--" in argv else len(argv)
   parser = argparse.ArgumentParser(
       description=__doc__.split("\n\n")[0],
-      usage="python launch/local.py --num_workers=N [--max_restarts=K] -- <nmt-train args>")
+      usage="python launch/local.py --num_workers=N [--max_restarts=K] "
+      "[--gpus_per_worker=G] -- <nmt-train args>")
   parser.add_argument("--num_workers", type=int, required=True,
                       help="Worker processes to start (each one replica on CPU).")
+  parser.add_argument("--gpus_per_worker", type=int, default=None,
+                      help="GPUs each worker sees through CUDA_VISIBLE_DEVICES (default: "
+                      "the visible GPUs split evenly; 0 = none, CPU workers).")
   parser.add_argument("--max_restarts", type=int, default=0,
                       help="Restart the whole job up to this many times after a failure.")
   parser.add_argument("--grace_s", type=float, default=30.0,
@@ -206,9 +273,11 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
                       "themselves (they log why) before they are killed.")
   args = parser.parse_args(argv[:split])
   args.train_args = argv[split + 1:]
-  if args.num_workers < 1 or args.max_restarts < 0 or args.grace_s < 0:
+  if (args.num_workers < 1 or args.max_restarts < 0 or args.grace_s < 0
+      or (args.gpus_per_worker or 0) < 0):
     parser.error(f"--num_workers={args.num_workers} must be >= 1, --max_restarts="
-                 f"{args.max_restarts} and --grace_s={args.grace_s} >= 0")
+                 f"{args.max_restarts}, --grace_s={args.grace_s} and --gpus_per_worker="
+                 f"{args.gpus_per_worker} >= 0")
   if not args.train_args:
     parser.error("no nmt-train arguments after `--` (at least --config and --workdir)")
   return args

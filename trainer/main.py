@@ -125,7 +125,7 @@ def _train_main(argv) -> None:
   if summary["eval"]:
     print(f"Step {summary['step']}: BLEU {summary['eval']['bleu']:.1f}, "
           f"chrF {summary['eval']['chrf']:.1f}, eval loss {summary['eval']['loss']:.3f}. "
-          f"TensorBoard: tensorboard --logdir {os.path.abspath(FLAGS.workdir)}")
+          f"TensorBoard: tensorboard --logdir {_absolute(FLAGS.workdir)}")
   if summary.get("test"):
     test = summary["test"]
     print(f"Test set {test['source']} ({test['examples']} pairs): BLEU {test['bleu']:.1f}, "
@@ -136,6 +136,12 @@ def _train_main(argv) -> None:
   print(_strict_json(final))
   if summary["interrupted"]:  # Stopped by a signal, checkpoint saved: rerun to resume.
     sys.exit(train.distribute.PREEMPTED_EXIT_CODE)
+
+
+def _absolute(path: str) -> str:
+  """A local path made absolute, to paste from another directory; a URL (gs://bucket/run)
+  as it is: os.path.abspath would turn it into <cwd>/gs:/bucket/run."""
+  return path if "://" in path else os.path.abspath(path)
 
 
 def _strict_json(value) -> str:
