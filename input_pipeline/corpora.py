@@ -330,6 +330,71 @@ def read_pairs(source: str, data_config: ml_collections.ConfigDict,
   return pairs()
 
 
+def sample_pairs(source: str, data_config: ml_collections.ConfigDict, size: int, *,
+                 seed: int = 0, stats: SkipStats | None = None) -> Iterator[tuple[str, str]]:
+  """Yields `size` (source, target) pairs drawn uniformly from the whole corpus (all of it
+  when smaller), in corpus order: those whose seeded hash of the pair's text is smallest.
+
+  For the tokenizer's training sample, which the first `size` lines of sorted files would
+  draw from one file (often one domain). It costs one pass over the corpus, logged (hashing
+  in-graph; memory O(size)); the same seed and corpus give the same sample, in any file
+  order. The pass runs when the iterator is first advanced.
+  """
+  if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+    raise ValueError(f"sample_pairs: size = {size!r} is invalid: it must be an int >= 1")
+  key = [seed & _MASK64, 0x6e6d745f73616d70]  # Any fixed second half ("nmt_samp").
+  hashed = read(source, data_config, stats=stats).batch(1 << 14).map(
+      lambda src, tgt: (src, tgt, tf.strings.to_hash_bucket_strong(
+          tf.strings.join([src, tgt], "\t"), _HASH_BUCKETS, key)))
+
+  def pairs() -> Iterator[tuple[str, str]]:
+    logging.info("Sampling %d pairs uniformly from %s: one pass over the corpus.", size,
+                 source)
+    kept = _Sample(size)
+    with surface_corpus_errors():
+      for src, tgt, hashes in hashed.as_numpy_iterator():
+        kept.add(hashes, src, tgt)
+    logging.info("Sampled %d of the %d pairs of %s.", len(kept.hashes), kept.seen, source)
+    for src, tgt in zip(*kept.in_corpus_order()):
+      yield src.decode("utf-8"), tgt.decode("utf-8")
+
+  return pairs()
+
+
+_MASK64 = (1 << 64) - 1
+
+
+class _Sample:
+  """The `size` pairs with the smallest hashes seen so far, with their corpus positions."""
+
+  def __init__(self, size: int):
+    self.size, self.seen = size, 0
+    self.hashes, self.positions = np.zeros([0], np.int64), np.zeros([0], np.int64)
+    self.sources, self.targets = np.zeros([0], object), np.zeros([0], object)
+
+  def add(self, hashes: np.ndarray, sources: np.ndarray, targets: np.ndarray) -> None:
+    positions = np.arange(self.seen, self.seen + len(hashes))
+    self.seen += len(hashes)
+    if len(self.hashes) == self.size:  # Full: only smaller hashes can get in.
+      take = hashes < self.hashes.max()
+      hashes, sources, targets, positions = (
+          hashes[take], sources[take], targets[take], positions[take])
+    if not len(hashes):
+      return
+    self.hashes = np.concatenate([self.hashes, hashes])
+    self.positions = np.concatenate([self.positions, positions])
+    self.sources = np.concatenate([self.sources, sources])
+    self.targets = np.concatenate([self.targets, targets])
+    if len(self.hashes) > self.size:
+      keep = np.argpartition(self.hashes, self.size - 1)[:self.size]
+      self.hashes, self.positions = self.hashes[keep], self.positions[keep]
+      self.sources, self.targets = self.sources[keep], self.targets[keep]
+
+  def in_corpus_order(self) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(self.positions)
+    return self.sources[order], self.targets[order]
+
+
 @contextlib.contextmanager
 def surface_corpus_errors() -> Iterator[None]:
   """Re-raises a CorpusError from a reader thread as itself, without the tf.data wrapping.

@@ -179,15 +179,16 @@ def _check_same_config(stored: dict, current: dict, directory: str) -> None:
 def _train_and_store(config: dict, directory: str,
                      sample: Callable[[], Iterable[tuple[str, str]]]) -> None:
   """Trains the model(s) and writes them; tokenizer.json is written last, as the marker.
-  The directory is created only once training succeeded (no empty one after a failure)."""
+  The directory is created only once training succeeded (no empty one after a failure).
+  The sample is read once, also for two models: drawing it may cost a pass over the corpus
+  (corpora.sample_pairs); SentencePiece holds all of it in memory anyway."""
+  pairs = list(itertools.islice(sample(), config["sample_size"]))
   if config["joint"]:
     files = {"source": "joint.model", "target": "joint.model"}
-    models = {"joint.model": train_model(_sentences(sample, (0, 1), config["sample_size"]),
-                                         config, "joint")}
+    models = {"joint.model": train_model(_sentences(pairs, (0, 1)), config, "joint")}
   else:
     files = {"source": "source.model", "target": "target.model"}
-    models = {files[side]: train_model(_sentences(sample, (index,), config["sample_size"]),
-                                       config, side)
+    models = {files[side]: train_model(_sentences(pairs, (index,)), config, side)
               for index, side in enumerate(("source", "target"))}
   tf.io.gfile.makedirs(directory)
   for name, model in models.items():
@@ -211,9 +212,8 @@ def _copy_stored(config: dict, source: str, directory: str) -> None:
   logging.info("Copied the tokenizer of %s to %s.", source, directory)
 
 
-def _sentences(sample: Callable[[], Iterable[tuple[str, str]]], sides: tuple[int, ...],
-               limit: int) -> Iterator[str]:
-  for pair in itertools.islice(sample(), limit):
+def _sentences(pairs: list[tuple[str, str]], sides: tuple[int, ...]) -> Iterator[str]:
+  for pair in pairs:
     for side in sides:
       if pair[side]:
         yield pair[side]

@@ -408,6 +408,25 @@ def test_read_pairs_limit(tmp_path):
     corpora.read_pairs(f"tsv:{path}", _data_config(), limit=-1)
 
 
+def test_sample_pairs_draws_from_every_file_in_proportion(tmp_path):
+  """The tokenizer's sample: file a (sorted first) alone is larger than the sample, yet b,
+  a quarter of the corpus, gives about a quarter of it; the same seed, the same sample."""
+  a = _write(tmp_path / "a.tsv", _tsv((f"a {i}", f"A {i}") for i in range(3000)))
+  _write(tmp_path / "b.tsv", _tsv((f"b {i}", f"B {i}") for i in range(1000)))
+  source = f"tsv:{tmp_path}/*.tsv"
+  sample = list(corpora.sample_pairs(source, _data_config(), 500, seed=1))
+  assert len(sample) == len(set(sample)) == 500
+  from_b = sum(src.startswith("b ") for src, _ in sample)
+  assert 85 <= from_b <= 165, from_b  # 125 expected; the standard deviation is about 9.
+  assert sample == sorted(sample, key=lambda p: (p[0][0], int(p[0].split()[1])))  # Order.
+  assert list(corpora.sample_pairs(source, _data_config(), 500, seed=1)) == sample
+  assert list(corpora.sample_pairs(source, _data_config(), 500, seed=2)) != sample
+  everything = list(corpora.sample_pairs(f"tsv:{a}", _data_config(), 5000))
+  assert everything == list(corpora.read_pairs(f"tsv:{a}", _data_config()))
+  with pytest.raises(ValueError, match="size = 0"):
+    corpora.sample_pairs(source, _data_config(), 0)
+
+
 def _holdout_corpus(tmp_path, name="train.tsv", order=1):
   """60 pairs, 10 of whose sources have a second translation; `order` -1 reverses the file."""
   pairs = [(f"Quelle {i}", f"target {i}") for i in range(50)]
