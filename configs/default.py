@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.decay = "rsqrt"  # Learning-rate decay after warmup: constant | rsqrt | cosine.
   train.clip_norm = 1.0  # Clip gradients by this global norm (0 disables).
   train.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
-  train.precision = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16 (auto: fp16 on GPUs with CC>=7, bf16 on CPUs with AMX bf16 units, else float32).
+  train.precision = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16 (auto: bf16 on GPUs with CC>=8, fp16 with CC>=7 or with cudnn, bf16 on CPUs with AMX bf16 units, else float32).
   train.xla = "auto"  # XLA scope: auto | off | decoder_step | train_step (auto = train_step; decoder_step with model.recurrence=cudnn or with bf16 on a CPU).
   train.deterministic_ops = False  # TensorFlow op determinism: bitwise-reproducible runs, somewhat slower; input_wait_fraction is then not measured.
   train.max_nonfinite_steps = 10  # Stop after this many non-finite losses in a row (each is skipped).
@@ -80,5 +80,6 @@ def get_config() -> ml_collections.ConfigDict:
   dist.strategy = "auto"  # auto | one_device | mirrored | multi_worker (auto: multi-worker if TF_CONFIG/Slurm, else mirrored on >1 GPU).
   dist.cpu_devices = 0  # Split the CPU into this many logical devices (tests, CPU-only mirrored runs); 0 = off.
   dist.collective = "auto"  # Multi-worker all-reduce: auto | nccl | ring.
-  dist.collective_timeout_s = 300  # Seconds before a collective with a dead peer fails the job.
+  dist.collective_timeout_s = 3600  # Seconds the other workers wait for the chief's evaluation before failing (0 = forever); the step's collectives get no timeout (dead peers are found by heartbeats).
+  dist.worker_scratch_dir = ""  # Where non-chief workers write the checkpoints MultiWorkerMirroredStrategy makes them save ("" = the node's temp dir, off the shared workdir).
   return config

@@ -80,6 +80,7 @@ for name, workdir, steps in (("straight", "straight", 20), ("first", "resumed", 
                              ("second", "resumed", 20)):
   config = _short_config(data_dir, steps)
   config.train.deterministic_ops = True
+  config.model.dropout = 0.1  # Its masks must be redrawn exactly after the resume.
   summary = train.train_and_evaluate(config, root + "/" + workdir, one)
   losses[name] = dict(losses=summary["losses"], step=summary["step"])
 print(json.dumps(losses))

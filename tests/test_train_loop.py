@@ -138,3 +138,35 @@ def test_average_last_k_checkpoints_is_the_mean_of_their_weights(embedded_data_d
   for mean, a, b in zip(averaged.model.weights, weights[5], weights[10]):
     np.testing.assert_allclose(mean.numpy(), (a + b) / 2, rtol=1e-5, atol=1e-7)
   assert any(np.abs(a - b).max() > 1e-4 for a, b in zip(weights[5], weights[10]))
+
+
+def test_skipped_updates_keep_one_step_count_for_names_data_and_stopping(
+    embedded_data_dir, tmp_path, monkeypatch):
+  """Three injected non-finite steps: the updates are skipped (optimizer.iterations lags),
+  but the step count (batches consumed) names the checkpoints, places the data on resume
+  and stops the run. Counting by optimizer.iterations replayed 3 batches, ran 3 steps
+  past train.steps and saved checkpoints whose numbers went backwards."""
+  from trainer import evaluate
+  with tf.init_scope():
+    calls = tf.Variable(0, dtype=tf.int64, trainable=False)
+  cross_entropy = evaluate.masked_cross_entropy
+
+  def poisoned(logits, labels, smoothing=0.0):
+    loss_sum, tokens = cross_entropy(logits, labels, smoothing)
+    poison = tf.where(calls.assign_add(1) <= 3, np.nan, 1.0)  # The first 3 steps.
+    return loss_sum * poison, tokens
+
+  config = _config(embedded_data_dir, 10)
+  config.train.checkpoint_every, config.train.eval_every = 5, 1000
+  monkeypatch.setattr(evaluate, "masked_cross_entropy", poisoned)
+  first = train.train_and_evaluate(config, str(tmp_path), _one())
+  monkeypatch.setattr(evaluate, "masked_cross_entropy", cross_entropy)
+  assert first["step"] == 10 and int(np.isnan(first["losses"]).sum()) == 3
+  reader = tf.train.load_checkpoint(str(tmp_path / "checkpoints" / "ckpt-10"))
+  assert reader.get_tensor("optimizer/iterations/.ATTRIBUTES/VARIABLE_VALUE") == 7
+  config.train.steps = 15
+  second = train.train_and_evaluate(config, str(tmp_path), _one())
+  assert second["step"] == 15 and len(second["losses"]) == 5  # Resumed at 10, not 7.
+  names = sorted(int(p.name[len("ckpt-"):-len(".index")])
+                 for p in (tmp_path / "checkpoints").glob("ckpt-*.index"))
+  assert names == [5, 10, 15]

@@ -3,17 +3,23 @@
 - `resolve_modes`: the precision x XLA x recurrence combination for the device present,
   decided once at start-up from a `Devices` description (tests pass fake ones).
 - `create_strategy`: one device, mirrored (local devices) or multi-worker.
-- Multi-worker plumbing: chief/scratch dirs, barriers, the shared tokenizer, coordinated
-  preemption checkpoints, and turning a dead peer into one clear error.
+- Multi-worker plumbing: chief/scratch dirs, barriers, the shared tokenizer, agreeing on
+  a step to stop at after a signal, and turning a dead peer into one clear error.
+
+Collectives and their timeouts: TensorFlow runs a timed collective by starting a thread
+that sleeps for the timeout (one per collective: a step on an 8-GPU host issues dozens),
+so the step's collectives have no timeout (a dead peer is detected within seconds by
+MultiWorkerMirroredStrategy's heartbeats) and only the rare host-side waits do.
 """
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
 import signal
-import sys
-from typing import Callable, Iterator, Optional, Tuple
+import tempfile
+from typing import Iterator, Optional, Sequence, Tuple
 
 from absl import logging
 import ml_collections
@@ -26,8 +32,9 @@ from input_pipeline import tokenizer as tokenizer_lib
 # Exit code of a run stopped by SIGTERM/SIGINT after saving a checkpoint (single- and
 # multi-worker; TF's PreemptionCheckpointHandler convention): restart it to resume.
 PREEMPTED_EXIT_CODE = 42
-# Barrier timeout while the chief alone trains the tokenizer or evaluates: generous, since
-# a dead chief is detected within seconds anyway (MultiWorkerMirroredStrategy heartbeats).
+# Barrier timeout while the chief alone trains the tokenizer and builds its evaluator (a
+# holdout: dev set is a pass over the whole corpus): generous, since a dead chief is
+# detected within seconds anyway (MultiWorkerMirroredStrategy heartbeats).
 BARRIER_TIMEOUT_S = 24 * 3600.0
 
 
@@ -74,12 +81,16 @@ def detect_devices() -> Devices:
   return Devices(tuple(capabilities), cpu_has_fast_bfloat16())
 
 
-def resolve_precision(name: str, devices: Devices) -> str:
-  """'auto' -> mixed_float16 on GPUs with fast fp16 (compute capability >= 7), float32 on
-  older GPUs, mixed_bfloat16 on CPUs with AMX bf16 units, else float32."""
+def resolve_precision(name: str, devices: Devices, recurrence: str = "fused") -> str:
+  """'auto' -> mixed_bfloat16 on GPUs with bf16 tensor cores (compute capability >= 8:
+  Ampere, Hopper), mixed_float16 on Volta/Turing (>= 7), float32 on older GPUs;
+  mixed_bfloat16 on CPUs with AMX bf16 units, else float32. cuDNN's GRU has no bf16
+  kernel: with recurrence=cudnn GPUs get mixed_float16."""
   if name != "auto":
     return name
   if devices.gpu:
+    if recurrence != "cudnn" and all(c >= (8, 0) for c in devices.gpu_capabilities):
+      return "mixed_bfloat16"  # fp16's range without loss scaling (no skipped steps).
     fast = all(c >= (7, 0) for c in devices.gpu_capabilities)
     return "mixed_float16" if fast else "float32"
   return "mixed_bfloat16" if devices.cpu_bf16 else "float32"
@@ -116,7 +127,7 @@ def resolve_modes(config: ml_collections.ConfigDict,
   m, t = config.model, config.train
   if m.recurrence == "auto":
     m.recurrence = "fused"
-  t.precision = resolve_precision(t.precision, devices)
+  t.precision = resolve_precision(t.precision, devices, m.recurrence)
   if t.xla == "auto":
     bf16_cpu = t.precision == "mixed_bfloat16" and not devices.gpu
     t.xla = "decoder_step" if m.recurrence == "cudnn" or bf16_cpu else "train_step"
@@ -154,9 +165,9 @@ def _multi_worker(config: ml_collections.ConfigDict) -> tf.distribute.Strategy:
       "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
       "ring": tf.distribute.experimental.CommunicationImplementation.RING,
   }[config.distribute.collective]
-  options = tf.distribute.experimental.CommunicationOptions(
-      implementation=implementation,
-      timeout_seconds=float(config.distribute.collective_timeout_s) or None)
+  # No timeout_seconds here: it would apply to every collective of every step (module
+  # docstring); dead peers are found by heartbeats, waits by HostSum's own timeouts.
+  options = tf.distribute.experimental.CommunicationOptions(implementation=implementation)
   resolver = None  # MWMS reads TF_CONFIG itself.
   if "TF_CONFIG" not in os.environ and "SLURM_JOB_ID" in os.environ:
     resolver = slurm_cluster_resolver()
@@ -212,30 +223,43 @@ def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
              if job in ("chief", "worker")) > 1
 
 
+class HostSum:
+  """Sums a small float64 vector over the workers (each worker's vector counted once):
+  the host-side control values (stop requests, the chief's clock, barriers).
+
+  One tf.function, traced on the first call: a new function per call would retrace each
+  time. `timeout_s` only where a long wait is expected (module docstring: each timed call
+  costs a thread for that long). The value enters each replica as an argument, so the
+  all-reduce runs on the replica's device (a tensor made outside has no destination under
+  MultiWorkerMirroredStrategy). Every worker must make the same calls in the same order.
+  """
+
+  def __init__(self, strategy: tf.distribute.Strategy, timeout_s: Optional[float] = None):
+    local_replicas = len(strategy.extended.worker_devices)
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_s)
+
+    def replica_fn(x):
+      return tf.distribute.get_replica_context().all_reduce(
+          tf.distribute.ReduceOp.SUM, x / local_replicas, options=options)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float64)])
+    def reduce(x):
+      return strategy.experimental_local_results(strategy.run(replica_fn, args=(x,)))[0]
+
+    self._reduce = reduce
+
+  def __call__(self, values: Sequence[float]) -> list:
+    return self._reduce(tf.constant(values, tf.float64)).numpy().tolist()
+
+
 def barrier(strategy: tf.distribute.Strategy, timeout_s: float) -> None:
-  """Returns once every worker has called it: an all-reduce of nothing.
+  """Returns once every worker has called it (a one-off wait: traces a function).
 
-  For waits longer than config.distribute.collective_timeout_s (the chief alone training
-  the tokenizer or evaluating). A dead worker still fails it within seconds, through
-  MultiWorkerMirroredStrategy's heartbeats; `timeout_s` bounds a live but stuck one.
+  For waits while the chief alone works (training the tokenizer, building its evaluator).
+  A dead worker still fails it within seconds, through MultiWorkerMirroredStrategy's
+  heartbeats; `timeout_s` bounds a live but stuck one.
   """
-  _sum_over_replicas(strategy, 0.0, timeout_s)
-
-
-def _sum_over_replicas(strategy: tf.distribute.Strategy, value: float,
-                       timeout_s: Optional[float] = None) -> tf.Tensor:
-  """The sum of `value` over every replica of every worker (float64), once all arrive.
-
-  The value is made inside the replica function, on the replica's device: a tensor from
-  outside has no all-reduce destination under MultiWorkerMirroredStrategy.
-  """
-  options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_s)
-
-  def all_reduce():
-    return tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM, tf.constant(value, tf.float64), options=options)
-
-  return strategy.experimental_local_results(strategy.run(tf.function(all_reduce)))[0]
+  HostSum(strategy, timeout_s)([0.0])
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -274,30 +298,27 @@ def stop_on_signals(flag: StopFlag) -> Iterator[None]:
       signal.signal(sig, handler)
 
 
-def run_dir(workdir: str, strategy: tf.distribute.Strategy) -> str:
-  """The chief writes to `workdir`; a non-chief worker to a scratch dir (MWMS needs every
-  worker to save; only the chief's checkpoints count), emptied first: a killed worker
-  leaves stale checkpoints behind."""
+def run_dir(workdir: str, strategy: tf.distribute.Strategy, scratch_root: str = "") -> str:
+  """The chief writes to `workdir`; a non-chief worker to a scratch dir on its own node
+  (MWMS needs every worker to save; only the chief's checkpoints count, so N-1 full copies
+  on the shared filesystem would only cost its bandwidth), emptied first: a killed worker
+  leaves stale checkpoints behind. `scratch_root` (config.distribute.worker_scratch_dir)
+  defaults to the node's temporary directory; the path is unique per workdir and task."""
   if is_chief(strategy):
     return workdir
-  scratch = os.path.join(workdir, "tmp_workers",
-                         f"worker_{strategy.cluster_resolver.task_id}")
+  run_id = hashlib.sha256(workdir.encode()).hexdigest()[:12]
+  scratch = os.path.join(scratch_root or tempfile.gettempdir(), "nmt-worker-scratch",
+                         f"{run_id}-worker_{strategy.cluster_resolver.task_id}")
   if tf.io.gfile.exists(scratch):
     tf.io.gfile.rmtree(scratch)
   return scratch
 
 
 def remove_scratch_dir(directory: str, strategy: tf.distribute.Strategy) -> None:
-  """Removes a non-chief worker's scratch dir, and tmp_workers/ once it is empty."""
+  """Removes a non-chief worker's scratch dir."""
   if is_chief(strategy) or not tf.io.gfile.exists(directory):
     return
-  tf.io.gfile.rmtree(directory)
-  parent = os.path.dirname(directory)
-  try:
-    if not tf.io.gfile.listdir(parent):
-      tf.io.gfile.rmtree(parent)
-  except tf.errors.NotFoundError:  # Another worker removed it first.
-    pass
+  tf.io.gfile.rmtree(directory)  # Not its parent: other runs on the node may use it.
 
 
 def shared_tokenizer(config: ml_collections.ConfigDict, workdir: str,
@@ -320,36 +341,38 @@ def shared_tokenizer(config: ml_collections.ConfigDict, workdir: str,
   return tokenizer
 
 
-def preemption_handler(strategy: tf.distribute.Strategy, stop: StopFlag,
-                       save_fn: Callable, chief_manager: tf.train.CheckpointManager,
-                       current_step: Callable[[], int], on_exit: Callable[[], None]
-                       ) -> tf.distribute.experimental.PreemptionCheckpointHandler:
-  """TF's handler for MWMS: once any worker sees SIGTERM/SIGINT (`stop`, polled each
-  second), all agree on a step, save there, run `on_exit` and exit PREEMPTED_EXIT_CODE.
+class StopAgreement:
+  """Makes every worker stop at the same step when any of them is told to stop, and gives
+  all the chief's clock (train.max_seconds must run out at the same step everywhere).
 
-  It restores from (and, on the chief, saves through) the chief's manager; non-chief
-  workers save through `save_fn` (their scratch manager), as MWMS needs every worker to.
+  Called once per training-loop call (train.steps_per_loop steps): on several workers one
+  untimed all-reduce of two numbers; on one, no collective at all. Replaces TensorFlow's
+  PreemptionCheckpointHandler, which on GCP assumes a 3600 s grace period (it saves, then
+  trains on until the VM is killed, never exiting 42), ignores signals altogether on GCP
+  CPU VMs, probes the GCE metadata server at start-up, and restores the latest checkpoint
+  a second time, unchecked, after ours (skipping the corrupt-checkpoint fallback). A
+  signal here is acted on at the end of the current loop call, as on one worker.
   """
 
-  def exit_fn():
-    cause = (f"{stop.signal_name} received" if stop.signal_name
-             else "another worker was told to stop")
-    logging.warning("%s: all workers saved a checkpoint at step %d; exiting with code %d "
-                    "so that the restarted job resumes from it.", cause, current_step(),
-                    PREEMPTED_EXIT_CODE)
-    on_exit()
-    sys.exit(PREEMPTED_EXIT_CODE)
+  def __init__(self, strategy: tf.distribute.Strategy):
+    self._chief = is_chief(strategy)
+    self._sum = HostSum(strategy) if is_multi_worker(strategy) else None
 
-  termination = tf.distribute.experimental.TerminationConfig(
-      termination_watcher_fn=lambda: stop.signal_name is not None,
-      exit_fn=exit_fn, save_fn=save_fn)
-  return tf.distribute.experimental.PreemptionCheckpointHandler(
-      strategy.cluster_resolver, chief_manager, termination_config=termination)
+  def __call__(self, stop: "StopFlag", elapsed_s: tf.Variable) -> Optional[str]:
+    """Why all workers stop now (a signal here or on another worker), or None; sets
+    `elapsed_s` to the chief's value."""
+    if self._sum is None:
+      return stop.signal_name
+    own = float(elapsed_s.numpy()) if self._chief else 0.0
+    stops, elapsed = self._sum([1.0 if stop.signal_name else 0.0, own])
+    elapsed_s.assign(elapsed)
+    if stops:
+      return stop.signal_name or "SIGTERM/SIGINT on another worker"
+    return None
 
 
 @contextlib.contextmanager
-def peer_failures(strategy: tf.distribute.Strategy, step: int,
-                  collective_timeout_s: float) -> Iterator[None]:
+def peer_failures(strategy: tf.distribute.Strategy, step: int) -> Iterator[None]:
   """Multi-worker: a collective that failed because a peer died or hung -> one clear error
   (ConnectionError) saying what to do, instead of a page of gRPC details."""
   try:
@@ -365,32 +388,24 @@ def peer_failures(strategy: tf.distribute.Strategy, step: int,
         f"multi-worker training failed after step {step}: a worker died or stopped "
         f"responding ({type(e).__name__}: {reason}). The others cannot go on "
         "without it; restart the whole job (launch/local.py --max_restarts, a requeued "
-        "Slurm job, the Kubernetes Job) and it resumes from the chief's last checkpoint. "
-        "A live but stuck worker is given config.distribute.collective_timeout_s="
-        f"{collective_timeout_s}s.") from e
+        "Slurm job, the Kubernetes Job) and it resumes from the chief's last checkpoint."
+        ) from e
 
 
-def wait_for_chief(strategy: tf.distribute.Strategy, step: int,
-                   collective_timeout_s: float, share: tf.Variable) -> None:
-  """Multi-worker: the others wait here while the chief alone evaluates (in their next
-  all-reduce they would give up after config.distribute.collective_timeout_s), then take
-  the chief's value of `share` (its early-stopping count) with the same all-reduce."""
-  if is_multi_worker(strategy):
-    with peer_failures(strategy, step, collective_timeout_s):
-      broadcast_from_chief(strategy, share, BARRIER_TIMEOUT_S)
+class ChiefBroadcast:
+  """Multi-worker: every worker takes the chief's value of a variable (a decision the
+  chief alone makes, like the early-stopping count after its evaluation), with a timeout:
+  the others wait in it while the chief evaluates. No-op on one worker."""
 
+  def __init__(self, strategy: tf.distribute.Strategy, timeout_s: float):
+    self._chief = is_chief(strategy)
+    self._sum = HostSum(strategy, timeout_s or None) if is_multi_worker(strategy) else None
 
-def broadcast_from_chief(strategy: tf.distribute.Strategy, variable: tf.Variable,
-                         timeout_s: Optional[float] = None) -> None:
-  """Multi-worker: every worker takes the chief's value of `variable` (a decision the
-  chief alone can make, like early stopping, or that must not differ between workers,
-  like the time budget), so that all stop at the same step. No-op on one worker."""
-  if not is_multi_worker(strategy):
-    return
-  # Each of the chief's local replicas adds its share: the sum over all is the value.
-  local_replicas = len(strategy.extended.worker_devices)
-  mine = float(variable.numpy()) / local_replicas if is_chief(strategy) else 0.0
-  total = _sum_over_replicas(strategy, mine, timeout_s)
-  if variable.dtype.is_integer:
-    total = tf.round(total)
-  variable.assign(tf.cast(total, variable.dtype))
+  def __call__(self, variable: tf.Variable) -> None:
+    if self._sum is None:
+      return
+    mine = float(variable.numpy()) if self._chief else 0.0
+    total = self._sum([mine])[0]
+    if variable.dtype.is_integer:
+      total = round(total)
+    variable.assign(tf.cast(total, variable.dtype))

@@ -12,6 +12,12 @@ cuDNN, so any XLA scope compiles); "cudnn" runs the encoder as Keras' cuDNN kern
 only, no XLA around it) and teacher forcing fused. All three have the same variables and
 math (tests/test_fused_rnn.py compares values and gradients).
 
+Dropout is stateless: its masks are a pure function of a `dropout_seed` [2] int64 that
+the train step derives from (config.seed, step, replica), so that every replica of every
+worker draws its own masks and a resumed run draws the uninterrupted run's (a Keras
+Dropout layer keeps its random state in a variable that MirroredStrategy mirrors, so all
+replicas drew the same masks, and checkpoints did not hold it).
+
 Shapes: B batch, S source length, T target length, U units, E embedding size, V vocab.
 Token id 0 is padding everywhere.
 """
@@ -23,6 +29,23 @@ import tensorflow as tf
 from trainer import fused_rnn
 
 NEG_INF = -1e9  # Added to padded scores; exp() of it is exactly 0 in float32.
+# Fold-in salts giving each dropout site its own stream from one step seed.
+_ENCODER_EMBEDDING, _DECODER_EMBEDDING, _DECODER_OUTPUT = 1, 2, 3
+
+
+def dropout(x: tf.Tensor, rate: float, seed, salt: int, training: bool) -> tf.Tensor:
+  """Inverted dropout with a stateless mask: a pure function of (seed, salt, x's shape).
+
+  `seed` ([2] int) is required when it would apply (training with rate > 0): drawing masks
+  from hidden state is what made replicas share masks and resumes differ.
+  """
+  if not training or not rate:
+    return x
+  if seed is None:
+    raise ValueError("dropout > 0 in training needs a dropout_seed (the train step "
+                     "derives one per step and replica: trainer/train.py).")
+  seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), salt)
+  return tf.nn.experimental.stateless_dropout(x, rate, seed)
 
 
 class Encoder(keras.layers.Layer):
@@ -36,7 +59,7 @@ class Encoder(keras.layers.Layer):
     self.fused = recurrence == "fused"
     self.embedding = keras.layers.Embedding(vocab_size, embed_dim, dtype=policy,
                                             name="embedding")
-    self.dropout = keras.layers.Dropout(dropout, dtype=policy)
+    self.dropout_rate = dropout
     self.grus = []
     for i in range(num_layers):
       # use_cudnn is explicit: "auto" would put a cuDNN op (no XLA kernel) on GPUs.
@@ -54,9 +77,10 @@ class Encoder(keras.layers.Layer):
                    keras.layers.Dense(units, activation="tanh", dtype=policy,
                                       name="bridge_state")) if bidirectional else None
 
-  def call(self, source: tf.Tensor, training: bool = False):
+  def call(self, source: tf.Tensor, training: bool = False, dropout_seed=None):
     mask = tf.not_equal(source, 0)
-    x = self.dropout(self.embedding(source), training=training)
+    x = dropout(self.embedding(source), self.dropout_rate, dropout_seed,
+                _ENCODER_EMBEDDING, training)
     for gru in self.grus:
       # The first call builds the Keras layers, so their variables keep their usual paths.
       if self.fused and gru.built:
@@ -157,7 +181,7 @@ class Decoder(keras.layers.Layer):
     self.attention = BahdanauAttention(units, dtype=policy, name="attention")
     self.cell = keras.layers.GRUCell(units, recurrent_initializer="glorot_uniform",
                                      dtype=policy, name="gru_cell")
-    self.dropout = keras.layers.Dropout(dropout, dtype=policy)
+    self.dropout_rate = dropout
     self.projection = keras.layers.Dense(vocab_size, dtype=policy, name="projection")
 
   def step(self, embedded: tf.Tensor, state: tf.Tensor, values: tf.Tensor,
@@ -181,9 +205,11 @@ class Decoder(keras.layers.Layer):
         tf.concat([w1, recurrent_kernel], 1), bias[1], kernel[:units], v, jit_attention)
     return tf.transpose(states, [1, 0, 2]), tf.transpose(attention_weights, [1, 0, 2])
 
-  def logits(self, states: tf.Tensor, training: bool = False) -> tf.Tensor:
+  def logits(self, states: tf.Tensor, training: bool = False,
+             dropout_seed=None) -> tf.Tensor:
     """Decoder states [..., U] -> float32 logits [..., V]."""
-    return tf.cast(self.projection(self.dropout(states, training=training)), tf.float32)
+    states = dropout(states, self.dropout_rate, dropout_seed, _DECODER_OUTPUT, training)
+    return tf.cast(self.projection(states), tf.float32)
 
 
 class Seq2Seq(keras.layers.Layer):
@@ -211,20 +237,23 @@ class Seq2Seq(keras.layers.Layer):
   def build(self, *shapes):
     """Sublayers build on the first call (see `create_model`)."""
 
-  def encode(self, source: tf.Tensor, training: bool = False):
+  def encode(self, source: tf.Tensor, training: bool = False, dropout_seed=None):
     """source [B,S] int -> (values [B,S,U], keys [B,S,U], mask [B,S], state [B,U])."""
-    values, state = self.encoder(source, training=training)
+    values, state = self.encoder(source, training=training, dropout_seed=dropout_seed)
     keys = self.decoder.attention.precompute_keys(values)
     return values, keys, tf.not_equal(source, 0), state
 
-  def call(self, source: tf.Tensor, target_in: tf.Tensor, training: bool = False):
-    """Teacher forcing: source [B,S], target_in [B,T] -> logits [B,T,V] f32, weights [B,T,S]."""
-    values, keys, mask, state = self.encode(source, training)
-    embedded = self.decoder.dropout(self.decoder.embedding(target_in), training=training)
+  def call(self, source: tf.Tensor, target_in: tf.Tensor, training: bool = False,
+           dropout_seed=None):
+    """Teacher forcing: source [B,S], target_in [B,T] -> logits [B,T,V] f32, weights [B,T,S].
+    `dropout_seed`: [2] int, required when training with model.dropout > 0."""
+    values, keys, mask, state = self.encode(source, training, dropout_seed)
+    embedded = dropout(self.decoder.embedding(target_in), self.decoder.dropout_rate,
+                       dropout_seed, _DECODER_EMBEDDING, training)
     if self.recurrence != "keras" and self.decoder.cell.built:
       states, attention_weights = self.decoder.teacher_forcing(
           embedded, state, values, keys, mask, self.jit_decoder_step)
-      return self.decoder.logits(states, training), attention_weights
+      return self.decoder.logits(states, training, dropout_seed), attention_weights
 
     # The first call (create_model) builds the cell's variables: not inside an XLA function.
     step_fn = self.step_fn if self.decoder.cell.built else self.decoder.step
@@ -237,7 +266,7 @@ class Seq2Seq(keras.layers.Layer):
     # tf.scan keeps the time loop in-graph (one while loop), not Python-unrolled.
     states, attention_weights = tf.scan(body, tf.transpose(embedded, [1, 0, 2]), init)
     states = tf.transpose(states, [1, 0, 2])
-    return (self.decoder.logits(states, training),
+    return (self.decoder.logits(states, training, dropout_seed),
             tf.transpose(attention_weights, [1, 0, 2]))
 
 

@@ -61,13 +61,13 @@ def create_optimizer(config: ml_collections.ConfigDict, policy: str):
 
 
 def make_grad_fn(model, config):
-  """(source, target, global_tokens) -> (grads, loss_sum); XLA-compiled whole when
-  config.train.xla is train_step."""
+  """(source, target, global_tokens, loss_scale, dropout_seed) -> (grads, loss_sum);
+  XLA-compiled whole when config.train.xla is train_step."""
   smoothing = float(config.train.label_smoothing)
 
-  def grad_fn(source, target, global_tokens, loss_scale):
+  def grad_fn(source, target, global_tokens, loss_scale, dropout_seed):
     with tf.GradientTape() as tape:
-      logits, _ = model(source, target[:, :-1], training=True)
+      logits, _ = model(source, target[:, :-1], training=True, dropout_seed=dropout_seed)
       loss_sum, _ = evaluate.masked_cross_entropy(logits, target[:, 1:], smoothing)
       scaled = loss_sum / global_tokens * loss_scale
     return tape.gradient(scaled, model.trainable_variables), loss_sum
@@ -76,19 +76,32 @@ def make_grad_fn(model, config):
   return tf.function(grad_fn, jit_compile=True) if jit else grad_fn
 
 
-def make_gradient_fn(model, config, scale_fn):
-  """Per-replica batch -> all-reduced gradients of the *global* mean token loss.
+def dropout_seed(seed: int, step, replica, micro_batch: int = 0) -> tf.Tensor:
+  """The [2] int64 seed of one replica's dropout masks at one step (model.dropout): a pure
+  function of (config.seed, step, global replica id, micro-batch), so that replicas and
+  workers draw different masks and a resumed run draws the uninterrupted run's."""
+  seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(step, tf.int64)])
+  seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(replica, tf.int64))
+  return tf.random.experimental.stateless_fold_in(seed, micro_batch)
 
-  Returns (grads, loss_sum, local_tokens, grad_norm, finite); `grads` are unscaled (fp16
-  loss scaling undone) and clipped by global norm, identical on every replica; `finite`
-  (the same on every replica) is False when the global loss or gradient is not finite.
+
+def make_gradient_fn(model, config, scale_fn):
+  """(per-replica batch, step) -> all-reduced gradients of the *global* mean token loss.
+
+  Returns (grads, loss_sum, tokens, examples, grad_norm, finite), all global and
+  identical on every replica (so reporting them needs no collective of its own); `grads`
+  are unscaled (fp16 loss scaling undone) and clipped by global norm; `finite` is False
+  when the global loss or gradient is not finite.
   """
   grad_fn = make_grad_fn(model, config)
   clip = float(config.train.clip_norm)
 
-  def global_gradients(batches):
-    """`batches`: one batch, or the train.accumulate_steps micro-batches of one update."""
+  def global_gradients(batches, step=0):
+    """`batches`: one batch, or the train.accumulate_steps micro-batches of one update;
+    `step`: the training step (int64), which seeds dropout."""
     ctx = tf.distribute.get_replica_context()
+    seeds = [dropout_seed(config.seed, step, ctx.replica_id_in_sync_group, i)
+             for i in range(len(batches) if isinstance(batches, (list, tuple)) else 1)]
     batches = batches if isinstance(batches, (list, tuple)) else [batches]
     local_tokens = tf.add_n([tf.reduce_sum(tf.cast(b["target"][:, 1:] != 0, tf.float32))
                              for b in batches])
@@ -97,20 +110,21 @@ def make_gradient_fn(model, config, scale_fn):
     # Every micro-batch's loss is divided by the tokens of all of them, so the summed
     # gradients are exactly those of one batch holding them all.
     grads, loss_sum = grad_fn(batches[0]["source"], batches[0]["target"], global_tokens,
-                              scale)
-    for b in batches[1:]:
-      more, more_loss = grad_fn(b["source"], b["target"], global_tokens, scale)
+                              scale, seeds[0])
+    for b, seed in zip(batches[1:], seeds[1:]):
+      more, more_loss = grad_fn(b["source"], b["target"], global_tokens, scale, seed)
       grads = [_add_gradients(g, m) for g, m in zip(grads, more)]
       loss_sum += more_loss
-    # The loss sum rides along in the gradients' all-reduce: no collective of its own.
-    *grads, global_loss = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
-                                         [g / scale for g in grads] + [loss_sum])
+    examples = tf.cast(tf.add_n([tf.shape(b["source"])[0] for b in batches]), tf.float32)
+    # The loss sum and the example count ride along in the gradients' all-reduce.
+    *grads, global_loss, global_examples = ctx.all_reduce(
+        tf.distribute.ReduceOp.SUM, [g / scale for g in grads] + [loss_sum, examples])
     grad_norm = tf.linalg.global_norm(grads)
     # A huge learning rate can make the loss inf while clipped gradients stay finite.
     finite = tf.math.is_finite(grad_norm) & tf.math.is_finite(global_loss)
     if clip:
       grads, _ = tf.clip_by_global_norm(grads, clip, use_norm=grad_norm)
-    return grads, loss_sum, local_tokens, grad_norm, finite
+    return grads, global_loss, global_tokens, global_examples, grad_norm, finite
 
   return global_gradients
 
@@ -160,8 +174,8 @@ def make_replica_step(model, optimizer, config, strategy):
 
     tf.cond(finite, apply, lambda: None)
 
-  def replica_step(batches):
-    grads, loss_sum, local_tokens, grad_norm, finite = global_gradients(batches)
+  def replica_step(batches, step=0):
+    grads, loss_sum, tokens, examples, grad_norm, finite = global_gradients(batches, step)
     scale = scale_fn()
     grads = [g * (scale / n) for g in grads]
     if fp16:  # LossScaleOptimizer skips non-finite steps and lowers its scale itself; a
@@ -172,26 +186,23 @@ def make_replica_step(model, optimizer, config, strategy):
       tf.distribute.get_replica_context().merge_call(apply_if_finite,
                                                      args=(grads, finite))
     batches = batches if isinstance(batches, (list, tuple)) else [batches]
-    shapes = [tf.shape(b["source"]) for b in batches]
-    return dict(loss_sum=loss_sum, tokens=local_tokens,
-                examples=tf.cast(tf.add_n([s[0] for s in shapes]), tf.float32),
-                grad_norm=grad_norm, finite=tf.cast(finite, tf.float32),
-                length=tf.cast(tf.reduce_max([s[1] for s in shapes]), tf.float32))
+    length = tf.reduce_max([tf.shape(b["source"])[1] for b in batches])
+    return dict(loss_sum=loss_sum, tokens=tokens, examples=examples, grad_norm=grad_norm,
+                finite=tf.cast(finite, tf.float32), length=tf.cast(length, tf.float32))
   return replica_step
 
 
 def make_train_loop(strategy, replica_step, timed: bool = True,
                     accumulate_steps: int = 1):
-  """tf.function (iterator, num_steps) -> per-step metrics [num_steps] and input wait (s).
+  """tf.function (iterator, num_steps, first_step) -> per-step metrics [num_steps] and
+  input wait (s). `first_step` (int64) is the step count before the call (seeds dropout).
 
   Several steps per call cut host overhead; the time spent in get_next is measured in-graph
   unless `timed` is False (tf.timestamp is refused under config.train.deterministic_ops).
   Each step takes `accumulate_steps` batches (train.accumulate_steps) for one update.
   """
-  sum_keys = ("loss_sum", "tokens", "examples")
-
   @tf.function
-  def train_loop(iterator, num_steps):
+  def train_loop(iterator, num_steps, first_step=0):
     arrays = {k: tf.TensorArray(tf.float32, size=num_steps)
               for k in ("loss", "tokens", "examples", "grad_norm", "finite", "length")}
     input_wait = tf.constant(0.0, tf.float64)
@@ -203,12 +214,12 @@ def make_train_loop(strategy, replica_step, timed: bool = True,
         with tf.control_dependencies(tf.nest.flatten(
             [strategy.experimental_local_results(b) for b in batch])):
           input_wait += tf.timestamp() - t0
-      out = strategy.run(replica_step, args=(batch,))
-      red = {k: strategy.reduce("SUM", out[k], axis=None) for k in sum_keys}
-      first = {k: strategy.experimental_local_results(out[k])[0]
-               for k in ("grad_norm", "finite", "length")}
-      values = dict(loss=red["loss_sum"] / tf.maximum(red["tokens"], 1.0),
-                    tokens=red["tokens"], examples=red["examples"], **first)
+      step = tf.cast(first_step, tf.int64) + tf.cast(i, tf.int64)
+      out = strategy.run(replica_step, args=(batch, step))
+      # Global values, the same on every replica: the first one's, no collective.
+      first = {k: strategy.experimental_local_results(v)[0] for k, v in out.items()}
+      values = dict(loss=first["loss_sum"] / tf.maximum(first["tokens"], 1.0), **{
+          k: first[k] for k in ("tokens", "examples", "grad_norm", "finite", "length")})
       arrays = {k: arrays[k].write(i, values[k]) for k in arrays}
     return {k: a.stack() for k, a in arrays.items()}, input_wait
 
@@ -251,8 +262,6 @@ class Run:
   is_chief: bool
   length_stats: pipeline.LengthStats
   stop: distribute.StopFlag = dataclasses.field(default_factory=distribute.StopFlag)
-  # Multi-worker only: makes every worker save at the same step when any is told to stop.
-  preemption: Optional[tf.distribute.experimental.PreemptionCheckpointHandler] = None
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str,
@@ -269,7 +278,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   if config.train.deterministic_ops:
     tf.config.experimental.enable_op_determinism()
   chief = distribute.is_chief(strategy)
-  run_dir = distribute.run_dir(workdir, strategy)
+  run_dir = distribute.run_dir(workdir, strategy, config.distribute.worker_scratch_dir)
   tf.io.gfile.makedirs(run_dir)
   policy = config.train.precision
   # Seed first: set_seed clears TF's kernel cache, which deletes the tokenizer's
@@ -287,44 +296,42 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
                                    optimizer=optimizer, **state.variables())
   manager, best_manager = (tf.train.CheckpointManager(
       checkpoint, os.path.join(run_dir, *path), max_to_keep=keep,
-      step_counter=optimizer.iterations) for path, keep in (
+      step_counter=state.step) for path, keep in (
           (("checkpoints",), config.train.keep_checkpoints),
           (("checkpoints", "best"), 1)))
   # Every worker resumes from the chief's checkpoints: the others' are scratch copies.
   chief_manager = manager if chief else tf.train.CheckpointManager(
       checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=None)
-  _restore_latest(chief_manager, optimizer)
+  _restore_latest(chief_manager, state, optimizer, model)
   length_stats = pipeline.LengthStats(name="train_length_filter")
-  step = int(optimizer.iterations.numpy())
+  step = int(state.step.numpy())
   iterator = None
   if not finished_reason(config, step, state):
     iterator = iter(make_train_dataset(config, tokenizer, strategy,
                                        step * config.train.accumulate_steps, length_stats))
   if chief and iterator:  # After a successful restore, so it always describes the checkpoints.
     checkpoints.save_config(config, run_dir)
-  run = Run(config, run_dir, strategy, tokenizer, model, optimizer, manager, best_manager,
-            state, iterator, chief, length_stats)
-  if distribute.is_multi_worker(strategy):
-    run.preemption = distribute.preemption_handler(
-        strategy, run.stop, manager.save, chief_manager,
-        current_step=lambda: int(optimizer.iterations.numpy()),
-        on_exit=lambda: distribute.remove_scratch_dir(run_dir, strategy))
-  return run
+  return Run(config, run_dir, strategy, tokenizer, model, optimizer, manager, best_manager,
+             state, iterator, chief, length_stats)
 
 
 class RunState:
-  """Run-wide progress kept in the checkpoint besides model and optimizer: the best dev
-  BLEU (for checkpoints/best and early stopping), evaluations since it last improved, and
-  the wall-clock seconds trained so far over all invocations (train.max_seconds)."""
+  """Run-wide progress kept in the checkpoint besides model and optimizer: the steps
+  trained (batches consumed: the data position, checkpoint names, train.steps and dropout
+  seeds all count these; optimizer.iterations counts applied updates only, which lag it
+  by the skipped non-finite steps), the best dev BLEU (for checkpoints/best and early
+  stopping), evaluations since it last improved, and the wall-clock seconds trained so
+  far over all invocations (train.max_seconds)."""
 
   def __init__(self):
     with tf.init_scope():
+      self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
       self.best_bleu = tf.Variable(-1.0, dtype=tf.float64, trainable=False)
       self.evals_without_gain = tf.Variable(0, dtype=tf.int64, trainable=False)
       self.elapsed_s = tf.Variable(0.0, dtype=tf.float64, trainable=False)
 
   def variables(self) -> Dict[str, tf.Variable]:
-    return dict(best_bleu=self.best_bleu, evals_without_gain=self.evals_without_gain,
+    return dict(step=self.step, best_bleu=self.best_bleu, evals_without_gain=self.evals_without_gain,
                 elapsed_s=self.elapsed_s)
 
 
@@ -353,15 +360,28 @@ def _check_batch_split(config: ml_collections.ConfigDict, replicas: int) -> None
         f"must be divisible by the number of replicas ({replicas}), which share it")
 
 
-def _restore_latest(manager: tf.train.CheckpointManager, optimizer) -> None:
+def _restore_latest(manager: tf.train.CheckpointManager, state: RunState, optimizer,
+                    model) -> None:
   """Restores the newest checkpoint that reads (a broken one is reported and skipped)."""
   for directory in (manager.directory, os.path.join(manager.directory, "best")):
     checkpoints.remove_partial_saves(directory)
   paths = checkpoints.checkpoints_in(manager.directory)
-  if paths:
-    path = checkpoints.restore_newest_intact(
-        paths, lambda p: manager.checkpoint.restore(p).assert_existing_objects_matched())
-    logging.info("Resumed from %s at step %d.", path, int(optimizer.iterations.numpy()))
+  if not paths:
+    return
+
+  def restore(path: str) -> None:
+    saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
+    if "step" in saved:
+      manager.checkpoint.restore(path).assert_existing_objects_matched()
+      return
+    # Saved before RunState.step existed: its step was optimizer.iterations.
+    legacy = {k: v for k, v in state.variables().items() if k != "step"}
+    tf.train.Checkpoint(model=checkpoints.model_variables(model), optimizer=optimizer,
+                        **legacy).restore(path).assert_existing_objects_matched()
+    state.step.assign(optimizer.iterations)
+
+  path = checkpoints.restore_newest_intact(paths, restore)
+  logging.info("Resumed from %s at step %d.", path, int(state.step.numpy()))
 
 
 def _count_nonfinite(finite: List[float], in_a_row: int, step: int, limit: int) -> int:
@@ -419,7 +439,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         strategy: tf.distribute.Strategy) -> Dict:
   run = setup(config, workdir, strategy)
   if run.iterator is None:
-    step = int(run.optimizer.iterations.numpy())
+    step = int(run.state.step.numpy())
     logging.info("The run in %s is complete at step %d: it %s.", workdir, step,
                  finished_reason(run.config, step, run.state))
     return dict(losses=[], eval=None, samples=[], workdir=workdir, step=step, seconds=0.0,
@@ -428,49 +448,57 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_loop = make_train_loop(run.strategy, make_replica_step(
       run.model, run.optimizer, config, run.strategy), timed=not t.deterministic_ops,
       accumulate_steps=t.accumulate_steps)
-  evaluator = evaluate.Evaluator(config, run.tokenizer, run.model) if run.is_chief else None
+  evaluator = None
+  if run.is_chief:  # Also reads the dev set (holdout: a pass over data.train).
+    evaluator = evaluate.Evaluator(config, run.tokenizer, run.model)
+  multi_worker = distribute.is_multi_worker(run.strategy)
+  if multi_worker:  # The others wait here for the chief, not in the first step.
+    distribute.barrier(run.strategy, distribute.BARRIER_TIMEOUT_S)
   writers = {}
   if run.is_chief:
     writers = {k: tf.summary.create_file_writer(os.path.join(workdir, k))
                for k in ("train", "eval")}
     summaries.write_hparams(writers["train"], config)
-  step = int(run.optimizer.iterations.numpy())
-  losses, nonfinite, eval_metrics, stopped_by = [], 0, {}, None
+  step = int(run.state.step.numpy())
+  losses, nonfinite, eval_metrics, stopped_by, interrupted = [], 0, {}, None, None
   clock = _Clock(run.state)
   progress = summaries.ProgressWindow(writers.get("train"), step)
   profiler = summaries.Profiler(t.profile_steps, os.path.join(run.workdir, "train"))
+  agree_to_stop = distribute.StopAgreement(run.strategy)
+  wait_for_chief = distribute.ChiefBroadcast(run.strategy,
+                                             config.distribute.collective_timeout_s)
   logging.info("Training %s (xla %s, recurrence %s) from step %d to %d; TensorBoard: "
                "tensorboard --logdir %s", t.precision, t.xla, config.model.recurrence, step,
                t.steps, workdir)
-  timeout = config.distribute.collective_timeout_s
   with distribute.stop_on_signals(run.stop):
     try:
-      # Multi-worker, run.preemption acts on the signal instead: it stops all workers at
-      # one step (a worker leaving alone would block the others in their next all-reduce).
-      while not stopped_by and (run.stop.signal_name is None or run.preemption):
+      while not stopped_by and not interrupted:
         profiler.update(step)
         n = _steps_until_boundary(step, config)
         with (pipeline.corpora.surface_corpus_errors(),
-              distribute.peer_failures(run.strategy, step, timeout)):
-          out, input_wait = train_loop(run.iterator, tf.constant(n))
-        out = {k: v.numpy().tolist() for k, v in out.items()}
-        step += n
-        clock.tick()
-        if t.max_seconds:  # Every worker must see the budget run out at the same step.
-          distribute.broadcast_from_chief(run.strategy, run.state.elapsed_s)
+              distribute.peer_failures(run.strategy, step)):
+          out, input_wait = train_loop(run.iterator, tf.constant(n),
+                                       tf.constant(step, tf.int64))
+          out = {k: v.numpy().tolist() for k, v in out.items()}
+          step += n
+          run.state.step.assign(step)
+          clock.tick()
+          # All workers stop at the same step: any worker's signal, the chief's clock.
+          interrupted = agree_to_stop(run.stop, run.state.elapsed_s)
         stopped_by = finished_reason(config, step, run.state)
         losses += out["loss"]
         progress.add(out, input_wait)
         nonfinite = _count_nonfinite(out["finite"], nonfinite, step, t.max_nonfinite_steps)
-        if step % t.log_every == 0 or stopped_by:
+        if step % t.log_every == 0 or stopped_by or interrupted:
           progress.flush(step, t.steps, _run_scalars(run))
+        if interrupted:  # Saved by _finish, before a possibly long evaluation.
+          break
         if step % t.checkpoint_every == 0:
           checkpoints.save(run.manager, step)
-        if run.preemption:  # Before eval: a preempted job may have seconds left.
-          run.preemption.save_checkpoint_if_preempted(checkpoint_number=step)
         if step % t.eval_every == 0 or stopped_by:
-          with clock.evaluating():
-            eval_metrics = _evaluate(run, evaluator, step, writers.get("eval"))
+          with clock.evaluating(), distribute.peer_failures(run.strategy, step):
+            eval_metrics = _evaluate(run, evaluator, step, writers.get("eval"),
+                                     wait_for_chief)
           stopped_by = stopped_by or finished_reason(config, step, run.state)
           if writers:
             summaries.write_scalars(writers["train"], step, {
@@ -482,12 +510,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       raise
     finally:
       profiler.stop()
-  if stopped_by and not run.stop.signal_name:
+  if stopped_by and not interrupted:
     logging.info("Stopping at step %d: the run %s.", step, stopped_by)
   test_metrics = None
-  if stopped_by and not run.stop.signal_name and config.data.test and run.is_chief:
+  if stopped_by and not interrupted and config.data.test and run.is_chief:
     test_metrics = _test(run, step, workdir)
-  return _finish(run, step, progress, dict(
+  return _finish(run, step, progress, interrupted, dict(
       losses=losses, eval=eval_metrics, samples=getattr(evaluator, "samples", []),
       workdir=workdir, stopped_by=stopped_by, eval_time_fraction=clock.eval_fraction(),
       test=test_metrics))
@@ -538,17 +566,17 @@ def _save_before_data_error(run: Run) -> None:
   a multi-worker save needs every worker, and only this one may have hit the error."""
   if distribute.is_multi_worker(run.strategy):
     return
-  step = int(run.optimizer.iterations.numpy())
+  step = int(run.state.step.numpy())
   checkpoints.save(run.manager, step)
   logging.warning("Checkpoint saved at step %d before stopping on a data error; fix the "
                   "data and rerun to resume.", step)
 
 
 def _evaluate(run: Run, evaluator: Optional[evaluate.Evaluator], step: int,
-              writer) -> Dict:
+              writer, wait_for_chief: distribute.ChiefBroadcast) -> Dict:
   """Evaluates on the chief, keeping the best checkpoint by dev BLEU and counting the
   evaluations without a gain of train.early_stopping_min_delta (early stopping); the other
-  workers wait for it, then take the chief's count."""
+  workers wait for it (config.distribute.collective_timeout_s), then take its count."""
   metrics = {}
   state = run.state
   if evaluator:
@@ -559,21 +587,32 @@ def _evaluate(run: Run, evaluator: Optional[evaluate.Evaluator], step: int,
       checkpoints.save(run.best_manager, step)
     gained = metrics["bleu"] >= best + run.config.train.early_stopping_min_delta
     state.evals_without_gain.assign(0 if gained else state.evals_without_gain + 1)
-  distribute.wait_for_chief(run.strategy, step, run.config.distribute.collective_timeout_s,
-                            share=state.evals_without_gain)
+  wait_for_chief(state.evals_without_gain)
   return metrics
 
 
-def _finish(run: Run, step: int, progress: summaries.ProgressWindow, summary: Dict) -> Dict:
-  """Final checkpoint and logs; returns `summary` with the run-wide fields added."""
+def _finish(run: Run, step: int, progress: summaries.ProgressWindow,
+            interrupted: Optional[str], summary: Dict) -> Dict:
+  """Final checkpoint and logs; returns `summary` with the run-wide fields added.
+
+  Multi-worker, no worker returns before all have saved: a launcher that stops the job
+  when the first worker exits (srun --kill-on-bad-exit) would cut the chief's save short.
+  """
   checkpoints.save(run.manager, step)
-  if run.stop.signal_name:
+  if distribute.is_multi_worker(run.strategy):
+    with distribute.peer_failures(run.strategy, step):
+      distribute.barrier(run.strategy, distribute.BARRIER_TIMEOUT_S)
+  if interrupted and distribute.is_multi_worker(run.strategy):
+    logging.warning("%s: all workers saved a checkpoint at step %d; exiting with code %d "
+                    "so that the restarted job resumes from it.", interrupted, step,
+                    distribute.PREEMPTED_EXIT_CODE)
+  elif interrupted:
     logging.warning("%s received: checkpoint saved at step %d; rerun to resume.",
-                    run.stop.signal_name, step)
+                    interrupted, step)
   lengths = sorted(progress.compiled_lengths)
   logging.info("Compiled batch lengths: %s (%d shapes).", lengths, len(lengths))
   run.length_stats.log()
   summary.update(step=step, compiled_lengths=lengths, already_complete=False,
-                 seconds=time.time() - progress.run_start, interrupted=run.stop.signal_name)
+                 seconds=time.time() - progress.run_start, interrupted=interrupted)
   distribute.remove_scratch_dir(run.workdir, run.strategy)
   return summary
