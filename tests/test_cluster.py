@@ -3,6 +3,7 @@
 The slow tests start real `nmt-train` workers joined by TF_CONFIG (CPU, localhost ports);
 each job costs ~30 s, mostly TensorFlow start-up and tracing.
 """
+import http.server
 import json
 import os
 import random
@@ -63,14 +64,15 @@ def _flags(corpus, workdir, **overrides):
           + [f"--config.{key}={value}" for key, value in settings.items()])
 
 
-def _launch(args, on_line=lambda line, launcher: None, timeout_s=240):
+def _launch(args, on_line=lambda line, launcher: None, timeout_s=240, env=None):
   """Runs launch/local.py, calling on_line for each output line -> (exit code, output).
 
   The launcher gets its own process group, so a hung job is killed whole at timeout_s.
+  `env`: variables set for the launcher and its workers.
   """
   launcher = subprocess.Popen([sys.executable, _LAUNCHER, *args], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, cwd=_ROOT,
-                              start_new_session=True)
+                              start_new_session=True, env=dict(os.environ, **(env or {})))
   watchdog = threading.Timer(timeout_s, os.killpg, (launcher.pid, signal.SIGKILL))
   watchdog.start()
   output = []
@@ -143,8 +145,28 @@ def test_only_the_chief_writes_summaries_checkpoints_and_the_tokenizer(cluster_r
   assert "[launcher] job succeeded" in output
 
 
+def _final(text, worker=0):
+  """The final JSON line nmt-train printed on `worker`."""
+  return json.loads(re.findall(rf"\[worker {worker}\] (\{{\"step\".*)", text)[-1])
+
+
+@pytest.fixture(scope="module")
+def dropout_run(corpus, tmp_path_factory):
+  """2 workers, 40 steps, dropout 0.1, uninterrupted: the final eval (output text)."""
+  workdir = tmp_path_factory.mktemp("dropout")
+  code, text = _launch(["--num_workers=2", "--", *_flags(
+      corpus, workdir, **{"train.steps": 40, "model.dropout": 0.1})])
+  assert code == 0, text[-5000:]
+  return text
+
+
 @pytest.mark.slow
-def test_a_killed_worker_restarts_the_job_from_the_last_checkpoint(corpus, tmp_path):
+def test_a_killed_worker_restarts_the_job_and_ends_exactly_as_without_the_kill(
+    corpus, tmp_path, dropout_run):
+  """The localhost cluster check of docs/cluster.md: 2 workers, dropout on, worker 1
+  killed -9 after the step-10 checkpoint, the launcher restarts the job, which resumes
+  and ends with the uninterrupted run's eval loss to every digit (the dropout masks are
+  a function of (seed, step, replica), not of a random state the kill lost)."""
   workdir = tmp_path / "killed"
   pids, killed = {}, False
 
@@ -158,7 +180,8 @@ def test_a_killed_worker_restarts_the_job_from_the_last_checkpoint(corpus, tmp_p
       killed = True
 
   code, text = _launch(["--num_workers=2", "--max_restarts=1", "--grace_s=60", "--",
-                        *_flags(corpus, workdir, **{"train.steps": 40})],
+                        *_flags(corpus, workdir, **{"train.steps": 40,
+                                                    "model.dropout": 0.1})],
                        kill_worker_1_at_step_10)
   assert code == 0, text[-5000:]
   assert "[launcher] worker 1 was killed by SIGKILL" in text
@@ -169,8 +192,9 @@ def test_a_killed_worker_restarts_the_job_from_the_last_checkpoint(corpus, tmp_p
   resumed = re.findall(r"\[worker (\d)\].*Resumed from .*ckpt-(\d+) at step (\d+)", restarted)
   assert sorted(w for w, _, _ in resumed) == ["0", "1"], restarted[-5000:]
   assert all(int(step) >= 10 for _, _, step in resumed)
-  final = json.loads(re.findall(r"\[worker 0\] (\{\"step\".*)", restarted)[-1])
-  assert final["step"] == 40
+  final, reference = _final(restarted), _final(dropout_run)
+  assert final["step"] == reference["step"] == 40
+  assert final["eval"]["loss"] == reference["eval"]["loss"], (final, reference)
   # No checkpoint is corrupt: every kept one reads completely; the latest restores a model.
   state = tf.train.get_checkpoint_state(str(workdir / "checkpoints"))
   for path in state.all_model_checkpoint_paths:
@@ -181,25 +205,96 @@ def test_a_killed_worker_restarts_the_job_from_the_last_checkpoint(corpus, tmp_p
   assert not os.path.exists(workdir / "tmp_workers")
 
 
+# nmt-train with a slow chief: its evaluator takes 8 s to build (a holdout: dev set over a
+# large corpus) and every save 3 s more. Put first on PATH for launch/local.py.
+_SLOW_CHIEF = """#!{python}
+import json, os, sys, time
+if json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 0:
+  from trainer import checkpoints, evaluate
+  build, save = evaluate.Evaluator.__init__, checkpoints.save
+  def slow_build(self, *args, **kwargs):
+    time.sleep(8)
+    build(self, *args, **kwargs)
+  def slow_save(manager, step):
+    path = save(manager, step)
+    time.sleep(3)
+    print("slow chief: save done at step", step, flush=True)
+    return path
+  evaluate.Evaluator.__init__, checkpoints.save = slow_build, slow_save
+from trainer.main import run_train
+sys.argv[0] = "nmt-train"
+run_train()
+"""
+
+
+class _MetadataServer(http.server.BaseHTTPRequestHandler):
+  """Answers like the GCE metadata server: TensorFlow then believes it runs on GCP."""
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    self.send_response(200)
+    self.send_header("Metadata-Flavor", "Google")
+    self.end_headers()
+    self.wfile.write(b"fake-host")
+
+  def log_message(self, *args):
+    pass
+
+
+def _threads(pid: int) -> int:
+  with open(f"/proc/{pid}/status") as f:
+    return int(next(line.split()[1] for line in f if line.startswith("Threads:")))
+
+
 @pytest.mark.slow
 def test_sigterm_makes_all_workers_save_at_the_same_step_and_exit_42(corpus, tmp_path):
+  """Also, each a finding of the scale review that this run failed on before:
+  - threads: a timeout on the step's collectives started one sleeping thread per
+    collective (thousands per worker after 300 steps); now they stay in the hundreds;
+  - a slow chief: the others waited for its evaluator in the first step's all-reduce,
+    under collective_timeout_s (3 s here), and failed; now at a barrier;
+  - no worker exits before the chief's (slow) save is done (srun --kill-on-bad-exit would
+    kill it mid-save);
+  - "on GCP" (a fake metadata server): TensorFlow's PreemptionCheckpointHandler ignored
+    the signal on CPU VMs and trained on to the end."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "nmt-train").write_text(_SLOW_CHIEF.format(python=sys.executable))
+  (bin_dir / "nmt-train").chmod(0o755)
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _MetadataServer)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+         "GCE_METADATA_IP": f"127.0.0.1:{server.server_address[1]}"}
   workdir = tmp_path / "stopped"
+  pids, threads = {}, []
 
-  def sigterm_at_step_10(line, launcher):  # Like a preemption notice, once training runs.
-    if re.match(r"\[worker 0\].*step 10/400", line):
+  def sigterm_at_step_300(line, launcher):  # Like a preemption notice, once training runs.
+    match = re.match(r"\[launcher\] worker (\d): pid (\d+)", line)
+    if match:
+      pids[int(match.group(1))] = int(match.group(2))
+    if re.match(r"\[worker 0\].*step 300/1000", line):
+      threads.extend(_threads(pid) for pid in pids.values())
       launcher.send_signal(signal.SIGTERM)  # The launcher passes it on to the workers.
 
-  code, text = _launch(["--num_workers=2", "--max_restarts=1", "--",
-                        *_flags(corpus, workdir, **{"train.steps": 400,
-                                                    "train.checkpoint_every": 400})],
-                       sigterm_at_step_10)
+  try:
+    code, text = _launch(["--num_workers=2", "--max_restarts=1", "--", *_flags(
+        corpus, workdir, **{"train.steps": 1000, "train.checkpoint_every": 1000,
+                            "train.eval_every": 1000, "train.log_every": 50,
+                            "train.steps_per_loop": 10,
+                            "distribute.collective_timeout_s": 3})],
+                         sigterm_at_step_300, env=env)
+  finally:
+    server.shutdown()
   assert code == 128 + signal.SIGTERM, text[-5000:]
   assert "[launcher] workers exited with codes [42, 42]" in text
   assert "restart 1/1" not in text  # A stop asked for is not a failure.
-  saved = re.findall(r"\[worker (\d)\].*all workers saved a checkpoint at step (\d+)", text)
-  assert sorted(w for w, _ in saved) == ["0", "1"] and saved[0][1] == saved[1][1], saved
-  step = int(saved[0][1])
-  assert 10 < step < 400
+  assert len(threads) == 2 and max(threads) < 500, threads
+  saved = [(m.start(), m.group(1), m.group(2)) for m in re.finditer(
+      r"\[worker (\d)\].*all workers saved a checkpoint at step (\d+)", text)]
+  assert sorted(w for _, w, _ in saved) == ["0", "1"] and saved[0][2] == saved[1][2], saved
+  step = int(saved[0][2])
+  assert 300 <= step < 1000
+  chief_done = text.index(f"[worker 0] slow chief: save done at step {step}")
+  assert all(chief_done < position for position, _, _ in saved), text[-3000:]
   latest = tf.train.latest_checkpoint(str(workdir / "checkpoints"))
   assert latest.endswith(f"ckpt-{step}"), latest
   assert not os.path.exists(workdir / "tmp_workers")

@@ -163,10 +163,23 @@ def test_skipped_updates_keep_one_step_count_for_names_data_and_stopping(
   monkeypatch.setattr(evaluate, "masked_cross_entropy", cross_entropy)
   assert first["step"] == 10 and int(np.isnan(first["losses"]).sum()) == 3
   reader = tf.train.load_checkpoint(str(tmp_path / "checkpoints" / "ckpt-10"))
-  assert reader.get_tensor("optimizer/iterations/.ATTRIBUTES/VARIABLE_VALUE") == 7
+  assert reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 7
   config.train.steps = 15
   second = train.train_and_evaluate(config, str(tmp_path), _one())
   assert second["step"] == 15 and len(second["losses"]) == 5  # Resumed at 10, not 7.
   names = sorted(int(p.name[len("ckpt-"):-len(".index")])
                  for p in (tmp_path / "checkpoints").glob("ckpt-*.index"))
   assert names == [5, 10, 15]
+
+
+def test_raw_corpus_on_a_cluster_or_resumed_says_to_prepare_it():
+  config = tiny.get_config()
+  config.data.train = "tsv:/data/big.tsv"
+  assert train.raw_input_warning(config, multi_worker=False, start_step=0) is None
+  resumed = train.raw_input_warning(config, multi_worker=False, start_step=10**6)
+  assert "resuming at step 1000000 replays" in resumed
+  assert "nmt-prepare --config=<this config> --output_dir=DIR " \
+         "--config.data.train=tsv:/data/big.tsv" in resumed
+  assert "every worker reads" in train.raw_input_warning(config, True, 0)
+  config.data.train = "prepared:/data/prep"
+  assert train.raw_input_warning(config, multi_worker=True, start_step=10**6) is None

@@ -307,12 +307,38 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   step = int(state.step.numpy())
   iterator = None
   if not finished_reason(config, step, state):
+    warning = raw_input_warning(config, distribute.is_multi_worker(strategy), step)
+    if warning and chief:
+      logging.warning("%s", warning)
     iterator = iter(make_train_dataset(config, tokenizer, strategy,
                                        step * config.train.accumulate_steps, length_stats))
   if chief and iterator:  # After a successful restore, so it always describes the checkpoints.
     checkpoints.save_config(config, run_dir)
   return Run(config, run_dir, strategy, tokenizer, model, optimizer, manager, best_manager,
              state, iterator, chief, length_stats)
+
+
+def raw_input_warning(config: ml_collections.ConfigDict, multi_worker: bool,
+                      start_step: int) -> Optional[str]:
+  """What a raw data.train costs where prepared data would not, or None: a resume replays
+  the input pipeline up to the step (O(steps) per restart: hours at step 10^6), and on
+  several workers each one reads (and decompresses) every file it shares with others to
+  keep its 1/N of it."""
+  if pipeline.corpora.parse_source(config.data.train).kind == "prepared":
+    return None
+  costs = []
+  if start_step:
+    costs.append(f"resuming at step {start_step} replays the input pipeline up to it "
+                 "(time grows with the step)")
+  if multi_worker:
+    costs.append("every worker reads the files it shares with others in full to keep its "
+                 "share of them")
+  if not costs:
+    return None
+  return (f"data.train={config.data.train} is a raw corpus: {'; '.join(costs)}. Prepare "
+          "it once for constant-time resume and sharded reading: nmt-prepare "
+          f"--config=<this config> --output_dir=DIR --config.data.train={config.data.train}"
+          ", then train with --config.data.train=prepared:DIR (README, Prepared corpora).")
 
 
 class RunState:
