@@ -1,4 +1,5 @@
-"""Decoding: beam size 1 is greedy, beam search beats greedy, length penalty, XLA."""
+"""Decoding: beam size 1 is greedy, beam search beats greedy and equals a plain reference,
+length penalty, XLA, per-step cost independent of the output length."""
 import keras
 import numpy as np
 import pytest
@@ -113,14 +114,23 @@ def test_larger_length_penalty_gives_longer_outputs():
   assert lengths == [1, 1, 5]
 
 
-def test_xla_beam_search_matches_no_xla():
-  model = _random_model()
+@pytest.mark.parametrize("stops_early", [False, True])
+def test_xla_beam_search_matches_no_xla(stops_early):
+  if stops_early:  # Every beam has ended by step 3 of 10: later steps are never written.
+    model, _ = _bigram_model({BOS_ID: {A: 0.5, B: 0.4, EOS_ID: 0.1},
+                              A: {C: 0.6, EOS_ID: 0.4}, B: {EOS_ID: 1.0},
+                              C: {EOS_ID: 1.0}})
+    source = tf.constant([[A, EOS_ID], [B, EOS_ID]])
+  else:
+    model, source = _random_model(), SOURCE
 
   def search(source):
     return decode.beam_search(model, source, 3, 10, 0.6)
 
-  expected = tf.function(search)(SOURCE)
-  got = tf.function(search, jit_compile=True)(SOURCE)  # Raises if XLA cannot compile it.
+  expected = tf.function(search)(source)
+  got = tf.function(search, jit_compile=True)(source)  # Raises if XLA cannot compile it.
+  if stops_early:
+    assert [_tokens(row) for row in got[0]] == [[B, EOS_ID]] * 2
   np.testing.assert_array_equal(got[0], expected[0])
   np.testing.assert_allclose(got[1], expected[1], atol=1e-5)
   np.testing.assert_allclose(got[2], expected[2], atol=1e-5)
@@ -147,3 +157,94 @@ def test_bad_beam_size_says_which_setting():
   config.eval.beam_size = -2
   with pytest.raises(ValueError, match="config.eval.beam_size"):
     evaluate.make_translate_fn(model, config)
+
+
+def _random_source(lengths, width, seed=0):
+  """Random ids [len(lengths), width] ending in EOS at each length, 0-padded after."""
+  rng = np.random.default_rng(seed)
+  source = np.zeros([len(lengths), width], np.int32)
+  for row, length in zip(source, lengths):
+    row[:length - 1] = rng.integers(EOS_ID + 1, VOCAB, length - 1)
+    row[length - 1] = EOS_ID
+  return tf.constant(source)
+
+
+def _reference_beam_search(model, source, beam_size, max_length, alpha):
+  """Beam search as one would write it first: Python lists of hypotheses, each holding its
+  whole history (ids, weights, log P), extended and re-ranked step by step."""
+  values, keys, mask, state = model.encode(source)
+  encoded = [tf.repeat(x, beam_size, axis=0) for x in (values, keys, mask)]
+  batch = source.shape[0]
+  live = dict(ids=[], weights=[], log_prob=np.float32(0), length=0, finished=False)
+  dead = dict(live, log_prob=np.float32(-1e9))  # Only beam 0 is live at first.
+  beams = [[live] + [dead] * (beam_size - 1) for _ in range(batch)]
+  state, tokens = tf.repeat(state, beam_size, axis=0), [BOS_ID] * (batch * beam_size)
+  for t in range(max_length):
+    if all(h["finished"] for row in beams for h in row):
+      break
+    state, weights = model.step_fn(model.decoder.embedding(tf.constant(tokens)), state,
+                                   *encoded)
+    log_p = tf.nn.log_softmax(model.decoder.logits(state)).numpy()
+    rows, new_beams = [], []
+    for b in range(batch):
+      candidates = []  # (-score, index in top_k's [K*V] row, beam, token, log P, length)
+      for k, h in enumerate(beams[b]):
+        row = b * beam_size + k
+        extensions = [0] if h["finished"] else range(VOCAB)
+        for token in extensions:
+          log_prob = h["log_prob"] + (np.float32(0) if h["finished"] else log_p[row, token])
+          length = h["length"] if h["finished"] else t + 1
+          score = log_prob / decode.length_penalty(length, alpha).numpy()
+          candidates.append((-score, k * VOCAB + token, k, token, log_prob, length))
+      new_beams.append([])
+      for _, _, k, token, log_prob, length in sorted(candidates)[:beam_size]:
+        h = beams[b][k]
+        step_weights = np.zeros_like(weights[0]) if h["finished"] else weights[b * beam_size + k]
+        new_beams[b].append(dict(ids=h["ids"] + [token],
+                                 weights=h["weights"] + [step_weights], log_prob=log_prob,
+                                 length=length, finished=h["finished"] or token == EOS_ID))
+        rows.append(b * beam_size + k)
+    beams, state = new_beams, tf.gather(state, rows)
+    tokens = [h["ids"][-1] for row in beams for h in row]
+  best = [row[0] for row in beams]
+  ids = np.zeros([batch, max_length], np.int32)
+  weights = np.zeros([batch, max_length, source.shape[1]], np.float32)
+  for b, h in enumerate(best):
+    ids[b, :len(h["ids"])] = h["ids"]
+    weights[b, :len(h["ids"])] = h["weights"]
+  scores = [h["log_prob"] / decode.length_penalty(h["length"], alpha).numpy() for h in best]
+  return ids, weights, np.array(scores, np.float32)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_beam_search_equals_a_plain_reference(alpha):
+  model = _random_model()
+  source = _random_source([7, 5, 2, 6, 3], 7)
+  ids, weights, scores = decode.beam_search(model, source, 4, 14, alpha)
+  expected = _reference_beam_search(model, source, 4, 14, alpha)
+  assert len({_length(row) for row in expected[0]}) > 1  # EOS at different steps.
+  np.testing.assert_array_equal(ids, expected[0])
+  np.testing.assert_allclose(weights, expected[1], atol=1e-6)
+  np.testing.assert_allclose(scores, expected[2], rtol=1e-6)
+
+
+def _tensors_in_loop_bodies(graph):
+  """Every tensor made inside the body of a while loop of `graph` (nested ones too)."""
+  for op in graph.get_operations():
+    if op.type in ("While", "StatelessWhile"):
+      # Private, but the only way to read a traced loop body back from its graph.
+      body = graph._get_function(op.get_attr("body").name).graph  # pylint: disable=protected-access
+      yield from (tensor for body_op in body.get_operations() for tensor in body_op.outputs)
+      yield from _tensors_in_loop_bodies(body)
+
+
+def test_beam_search_step_does_not_touch_the_whole_history():
+  """Each step costs O(1) in the output length, not O(T): no tensor the length of the
+  output (an ids or attention history rewritten every step, O(T^2) per sentence)."""
+  model = _random_model()
+  max_length = 97  # No other dimension of this test has this size.
+  search = tf.function(lambda source: decode.beam_search(model, source, 4, max_length))
+  graph = search.get_concrete_function(SOURCE).graph
+  dims = [(tensor.name, tensor.shape) for tensor in _tensors_in_loop_bodies(graph)
+          if tensor.shape.rank and max_length in tensor.shape.as_list()]
+  assert not dims

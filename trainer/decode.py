@@ -64,6 +64,10 @@ def beam_search(model: Seq2Seq, source: tf.Tensor, beam_size: int,
   `length_penalty`. Finished hypotheses keep their place and score while they rank in the
   top `beam_size`; the loop stops when all beams of all sentences are finished. With
   beam_size 1 the result equals `greedy`, for any alpha.
+
+  Each step appends its tokens, parent beams and attention [B,K,S] to TensorArrays, and
+  the best hypothesis is traced back through the parents once at the end (`_backtrack`):
+  O(T) per sentence. Rewriting every beam's whole history at each step was O(T^2).
   """
   vocab_size = int(model.decoder.projection.units)
   if not 1 <= beam_size <= vocab_size:
@@ -72,29 +76,31 @@ def beam_search(model: Seq2Seq, source: tf.Tensor, beam_size: int,
   values, keys, mask, state = model.encode(source)
   # Each sentence's encoder outputs are repeated once per beam: [B*K, ...], batch-major.
   encoded = [tf.repeat(x, beam_size, axis=0) for x in (values, keys, mask)]
-  batch, source_len = tf.shape(source)[0], tf.shape(source)[1]
-  beams = _initial_beams(batch, beam_size, max_length, source_len)
+  beams = _initial_beams(tf.shape(source)[0], beam_size)
   beams["state"] = tf.repeat(state, beam_size, axis=0)
+  # Per step: token and parent beam [B,K] int32, attention [B,K,S] f32.
+  history = tuple(tf.TensorArray(dtype, size=max_length)
+                  for dtype in (tf.int32, tf.int32, tf.float32))
 
-  def not_done(t, beams):
+  def not_done(t, beams, history):
     return tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(beams["finished"])))
 
-  def body(t, beams):
-    return t + 1, _beam_step(model, encoded, beams, t, beam_size, vocab_size,
+  def body(t, beams, history):
+    beams, step = _beam_step(model, encoded, beams, t, beam_size, vocab_size,
                              length_penalty_alpha)
+    return t + 1, beams, tuple(a.write(t, x) for a, x in zip(history, step))
 
-  _, beams = tf.while_loop(not_done, body, (tf.constant(0), beams))
+  _, beams, history = tf.while_loop(not_done, body, (tf.constant(0), beams, history))
   # top_k sorts, so beam 0 is the best hypothesis of each sentence.
-  return beams["ids"][:, 0], beams["weights"][:, 0], beams["scores"][:, 0]
+  ids, weights = _backtrack(*(a.stack() for a in history))
+  return ids, weights, beams["scores"][:, 0]
 
 
-def _initial_beams(batch, beam_size: int, max_length, source_len) -> dict:
-  """Loop state, [B,K,...] tensors. Only beam 0 is live at first, so the first step
-  does not pick the same token K times."""
+def _initial_beams(batch, beam_size: int) -> dict:
+  """Loop state, [B,K] tensors. Only beam 0 is live at first, so the first step does not
+  pick the same token K times."""
   first = tf.one_hot(0, beam_size, on_value=0.0, off_value=NEG_INF)
   return dict(
-      ids=tf.zeros([batch, beam_size, max_length], tf.int32),
-      weights=tf.zeros([batch, beam_size, max_length, source_len], tf.float32),
       log_probs=tf.tile(first[tf.newaxis], [batch, 1]),
       scores=tf.tile(first[tf.newaxis], [batch, 1]),
       lengths=tf.zeros([batch, beam_size], tf.int32),
@@ -103,11 +109,12 @@ def _initial_beams(batch, beam_size: int, max_length, source_len) -> dict:
 
 
 def _beam_step(model: Seq2Seq, encoded, beams: dict, t, beam_size: int, vocab_size: int,
-               alpha: float) -> dict:
+               alpha: float) -> Tuple[dict, Tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
   """Extends every beam by every token, keeps the K best by length-penalised score.
 
+  Returns the new beams and this step's (token, parent beam, attention) of each new beam.
   A finished beam has a single extension, PAD at no cost, so it keeps its log P, length
-  and score, and stays unless K better hypotheses appear.
+  and score, and stays unless K better hypotheses appear; its attention is 0.
   """
   embedded = model.decoder.embedding(beams["token"])
   state, attention_weights = model.step_fn(embedded, beams["state"], *encoded)
@@ -129,11 +136,7 @@ def _beam_step(model: Seq2Seq, encoded, beams: dict, t, beam_size: int, vocab_si
   step_weights = pick(tf.reshape(attention_weights, [-1, beam_size,
                                                      tf.shape(attention_weights)[-1]]))
   step_weights = tf.where(was_finished[..., tf.newaxis], 0.0, step_weights)
-  at_t = tf.equal(tf.range(tf.shape(beams["ids"])[-1]), t)  # [T]
-  return dict(
-      ids=tf.where(at_t, token[..., tf.newaxis], pick(beams["ids"])),
-      weights=tf.where(at_t[:, tf.newaxis], step_weights[:, :, tf.newaxis],
-                       pick(beams["weights"])),
+  beams = dict(
       log_probs=tf.gather(tf.reshape(log_probs, [-1, beam_size * vocab_size]), best,
                           batch_dims=1),
       scores=scores,
@@ -142,6 +145,30 @@ def _beam_step(model: Seq2Seq, encoded, beams: dict, t, beam_size: int, vocab_si
       state=tf.reshape(pick(tf.reshape(state, [-1, beam_size, state.shape[-1]])),
                        [-1, state.shape[-1]]),
       token=tf.reshape(token, [-1]))
+  return beams, (token, parent, step_weights)
+
+
+def _backtrack(tokens: tf.Tensor, parents: tf.Tensor, weights: tf.Tensor
+               ) -> Tuple[tf.Tensor, tf.Tensor]:
+  """The history of the final beam 0: tokens, parents [T,B,K], weights [T,B,K,S] ->
+  ids [B,T], weights [B,T,S], following parents from the last step back to the first
+  (gather_tree, as in tensorflow_addons, which is no longer maintained).
+
+  Steps after the loop stopped were never written; TensorArray.stack gives zeros there
+  (eagerly, in graphs and under XLA; tests/test_decode.py covers all three), so they read
+  as token 0, attention 0 and parent 0, which keeps the trace on beam 0 until the last
+  written step.
+  """
+  def step_back(carry, step):
+    beam = carry[0]
+    token, parent, step_weights = (tf.gather(x, beam, batch_dims=1) for x in step)
+    return parent, token, step_weights
+
+  batch = tf.shape(tokens)[1]
+  init = (tf.zeros([batch], tf.int32), tf.zeros([batch], tf.int32),
+          tf.zeros([batch, tf.shape(weights)[-1]], tf.float32))
+  _, ids, weights = tf.scan(step_back, (tokens, parents, weights), init, reverse=True)
+  return tf.transpose(ids, [1, 0]), tf.transpose(weights, [1, 0, 2])
 
 
 def trim(ids: tf.Tensor, weights: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
