@@ -3,6 +3,10 @@
 Every batch is {"source": int32 [B, L], "target": int32 [B, L]}, 0-padded, where L is one
 of `padded_shapes(config)` (from data.bucket_boundaries), so a compiled train step sees a
 small fixed set of shapes. source = ids + [EOS]; target = [BOS] + ids + [EOS].
+
+An input pipeline feeding k local replicas (MirroredStrategy deals its batches round robin,
+k consecutive ones per step) batches k x the per-replica batch and splits it (`bucket`,
+`split_steps`), so the replicas of one step share L and none waits for a longer one.
 """
 import os
 from typing import Iterator
@@ -74,9 +78,13 @@ def make_dataset(config, tokenizer: Tokenizer, split: str, *,
   dropped (every shape on the grid). eval: config.data.eval, in order, one epoch, partial
   batches kept (batch size varies, length stays on the grid). `repeat` overrides the
   epoch default. With `input_context` the pipeline reads only its shard and batches per
-  replica, for `strategy.distribute_datasets_from_function`. The train stream starts after
-  the batches of `start_step` steps (one batch per replica of this pipeline per step): for
-  a prepared: source in constant time (prepared.py), else by replaying the pipeline.
+  replica, for `strategy.distribute_datasets_from_function`: each step's k batches (one per
+  local replica) have the same length. Other workers' pipelines bucket their own shards,
+  so across workers a step's lengths still differ and the all-reduce waits for the worker
+  with the longest (cost: E[max] over workers instead of the mean; a length schedule shared
+  by all workers would remove it). The train stream starts after the batches of
+  `start_step` steps: for a prepared: source in constant time (prepared.py), else by
+  replaying the pipeline.
   """
   if split not in _SPLITS:
     raise ValueError(f"split={split!r}; valid: {_SPLITS}.")
@@ -110,9 +118,7 @@ def make_dataset(config, tokenizer: Tokenizer, split: str, *,
   dataset = unbatch(add_special_tokens(dataset))
   dataset = bucket(dataset, config, input_context=input_context, drop_remainder=training)
   if start_step:  # Replays everything up to start_step: O(start_step) input work.
-    replicas = 1 if input_context is None else (input_context.num_replicas_in_sync //
-                                                input_context.num_input_pipelines)
-    dataset = dataset.skip(start_step * replicas)
+    dataset = dataset.skip(start_step * replicas_per_pipeline(input_context))
   return dataset.prefetch(tf.data.AUTOTUNE)
 
 
@@ -189,14 +195,17 @@ def unbatch(dataset: tf.data.Dataset) -> tf.data.Dataset:
 def bucket(dataset: tf.data.Dataset, config, *,
            input_context: tf.distribute.InputContext | None = None,
            drop_remainder: bool = True) -> tf.data.Dataset:
-  """Examples of variable length -> batches padded to exactly a grid length.
+  """Examples of variable length -> per-replica batches padded to exactly a grid length.
 
   An example goes to the smallest grid length L >= max(len(source), len(target)); both
   sides are padded with PAD (0) to L. Batch size per bucket from `bucket_batch_sizes`.
+  Buckets fill k x that size (k replicas per pipeline) and `split_steps` cuts each into
+  the k batches of one step, so the replicas of a step get the same L.
   """
   grid = padded_shapes(config)
-  batch_sizes = bucket_batch_sizes(config, input_context)
-  return dataset.bucket_by_sequence_length(
+  replicas = replicas_per_pipeline(input_context)
+  batch_sizes = [size * replicas for size in bucket_batch_sizes(config, input_context)]
+  step_batches = dataset.bucket_by_sequence_length(
       element_length_func=_example_length,
       # The library pads a bucket to its boundary - 1 and puts length n in the first
       # bucket with n < boundary, so boundary L + 1 holds lengths up to L, padded to L.
@@ -205,6 +214,29 @@ def bucket(dataset: tf.data.Dataset, config, *,
       bucket_batch_sizes=batch_sizes + batch_sizes[-1:],
       pad_to_bucket_boundary=True,
       drop_remainder=drop_remainder)
+  return split_steps(step_batches, replicas)
+
+
+def split_steps(dataset: tf.data.Dataset, replicas: int) -> tf.data.Dataset:
+  """Step batches [k * B, L] -> k consecutive per-replica batches [B, L] (same L); k = 1: as
+  they are. A short step batch (an eval remainder) gives up to k of ceil(rows / k) rows."""
+  if replicas == 1:
+    return dataset
+
+  def split(features):
+    rows = tf.shape(features["source"], out_type=tf.int64)[0]
+    size = tf.maximum((rows + replicas - 1) // replicas, 1)
+    return tf.data.Dataset.range(0, rows, size).map(
+        lambda start: {key: value[start:start + size] for key, value in features.items()})
+
+  return dataset.flat_map(split)
+
+
+def replicas_per_pipeline(input_context: tf.distribute.InputContext | None) -> int:
+  """k: the local replicas one input pipeline feeds, k consecutive batches per step."""
+  if input_context is None:
+    return 1
+  return input_context.num_replicas_in_sync // input_context.num_input_pipelines
 
 
 def _example_length(example) -> tf.Tensor:

@@ -6,15 +6,21 @@ length-filters once (data.max_*_length, data.length_policy), and writes:
   <dir>/tokenizer/                 the tokenizer (tokenizer.json + model files)
   <dir>/train-00000.tfrecord ...   tf.train.Example records: "source" = ids + [EOS], "target"
                                    = [BOS] + ids + [EOS] (int64 lists); train shards sorted
-                                   by grid length, eval shards in corpus order with the text
+                                   by grid length, each a stratified sample of the whole
+                                   corpus (below), eval shards in corpus order with the text
                                    ("source_text", "target_text": BLEU references)
   <dir>/manifest.json              counts, skipped lines by reason, length-filter counts, the
                                    tokenizer config and fingerprint, the data.* lengths and
                                    grid, and per shard: examples, bytes, sha256, a histogram
                                    of lengths and the record run of each grid length
 Shards are written under a .tmp name and renamed when complete; the manifest is written
-last, so a directory without one is unfinished and is refused. Memory is bounded by one
-shard's buffer (`shard_examples`) and the tokenizer's training sample, not by the corpus.
+last, so a directory without one is unfinished and is refused. Train shards are cut from
+the examples in a seeded spread order (`_spread_keys`): each of K shards holds ~1/K of every
+stretch of the corpus (at most twice that of any 1% of it at 1000-example shards, tested),
+so no replica trains on one file or domain for many steps. The order comes from an external
+sort: sorted runs of _RUN_BYTES of examples in `.tmp` files, then a k-way merge. Memory is
+bounded by one run, one shard and the tokenizer's training sample, not by the corpus; the
+runs need as much disk as the train shards, until the merge deletes them.
 
 Reading (`make_dataset`): pipeline i of N gets shards i, i+N, ...; they form G groups of up
 to GROUP_SHARDS shards (group j = shards j, j+G, j+2G, ...). An epoch visits the groups in
@@ -40,19 +46,21 @@ check of this pipeline's shards, O(G) arithmetic, and skipping at most one group
 at step 10^6 as at step 100. At 10^8 corpus lines: 5000 shards of 20k examples, up to one
 file per shard and grid length; every start lists the directory and hashes this pipeline's
 share of the data, O(corpus bytes / workers), which names a damaged file before training
-rather than failing mid-run. nmt-prepare holds one shard plus the tokenizer's sample, not
-the corpus, and runs at the raw readers' speed in one process. The README (Prepared
-corpora) has these sizes and times extrapolated from a measured 1M-pair run. Trade-offs:
-examples of different groups never share a batch, and the tf.data service path
+rather than failing mid-run. nmt-prepare holds one run (128 MiB of examples), one shard and
+the tokenizer's sample, not the corpus: 10^8 examples are ~140 runs, merged in one pass (up
+to _MERGE_RUNS open at once); it runs at the raw readers' speed in one process. The README
+(Prepared corpora) has these sizes and times extrapolated from a measured 1M-pair run.
+Trade-offs: examples of different groups never share a batch, and the tf.data service path
 (`data.service_address`) hands out whole groups to its workers in the order they ask, so
 it resumes at a group boundary and its order is not reproducible.
 """
 import concurrent.futures
 import hashlib
+import heapq
 import json
 import os
 import time
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from absl import logging
 import ml_collections
@@ -76,6 +84,13 @@ _STREAM_PREFETCH = 2
 _PARSE_BATCH = 1024  # Records per parse_example call (one call per batch, not per record).
 _DATA_KEYS = ("max_source_length", "max_target_length", "length_policy", "bucket_boundaries")
 _MAX_INT64 = np.iinfo(np.int64).max
+# nmt-prepare's external sort of the train split (_spread): serialized examples sorted in
+# memory per run, runs merged at once (open files, each with a read buffer), key bits.
+_RUN_BYTES = 1 << 27
+_MERGE_RUNS = 256
+_RUN_READ_BYTES = 1 << 18
+_KEY_BITS = 48  # Orders up to 2^48 examples.
+_MASK64 = (1 << 64) - 1
 
 
 class PreparedDataError(corpora.CorpusError):
@@ -155,24 +170,27 @@ def _tokenizer_description(output_dir: str, tokenizer: tokenizer_lib.Tokenizer) 
 
 def _write_split(config, tokenizer: tokenizer_lib.Tokenizer, split: str, output_dir: str,
                  shard_examples: int) -> dict:
-  """Tokenizes one split and writes it shard by shard; returns its manifest entry."""
+  """Tokenizes one split and writes it shard by shard; returns its manifest entry.
+
+  Train shards are consecutive chunks of the examples in spread order (`_spread`): each a
+  stratified sample of the whole corpus, so no replica reads one stretch of it (one file,
+  one domain) for many steps. Eval shards keep corpus order (eval_examples: the first ones).
+  """
   source = config.data[split]
   stats, length_stats = corpora.SkipStats(), pipeline.LengthStats(f"prepare_{split}")
   keep_text = split == "eval"
   rng = np.random.default_rng(config.seed)
   grid = pipeline.padded_shapes(config)
-  shards, buffer = [], []
+  shards = []
   with corpora.surface_corpus_errors():
-    for batch in _tokenized_batches(config, tokenizer, source, stats, length_stats,
-                                    keep_text):
-      buffer.extend(_examples(batch, keep_text))
-      while len(buffer) >= shard_examples:
-        shards.append(_write_shard(output_dir, split, len(shards),
-                                   buffer[:shard_examples], rng, grid, by_bucket=not keep_text))
-        del buffer[:shard_examples]
-  if buffer:
-    shards.append(_write_shard(output_dir, split, len(shards), buffer, rng, grid,
-                               by_bucket=not keep_text))
+    examples = (example for batch in _tokenized_batches(config, tokenizer, source, stats,
+                                                         length_stats, keep_text)
+                for example in _examples(batch, keep_text))
+    if not keep_text:
+      examples = _spread(examples, output_dir, split, config.seed)
+    for chunk in _chunks(examples, shard_examples):
+      shards.append(_write_shard(output_dir, split, len(shards), chunk, rng, grid,
+                                 by_bucket=not keep_text))
   if not shards:
     raise corpora.CorpusError(f"data.{split}={source!r}: no pair is left after the length "
                               f"filter ({length_stats.result()}); nothing to prepare")
@@ -183,6 +201,129 @@ def _write_split(config, tokenizer: tokenizer_lib.Tokenizer, split: str, output_
           "per_file": {name: {"read": read, "skipped": skipped}
                        for name, (read, skipped) in stats.per_file().items()},
           "shards": shards}
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+  """Lists of `size` consecutive items (the last one shorter)."""
+  chunk = []
+  for item in items:
+    chunk.append(item)
+    if len(chunk) == size:
+      yield chunk
+      chunk = []
+  if chunk:
+    yield chunk
+
+
+def _spread(examples: Iterable[tuple[bytes, int]], output_dir: str, split: str,
+            seed: int) -> Iterator[tuple[bytes, int]]:
+  """`examples` sorted by `_spread_keys` of their positions, by an external sort: sorted
+  runs of _RUN_BYTES go to `<split>-runL-NNNNN.tmp` files, then one k-way merge (a first
+  merge pass above _MERGE_RUNS runs). Memory: one run and the merge's read buffers, not
+  the corpus; disk: the runs take as much as the shards, until the merge deletes them.
+  A split that fits in one run is sorted in memory and writes no run."""
+  runs, buffer, size, start = [], [], 0, 0
+  for example in examples:
+    buffer.append(example)
+    size += len(example[0])
+    if size >= _RUN_BYTES:
+      runs.append(_write_run(output_dir, f"{split}-run0-{len(runs):05d}.tmp",
+                             _sorted_records(buffer, start, seed)))
+      start, buffer, size = start + len(buffer), [], 0
+  if not runs:
+    for index in np.argsort(_spread_keys(np.arange(len(buffer)), seed)):
+      yield buffer[index]
+    return
+  total = start + len(buffer)
+  if buffer:
+    runs.append(_write_run(output_dir, f"{split}-run0-{len(runs):05d}.tmp",
+                           _sorted_records(buffer, start, seed)))
+  buffer = []
+  logging.info("%s: %d examples in %d sorted runs of up to %d MiB; merging them.", split,
+               total, len(runs), _RUN_BYTES >> 20)
+  level = 0
+  while len(runs) > _MERGE_RUNS:
+    level += 1
+    runs = [_write_run(output_dir, f"{split}-run{level}-{i // _MERGE_RUNS:05d}.tmp",
+                       _merged(runs[i:i + _MERGE_RUNS]))
+            for i in range(0, len(runs), _MERGE_RUNS)]
+  for record in _merged(runs):
+    yield record[10:], int.from_bytes(record[8:10], "big")
+
+
+def _spread_keys(positions: np.ndarray, seed: int) -> np.ndarray:
+  """uint64 sort keys of corpus positions: sorted by them, any run of consecutive examples
+  is a stratified random sample of the corpus.
+
+  Bit b of a key (from the top) splits each aligned block of 2^(b+1) positions, among the
+  positions already sharing the key's higher bits, one per half, at random (seeded by
+  the seed, b, the block and those bits). So the positions with given top m bits are
+  exactly one per aligned block of 2^m positions, at a random place in it: a shard of S of
+  T examples holds about S/T of any stretch of the corpus (a uniform random split would
+  leave some shards with twice their share of a stretch when the share is ~10 examples).
+  A bijection of the positions < 2^_KEY_BITS: keys never tie.
+  """
+  positions = positions.astype(np.uint64)
+  keys = np.zeros_like(positions)
+  one = np.uint64(1)
+  for bit in range(_KEY_BITS):
+    salt = _mix64(np.array([(seed * _KEY_BITS + bit) & _MASK64], np.uint64))
+    block = positions >> np.uint64(bit + 1)
+    flip = _mix64(block ^ _mix64(keys ^ salt)) >> np.uint64(63)
+    keys = (keys << one) | (((positions >> np.uint64(bit)) & one) ^ flip)
+  return keys
+
+
+def _mix64(values: np.ndarray) -> np.ndarray:
+  """SplitMix64's finalizer: a bijection of uint64 whose output bits all depend on every
+  input bit (numpy's uint64 arithmetic wraps, as it needs to)."""
+  values = (values ^ (values >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  values = (values ^ (values >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return values ^ (values >> np.uint64(31))
+
+
+def _sorted_records(examples: list[tuple[bytes, int]], start: int,
+                    seed: int) -> Iterator[bytes]:
+  """Run records of examples at positions start, start + 1, ... in key order: the 8-byte
+  big-endian key (so records compare as their keys), the length class, the example."""
+  keys = _spread_keys(np.arange(start, start + len(examples)), seed)
+  for index in np.argsort(keys):
+    serialized, length = examples[index]
+    yield int(keys[index]).to_bytes(8, "big") + length.to_bytes(2, "big") + serialized
+
+
+def _write_run(output_dir: str, name: str, records: Iterable[bytes]) -> str:
+  """Writes records, each after its 4-byte size, to a run file; returns its path."""
+  path = os.path.join(output_dir, name)
+  with tf.io.gfile.GFile(path, "wb") as f:
+    for chunk in _chunks(records, 4096):
+      f.write(b"".join(len(record).to_bytes(4, "big") + record for record in chunk))
+  return path
+
+
+def _merged(runs: list[str]) -> Iterator[bytes]:
+  """The records of sorted runs in one sorted stream; each run is deleted once read."""
+  return heapq.merge(*(_read_run(path) for path in runs))
+
+
+def _read_run(path: str) -> Iterator[bytes]:
+  """The records of a run file, read _RUN_READ_BYTES at a time; deletes the file at the end."""
+  with tf.io.gfile.GFile(path, "rb") as f:
+    pending = b""
+    while chunk := f.read(_RUN_READ_BYTES):
+      pending += chunk
+      offset = 0
+      while len(pending) - offset >= 4:
+        end = offset + 4 + int.from_bytes(pending[offset:offset + 4], "big")
+        if end > len(pending):
+          break
+        yield pending[offset + 4:end]
+        offset = end
+      pending = pending[offset:]
+  if pending:
+    raise PreparedDataError(f"{path} ends in a partial record: a temporary file of "
+                            f"nmt-prepare changed while it ran; run it again")
+  tf.io.gfile.remove(path)
 
 
 def _tokenized_batches(config, tokenizer, source: str, stats: corpora.SkipStats,
@@ -237,7 +378,8 @@ def _bytes(value: bytes) -> tf.train.Feature:
 
 def _write_shard(output_dir: str, split: str, index: int, examples: list,
                  rng: np.random.Generator, grid: list[int], by_bucket: bool) -> dict:
-  """Writes one shard (a chunk of the corpus) and returns its manifest entry.
+  """Writes one shard (consecutive examples of the spread order for train, of the corpus
+  for eval) and returns its manifest entry.
 
   Train shards are one file per grid length L (`train-00012-L016.tfrecord`), shuffled, so a
   reader batches each length from its own files without looking at single examples. Eval

@@ -2,6 +2,7 @@
 import json
 
 import ml_collections
+import pytest
 
 from configs import tiny
 from trainer import bench
@@ -45,7 +46,9 @@ def test_synthetic_tsv_has_the_asked_lengths_and_a_closed_vocabulary(tmp_path):
   assert words <= set(bench.synthetic_words(50))
 
 
-def test_run_reports_consistent_fields(tmp_path):
+@pytest.mark.parametrize("strategy", ["one_device", "mirrored"])
+def test_run_reports_consistent_fields(tmp_path, strategy):
+  """mirrored: the 2 logical CPUs of conftest.py, 8 pairs a replica."""
   tsv = str(tmp_path / "pairs.tsv")
   bench.write_synthetic_tsv(tsv, num_pairs=400, min_words=3, max_words=9, vocab_words=40)
   config = tiny.get_config()
@@ -56,8 +59,9 @@ def test_run_reports_consistent_fields(tmp_path):
   config.train.batch_size, config.train.steps_per_loop = 16, 2
   config.train.xla = "off"
 
-  config.distribute.strategy = "one_device"
+  config.distribute.strategy = strategy
   result = bench.run(config, str(tmp_path / "workdir"), num_steps=4)
+  assert result["replicas"] == (2 if strategy == "mirrored" else 1)
 
   json.dumps(result)  # One JSON line.
   assert result["precision"] == "float32" and result["xla"] == "off"

@@ -145,6 +145,23 @@ def test_only_the_chief_writes_summaries_checkpoints_and_the_tokenizer(cluster_r
   assert "[launcher] job succeeded" in output
 
 
+@pytest.mark.slow
+def test_a_cluster_resumes_past_a_corrupt_latest_checkpoint(cluster_run, corpus, tmp_path):
+  """Every worker falls back to the newest checkpoint that reads. TensorFlow's
+  PreemptionCheckpointHandler restored the latest one a second time, unchecked."""
+  workdir = tmp_path / "corrupt"
+  shutil.copytree(cluster_run[0], workdir)
+  data = next((workdir / "checkpoints").glob("ckpt-20.data-*"))
+  data.write_bytes(data.read_bytes()[:100])  # A kill -9 in the middle of the save.
+  code, text = _launch(["--num_workers=2", "--", *_flags(
+      corpus, workdir, **{"train.steps": 25, "train.eval_every": 25})])
+  assert code == 0, text[-5000:]
+  resumed = re.findall(r"\[worker (\d)\].*Resumed from .*ckpt-(\d+) at step (\d+)", text)
+  assert sorted(resumed) == [("0", "10", "10"), ("1", "10", "10")], text[-5000:]
+  assert re.search(r"\[worker 0\].*ckpt-20 does not read", text)
+  assert _final(text)["step"] == 25
+
+
 def _final(text, worker=0):
   """The final JSON line nmt-train printed on `worker`."""
   return json.loads(re.findall(rf"\[worker {worker}\] (\{{\"step\".*)", text)[-1])

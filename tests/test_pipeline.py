@@ -1,6 +1,7 @@
 """Tests for input_pipeline/pipeline.py on a small generated tsv corpus."""
 import collections
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -135,6 +136,44 @@ def test_token_budget_batching(config, tokenizer):
   for batch in batches.take(20).as_numpy_iterator():
     rows, length = batch["source"].shape
     assert rows * length <= 64 and rows == 64 // length
+
+
+def _steps(batches, replicas):
+  """Shapes of consecutive batches, `replicas` a step (MirroredStrategy's round robin)."""
+  shapes = [batch["source"].shape for batch in batches]
+  return [shapes[i:i + replicas] for i in range(0, len(shapes), replicas)]
+
+
+@pytest.mark.parametrize("batch_by", ["sentences", "tokens"])
+def test_the_replicas_of_a_step_share_a_length_and_resume_exactly(config, tokenizer,
+                                                                   batch_by):
+  """One pipeline feeding 4 replicas: each step's 4 batches have one length and the
+  per-replica size; a stream started at step N is the straight one from step N on."""
+  config.data.batch_by, config.train.tokens_per_batch = batch_by, 256
+  context = tf.distribute.InputContext(1, 0, 4)
+  sizes = dict(zip(_GRID, pipeline.bucket_batch_sizes(config, context)))
+  assert sizes == ({6: 2, 10: 2, 16: 2} if batch_by == "sentences" else
+                   {6: 64 // 6, 10: 64 // 10, 16: 64 // 16})
+  straight = list(pipeline.make_dataset(config, tokenizer, "train", input_context=context)
+                  .take(4 * 30).as_numpy_iterator())
+  steps = _steps(straight, 4)
+  for shapes in steps:
+    assert [tuple(s) for s in shapes] == [(sizes[shapes[0][1]], shapes[0][1])] * 4, shapes
+  assert {shapes[0][1] for shapes in steps} == set(_GRID)
+  resumed = pipeline.make_dataset(config, tokenizer, "train", input_context=context,
+                                  start_step=7)
+  for i, batch in enumerate(resumed.take(8).as_numpy_iterator()):
+    np.testing.assert_array_equal(batch["source"], straight[4 * 7 + i]["source"])
+
+
+def test_eval_on_four_replicas_keeps_every_pair_at_most_the_replica_batch(config,
+                                                                         tokenizer):
+  stats = pipeline.LengthStats()
+  context = tf.distribute.InputContext(1, 0, 4)
+  batches = _all_batches(config, tokenizer, input_context=context, length_stats=stats)
+  assert all(b["source"].shape[0] <= 2 and b["source"].shape[1] in _GRID for b in batches)
+  counts = stats.result()
+  assert sum(b["source"].shape[0] for b in batches) == counts["seen"] - counts["dropped"]
 
 
 def _expected_sources(pairs, tokenizer, max_length=16):

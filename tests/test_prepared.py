@@ -414,3 +414,59 @@ def test_kubernetes_data_service_manifest_parses():
   with open(os.path.join(_ROOT, "launch", "k8s", "data-service.yaml")) as f:
     kinds = [doc["kind"] for doc in yaml.safe_load_all(f)]
   assert kinds == ["Service", "Deployment", "Deployment"]
+
+
+def _train_targets(directory, tokenizer):
+  """Each train shard's target texts, detokenized, in the shard's files' order."""
+  manifest = prepared.load_manifest(directory)
+  features = {"target": tf.io.RaggedFeature(tf.int64)}
+  shards = []
+  for shard in manifest["splits"]["train"]["shards"]:
+    paths = [os.path.join(directory, file["file"]) for file in shard["files"]]
+    texts = []
+    for serialized in tf.data.TFRecordDataset(paths).batch(1024):
+      ids = tf.io.parse_example(serialized, features)["target"]
+      texts += [t.decode() for t in tokenizer.detokenize_target(ids).numpy()]
+    shards.append(texts)
+  return shards
+
+
+def test_every_train_shard_is_a_sample_of_the_whole_corpus(tmp_path):
+  """20k numbered lines in 20 shards: each shard holds ~1/20 of every 1% stretch of the
+  corpus (at most twice that), not one stretch of it; eval shards keep corpus order."""
+  lines = 20000
+  (tmp_path / "numbers.tsv").write_text(
+      "".join(f"zahl {i}\t{i}\n" for i in range(lines)), encoding="utf-8")
+  (tmp_path / "eval.tsv").write_text(
+      "".join(f"zahl {i}\t{i}\n" for i in range(50)), encoding="utf-8")
+  config = _config(f"tsv:{tmp_path / 'numbers.tsv'}", f"tsv:{tmp_path / 'eval.tsv'}")
+  directory = str(tmp_path / "data")
+  prepared.prepare(config, directory, shard_examples=1000)
+  tokenizer = tokenizer_lib.load_or_train(config.tokenizer, directory, None)
+  shards = [[int(text) for text in texts] for texts in _train_targets(directory, tokenizer)]
+  assert len(shards) == 20 and sorted(sum(shards, [])) == list(range(lines))
+  stretch = lines // 100  # Lines per 1% of the corpus; each shard's share: 10 of them.
+  counts = np.array([np.bincount(np.array(numbers) // stretch, minlength=100)
+                     for numbers in shards])
+  assert counts.max() <= 2 * stretch // 20, counts.max()
+  assert counts.min() >= 1, counts.min()
+  eval_text = list(prepared.read_text(corpora.parse_source(f"prepared:{directory}:eval")))
+  assert [int(target.numpy()) for _, target in eval_text] == list(range(50))
+
+
+def test_spread_through_run_files_gives_the_same_shards(corpus, tmp_path, monkeypatch):
+  """A split larger than one in-memory run is sorted through run files (here 3 KB runs,
+  merged 3 at a time in two passes): the same shards, byte for byte, no file left over."""
+  config, directory = corpus
+  monkeypatch.setattr(prepared, "_RUN_BYTES", 3000)
+  monkeypatch.setattr(prepared, "_MERGE_RUNS", 3)
+  copy = str(tmp_path / "data")
+  prepared.prepare(config, copy, shard_examples=50)
+  assert prepared.load_manifest(copy)["splits"] == prepared.load_manifest(directory)["splits"]
+  assert not [name for name in os.listdir(copy) if name.endswith(".tmp")]
+  other = config.copy_and_resolve_references()
+  other.seed += 1
+  monkeypatch.setattr(prepared, "_RUN_BYTES", 1 << 27)
+  prepared.prepare(other, str(tmp_path / "other"), shard_examples=50)
+  assert (prepared.load_manifest(str(tmp_path / "other"))["splits"]["train"]["shards"]
+          != prepared.load_manifest(directory)["splits"]["train"]["shards"])

@@ -123,20 +123,26 @@ def measure_peak_gflops(dtype: tf.DType, max_size: int = 4096, budget_s: float =
 
 
 def _grid_dataset_fn(config, vocab_size: int, repeats: int):
-  """dataset_fn(ctx) for distribute_datasets_from_function: `repeats` batches of random
-  ids for each length of the bucket grid, with the real pipeline's per-bucket batch sizes."""
+  """dataset_fn(ctx) for distribute_datasets_from_function: `repeats` steps of random ids
+  for each length of the bucket grid, with the real pipeline's per-bucket batch sizes.
+
+  A step takes one batch per local replica (k = replicas per pipeline), so each length
+  comes k times in a row: every replica compiles it, and none gets an empty batch.
+  """
   grid = pipeline.padded_shapes(config)
 
   def dataset_fn(ctx):
-    rows = tf.constant(np.repeat(pipeline.bucket_batch_sizes(config, ctx), repeats))
-    lengths = tf.constant(np.repeat(grid, repeats))
+    replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+    count = repeats * replicas
+    rows = tf.constant(np.repeat(pipeline.bucket_batch_sizes(config, ctx), count))
+    lengths = tf.constant(np.repeat(grid, count))
 
     def batch(i):
       ids = tf.random.stateless_uniform(tf.stack([rows[i], lengths[i]]), seed=[0, i],
                                         minval=4, maxval=vocab_size, dtype=tf.int32)
       return {"source": ids, "target": ids}
 
-    return tf.data.Dataset.range(len(grid) * repeats).map(batch)
+    return tf.data.Dataset.range(len(grid) * count).map(batch)
 
   return dataset_fn
 

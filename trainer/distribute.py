@@ -200,6 +200,9 @@ def create_strategy(config: ml_collections.ConfigDict) -> tf.distribute.Strategy
   """Returns the strategy named by `config.distribute.strategy` ('auto' picks one)."""
   name = config.distribute.strategy
   if name in ("multi_worker",) or (name == "auto" and cluster_configured()):
+    if config.distribute.cpu_devices > 1:  # MWMS takes GPUs, or the CPU as one device.
+      logging.warning("distribute.cpu_devices=%d ignored: MultiWorkerMirroredStrategy runs "
+                      "one replica per worker on CPUs.", config.distribute.cpu_devices)
     strategy = _multi_worker(config)
   else:
     split_cpu(config.distribute.cpu_devices)

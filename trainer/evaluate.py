@@ -47,6 +47,20 @@ def make_eval_loss_fn(model):
   return eval_step
 
 
+def make_eval_dataset(config, tokenizer, num_replicas: int = 1) -> tf.data.Dataset:
+  """config.data.eval in batches of one replica's share of the train batch (sentences or
+  tokens): what one device was sized for. The global batch, on the one device that
+  evaluates, would need num_replicas x the memory of a train step."""
+  if not isinstance(num_replicas, int) or num_replicas < 1:
+    raise ValueError(f"num_replicas={num_replicas!r}: must be an integer >= 1 (the "
+                     f"strategy's num_replicas_in_sync)")
+  context = None
+  if num_replicas > 1:  # One pipeline feeding num_replicas replicas: per-replica batches.
+    context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0,
+                                         num_replicas_in_sync=num_replicas)
+  return pipeline.make_dataset(config, tokenizer, "eval", input_context=context)
+
+
 def eval_loss(eval_step, dataset: tf.data.Dataset) -> float:
   """Mean per-token loss over a finite dataset."""
   loss_sum, tokens = 0.0, 0.0
@@ -245,16 +259,17 @@ def _write_attention(tokenizer, batch, first, sources, ids, weights, directory) 
       f.write(png)
 
 
-def evaluate_checkpoint(config, tokenizer, model, beam_size: Optional[int] = None
-                        ) -> Dict[str, float]:
+def evaluate_checkpoint(config, tokenizer, model, beam_size: Optional[int] = None, *,
+                        num_replicas: int = 1) -> Dict[str, float]:
   """Loss on config.data.eval (teacher forcing) and BLEU/chrF of its translations.
 
   Translates the first data.eval_examples sentences (0 = all), as the training Evaluator
-  does, with `beam_size` beams (default config.eval.beam_size).
+  does, with `beam_size` beams (default config.eval.beam_size). The loss batches are one
+  of `num_replicas` replicas' share of the train batch (make_eval_dataset).
   """
   with corpora.surface_corpus_errors():  # A bad eval file: its CorpusError, not tf.data's.
     loss = eval_loss(make_eval_loss_fn(model),
-                     pipeline.make_dataset(config, tokenizer, "eval"))
+                     make_eval_dataset(config, tokenizer, num_replicas))
   limit = config.data.eval_examples or None
   pairs = list(corpora.read_pairs(config.data.eval, config.data, limit=limit))
   translate_ids = make_translate_fn(model, config, beam_size)
@@ -290,14 +305,18 @@ def attention_pngs(tokenizer, sources, out_ids, weights, names) -> Dict[str, byt
 
 class Evaluator:
   """Evaluation during training, one call per eval: held-out loss, beam-search BLEU/chrF,
-  and (given a writer) the scalars, attention heatmaps and a sample-translation table."""
+  and (given a writer) the scalars, attention heatmaps and a sample-translation table.
 
-  def __init__(self, config, tokenizer, model):
+  It runs on one device: pass the strategy's num_replicas_in_sync as `num_replicas` so the
+  loss batches are one replica's share of the train batch, not all of it.
+  """
+
+  def __init__(self, config, tokenizer, model, num_replicas: int = 1):
     self.config, self.tokenizer = config, tokenizer
     self.eval_step = make_eval_loss_fn(model)
     self.translate_ids = make_translate_fn(model, config)  # Beam search.
     self.greedy_ids = make_translate_fn(model, config, beam_size=1)
-    self.dataset = pipeline.make_dataset(config, tokenizer, "eval")
+    self.dataset = make_eval_dataset(config, tokenizer, num_replicas)
     limit = config.data.eval_examples or None
     pairs = list(corpora.read_pairs(config.data.eval, config.data, limit=limit))
     self.sources = [s for s, _ in pairs]

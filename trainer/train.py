@@ -476,7 +476,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       accumulate_steps=t.accumulate_steps)
   evaluator = None
   if run.is_chief:  # Also reads the dev set (holdout: a pass over data.train).
-    evaluator = evaluate.Evaluator(config, run.tokenizer, run.model)
+    evaluator = evaluate.Evaluator(config, run.tokenizer, run.model,
+                                   num_replicas=run.strategy.num_replicas_in_sync)
   multi_worker = distribute.is_multi_worker(run.strategy)
   if multi_worker:  # The others wait here for the chief, not in the first step.
     distribute.barrier(run.strategy, distribute.BARRIER_TIMEOUT_S)
