@@ -27,12 +27,14 @@ to GROUP_SHARDS shards (group j = shards j, j+G, j+2G, ...). An epoch visits the
 an order drawn from (seed, epoch). In a group, each grid length L is one stream, prefetched
 in its own thread (so the streams read their files in parallel): the group's files of
 length L one after the other, permuted in windows of data.shuffle_buffer records
-(stateless, seeded by the group), batched by B_L, parsed and padded to L a batch at a time.
-The order of the batches of the different lengths is a permutation of the group's batch
-labels drawn from (seed, group). No op looks at one example at a time and no Python runs
-per example. A group is a pure function of its global index g = epoch * G + slot, and its
-batch count, sum over L of floor(examples of length L / B_L), comes from the manifest. So
-step N maps by arithmetic to (g, offset); the batches before the offset are skipped as
+(stateless, seeded by the group), batched by k * B_L (one step of the k local replicas
+this pipeline feeds), parsed and padded to L a batch at a time. The order of the steps of
+the different lengths is a permutation of the group's step labels drawn from (seed,
+group); each step batch is then cut into the k per-replica batches of B_L, so the replicas
+of a step share L. No op looks at one example at a time and no Python runs per example. A
+group is a pure function of its global index g = epoch * G + slot, and its step count,
+sum over L of floor(examples of length L / (k * B_L)), comes from the manifest. So step N
+maps by arithmetic to (g, offset); the batches before the offset are skipped as
 serialized records, before parsing.
 
 Why this and not checkpointing the tf.data iterator: nmt-train's distributed iterator
@@ -604,9 +606,11 @@ class Plan:
 
   Everything here is arithmetic on the manifest: nothing is read to locate a step. Within a
   group, each grid length L is one stream (the group's files of length L, parsed, padded to
-  L and permuted a window of whole batches at a time, then cut into batches of B_L); the
-  order in which the lengths' batches follow each other is a seeded permutation of the
-  group's batch labels, so no op ever looks at a single example.
+  L and permuted a window of whole batches at a time, then cut into step batches of
+  k * B_L); the order in which the lengths' steps follow each other is a seeded permutation
+  of the group's step labels, so no op ever looks at a single example. A label stands for
+  one step: k per-replica batches of one length (k = 1 on one replica per pipeline).
+  Positions (`locate`, `group_dataset`) count per-replica batches, k per step.
   """
 
   def __init__(self, config, directory: str, shards: list[dict],
@@ -614,7 +618,8 @@ class Plan:
     self.seed, self.shuffle_buffer = config.seed, config.data.shuffle_buffer
     self.deterministic = config.data.deterministic
     self.grid = pipeline.padded_shapes(config)
-    self.sizes = pipeline.bucket_batch_sizes(config, input_context)
+    self.sizes = pipeline.bucket_batch_sizes(config, input_context)  # Per replica.
+    self.batches_per_step = pipeline.replicas_per_pipeline(input_context)  # k
     self.num_groups = -(-len(shards) // GROUP_SHARDS)  # G
     members = [shards[j::self.num_groups] for j in range(self.num_groups)]
     # Row j * len(grid) + b: the files of length grid[b] of group j; a group without any
@@ -627,18 +632,16 @@ class Plan:
     examples = np.array([[sum(f["examples"] for shard in group for f in shard["files"]
                               if f["length"] == length) for length in self.grid]
                          for group in members], np.int64)  # [G, lengths]
-    self.batches = examples // np.array(self.sizes)  # [G, lengths], remainders dropped.
-    self.epoch_batches = int(self.batches.sum())
+    step_sizes = np.array(self.sizes) * self.batches_per_step
+    self.steps = examples // step_sizes  # [G, lengths], remainders dropped.
+    self.epoch_batches = int(self.steps.sum()) * self.batches_per_step
     if not self.epoch_batches:
       raise PreparedDataError(
-          f"{directory}: an epoch of this input pipeline yields no full batch (examples "
+          f"{directory}: an epoch of this input pipeline yields no full step (examples "
           f"per grid length {examples.sum(axis=0).tolist()}, per-replica batch sizes "
-          f"{self.sizes}); lower train.batch_size or prepare a larger corpus")
-    self.labels = tf.constant(self.batches)
-    self.batches_per_step = 1
-    if input_context is not None:
-      self.batches_per_step = (input_context.num_replicas_in_sync //
-                               input_context.num_input_pipelines)
+          f"{self.sizes} x {self.batches_per_step} replicas); lower train.batch_size or "
+          f"prepare a larger corpus")
+    self.labels = tf.constant(self.steps)
 
   def group_order(self, epoch) -> tf.Tensor:
     """The order of the groups in `epoch` (the same op eagerly and inside tf.data)."""
@@ -653,13 +656,21 @@ class Plan:
     epoch, position = divmod(position, self.epoch_batches)
     with tf.device("/cpu:0"):
       order = self.group_order(epoch).numpy()
-    ends = np.cumsum(self.batches.sum(axis=1)[order])
+    ends = np.cumsum(self.steps.sum(axis=1)[order]) * self.batches_per_step
     slot = int(np.searchsorted(ends, position, side="right"))
     offset = position - (int(ends[slot - 1]) if slot else 0)
     return epoch * self.num_groups + slot, offset
 
   def group_dataset(self, group, offset=0) -> tf.data.Dataset:
-    """The batches of global group index `group` (a pure function of it), from `offset`."""
+    """The per-replica batches of global group index `group` (a pure function of it), from
+    batch `offset` (k per step)."""
+    k = self.batches_per_step
+    if k == 1:
+      return self.group_steps(group, offset)
+    return pipeline.split_steps(self.group_steps(group, offset // k), k).skip(offset % k)
+
+  def group_steps(self, group, offset=0) -> tf.data.Dataset:
+    """The step batches [k * B_L, L] of global group index `group`, from step `offset`."""
     group = tf.cast(group, tf.int64)
     j = self.group_order(group // self.num_groups)[group % self.num_groups]
     labels = tf.repeat(tf.range(len(self.grid), dtype=tf.int64), self.labels[j])
@@ -673,11 +684,12 @@ class Plan:
         streams, tf.data.Dataset.from_tensor_slices(labels[offset:]))
 
   def _length_stream(self, group, j, b: int, skip_batches) -> tf.data.Dataset:
-    """Batches [B_L, L] of grid length index b of group j (order: seeded by the group)."""
+    """Step batches [k * B_L, L] of grid length index b of group j (order: seeded by the
+    group); `skip_batches` counts step batches."""
     row = j * len(self.grid) + b
     records = tf.data.TFRecordDataset(self.files[row])
     records = records.take(tf.where(self.has_files[row], tf.constant(-1, tf.int64), 0))
-    size, length = self.sizes[b], self.grid[b]
+    size, length = self.sizes[b] * self.batches_per_step, self.grid[b]
     # Windows of whole batches, parsed and permuted at once: one op per window, not per
     # batch or example; skipped batches that fill whole windows are never parsed.
     per_window = max(1, (self.shuffle_buffer or _PARSE_BATCH) // size)
@@ -714,14 +726,16 @@ def _through_service(plan: Plan, start_step: int, address: str) -> tf.data.Datas
 
   Workers take whole groups from the dispatcher as they become free, so the batch order
   depends on their timing: a resumed run starts at the next group boundary and does not
-  reproduce the uninterrupted order exactly.
+  reproduce the uninterrupted order exactly. The workers' elements interleave, so they send
+  whole steps, cut into per-replica batches here.
   """
   group, offset = plan.locate(start_step * plan.batches_per_step)
   groups = tf.data.Dataset.range(group + (offset > 0), _MAX_INT64)
   logging.info("Input through the tf.data service at %s from group %d.", address, group)
-  return groups.flat_map(plan.group_dataset).apply(tf.data.experimental.service.distribute(
+  steps = groups.flat_map(plan.group_steps).apply(tf.data.experimental.service.distribute(
       processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
       service=address))
+  return pipeline.split_steps(steps, plan.batches_per_step)
 
 
 def read_text(spec: corpora.SourceSpec,

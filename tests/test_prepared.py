@@ -173,7 +173,7 @@ def test_prepare_with_a_holdout_dev_set_stores_both_sides(corpus, tmp_path):
   assert seen == {"train": _NUM_PAIRS - len(raw_dev), "eval": len(raw_dev)}, seen
 
 
-@pytest.mark.parametrize("num_pipelines,replicas", [(1, 1), (1, 2), (2, 2)])
+@pytest.mark.parametrize("num_pipelines,replicas", [(1, 1), (1, 2), (2, 2), (1, 4)])
 def test_resume_at_any_step_gives_the_uninterrupted_batches(corpus, tokenizer,
                                                             num_pipelines, replicas):
   """Per pipeline, a step takes one batch per replica: step N starts at batch N * R / P."""
@@ -191,6 +191,30 @@ def test_resume_at_any_step_gives_the_uninterrupted_batches(corpus, tokenizer,
     for i, batch in enumerate(resumed.take(3).as_numpy_iterator()):
       for key in ("source", "target"):
         np.testing.assert_array_equal(batch[key], batches[step * per_step + i][key])
+
+
+@pytest.mark.parametrize("through", ["local", "service"])
+def test_the_replicas_of_a_step_share_a_length(corpus, tokenizer, through):
+  """One pipeline feeding 4 replicas: each step's 4 consecutive batches have one length and
+  the per-replica size, also when two tf.data service workers interleave their output."""
+  config = _prepared_config(corpus)
+  servers = []
+  if through == "service":
+    dispatcher = tf.data.experimental.service.DispatchServer()
+    servers = [dispatcher] + [tf.data.experimental.service.WorkerServer(
+        tf.data.experimental.service.WorkerConfig(dispatcher.target.split("://")[1]))
+        for _ in range(2)]
+    config.data.service_address = dispatcher.target
+  try:
+    batches = pipeline.make_dataset(config, tokenizer, "train",
+                                    input_context=tf.distribute.InputContext(1, 0, 4))
+    shapes = [b["source"].shape for b in batches.take(4 * 40).as_numpy_iterator()]
+  finally:
+    for server in servers[::-1]:
+      server.stop()
+  steps = [shapes[i:i + 4] for i in range(0, len(shapes), 4)]
+  assert all(step == [(2, step[0][1])] * 4 for step in steps), steps
+  assert {step[0][1] for step in steps} == set(_GRID)
 
 
 def test_resume_a_million_steps_in(corpus, tokenizer):
