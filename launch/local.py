@@ -262,7 +262,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
       usage="python launch/local.py --num_workers=N [--max_restarts=K] "
       "[--gpus_per_worker=G] -- <nmt-train args>")
   parser.add_argument("--num_workers", type=int, required=True,
-                      help="Worker processes to start (each one replica on CPU).")
+                      help="Worker processes to start (each one replica on CPU, one per "
+                      "GPU it gets on GPUs).")
   parser.add_argument("--gpus_per_worker", type=int, default=None,
                       help="GPUs each worker sees through CUDA_VISIBLE_DEVICES (default: "
                       "the visible GPUs split evenly; 0 = none, CPU workers).")
