@@ -248,3 +248,58 @@ def test_beam_search_step_does_not_touch_the_whole_history():
   dims = [(tensor.name, tensor.shape) for tensor in _tensors_in_loop_bodies(graph)
           if tensor.shape.rank and max_length in tensor.shape.as_list()]
   assert not dims
+
+
+GRID = (12, 16, 24)  # configs/tiny.py's data.bucket_boundaries.
+
+
+@pytest.mark.parametrize("width, padded", [(1, 12), (12, 12), (13, 16), (24, 24),
+                                           (25, 48), (49, 72)])
+def test_sources_are_padded_to_the_smallest_grid_length_that_holds_them(width, padded):
+  assert int(decode.grid_length(width, GRID)) == padded
+  source = _random_source([width], width)
+  assert decode.on_grid(lambda s: (s, s[:, tf.newaxis]), source, GRID)[0].shape == (1, padded)
+
+
+def test_source_grid_only_when_the_decoder_step_is_compiled():
+  config = tiny.get_config()
+  assert decode.source_grid(_random_model(), config) == GRID  # tiny: xla=decoder_step.
+  config.train.xla = "off"
+  assert decode.source_grid(model_lib.create_model(config, VOCAB, VOCAB), config) == ()
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_decoding_on_the_grid_compiles_one_step_per_grid_length(beam_size):
+  """Sources of 6 widths reuse 3 compiled decoder steps and decode as without padding."""
+  model = _random_model()
+  assert model.jit_decoder_step  # Called eagerly, step_fn traces (and compiles) per shape.
+
+  def search(source):
+    if beam_size == 1:
+      return decode.greedy(model, source, 12)
+    return decode.beam_search(model, source, beam_size, 12, 0.6)
+
+  sources = [_random_source([width, max(1, width - 4), 2], width, seed=width)
+             for width in (3, 6, 11, 13, 17, 23)]
+  padded = [decode.on_grid(search, source, GRID) for source in sources]
+  assert model.step_fn.experimental_get_tracing_count() == len(GRID)
+  plain = [search(source) for source in sources]
+  assert model.step_fn.experimental_get_tracing_count() == len(GRID) + len(sources)
+  for got, expected in zip(padded, plain):
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_allclose(got[1], expected[1], atol=1e-6)
+    assert got[1].shape == expected[1].shape
+    for a, b in zip(got[2:], expected[2:]):
+      np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_a_source_longer_than_the_grid_is_translated_whole():
+  model = _random_model()
+  source = _random_source([30, 27], 30)  # Over the grid's 24: padded to 48, not cut.
+  ids, weights, scores = decode.on_grid(
+      lambda s: decode.beam_search(model, s, 3, 20, 0.6), source, GRID)
+  expected = decode.beam_search(model, source, 3, 20, 0.6)
+  np.testing.assert_array_equal(ids, expected[0])
+  np.testing.assert_allclose(weights, expected[1], atol=1e-6)
+  np.testing.assert_allclose(scores, expected[2], rtol=1e-6)
+  assert weights.shape[-1] == 30 and weights.numpy()[0, 0, 24:].sum() > 0.1

@@ -9,11 +9,13 @@ import subprocess
 import sys
 
 import pytest
+import tensorflow as tf
 
 from configs import tiny
 from trainer import checkpoints
 from trainer import evaluate
 from trainer import export
+from trainer import model as model_lib
 from trainer import train
 
 pytestmark = pytest.mark.slow
@@ -152,3 +154,20 @@ def test_checkpoint_of_another_config_says_which_key(workdir, tmp_path):
   shutil.copytree(os.path.join(workdir, "checkpoints"), other / "checkpoints")
   with pytest.raises(ValueError, match=r"does not fit the model built from .*model.units=32"):
     checkpoints.load_for_inference(str(other))
+
+
+def test_translator_with_a_compiled_step_decodes_on_the_grid_as_without(workdir):
+  loaded = checkpoints.load_for_inference(workdir)
+  loaded.config.train.xla = "decoder_step"  # The run had xla=off.
+  model = model_lib.create_model(loaded.config, loaded.tokenizer.source_vocab_size,
+                                 loaded.tokenizer.target_vocab_size)
+  checkpoints.restore_model(model, loaded.checkpoint, loaded.config, workdir)
+  translator = export.Translator(loaded.tokenizer, model, loaded.config)
+  assert tuple(translator.grid) == (12, 16, 24)
+  out = translator.serve(tf.constant(SENTENCES))
+  # The same model, sources not padded.
+  translate_ids = evaluate.make_translate_fn(model, loaded.config)
+  expected = evaluate.translate(translate_ids, loaded.tokenizer, SENTENCES, loaded.config)
+  assert [t.decode() for t in out["translations"].numpy()] == expected[0]
+  assert out["attention_weights"].shape[-1] == out["source_tokens"].shape[-1] == max(
+      len(source) for source in expected[3])

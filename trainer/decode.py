@@ -3,11 +3,16 @@
 Both run the decoder cell in a `tf.while_loop`, so they work eagerly, inside tf.function
 and in a SavedModel. Beam search keeps fixed-size tensors, so it also compiles under XLA
 (`jit_compile=True`) when `max_length` is a compile-time constant (a Python int).
-"""
-from typing import Tuple, Union
 
+An XLA-compiled decoder step compiles once per source length it meets; `on_grid` pads
+sources to the training grid's lengths first, so that a few compiled shapes serve all.
+"""
+from typing import Callable, Sequence, Tuple, Union
+
+import ml_collections
 import tensorflow as tf
 
+from input_pipeline import pipeline
 from input_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from trainer.model import NEG_INF, Seq2Seq
 
@@ -17,6 +22,35 @@ def max_output_length(source: tf.Tensor, max_length_ratio: float) -> tf.Tensor:
   lengths = tf.reduce_sum(tf.cast(source != 0, tf.float32), axis=1)
   source_len = tf.reduce_max(tf.concat([lengths, [0.0]], 0))  # An empty batch gives 5.
   return tf.cast(tf.math.ceil(source_len * max_length_ratio), tf.int32) + 5
+
+
+def source_grid(model: Seq2Seq, config: ml_collections.ConfigDict) -> Tuple[int, ...]:
+  """Source lengths to decode at: the training grid (`pipeline.padded_shapes`) when the
+  decoder step is XLA-compiled, which compiles once per length; else none, as padding
+  would only add encoder and attention work."""
+  return tuple(pipeline.padded_shapes(config)) if model.jit_decoder_step else ()
+
+
+def grid_length(length: tf.Tensor, grid: Sequence[int]) -> tf.Tensor:
+  """The smallest grid length >= `length`; past the largest grid length L, the next
+  multiple of L (a longer source is decoded whole, at one more shape per multiple)."""
+  lengths = tf.constant(sorted(grid), tf.int32)
+  longest = lengths[-1]
+  multiple = (length + longest - 1) // longest * longest
+  return tf.reduce_min(tf.where(lengths >= length, lengths, multiple))
+
+
+def on_grid(search: Callable, source: tf.Tensor, grid: Sequence[int]):
+  """search(source [B,S]) -> (ids, weights [B,T,S], ...) run on `source` 0-padded to
+  `grid_length(S, grid)`; weights are cut back to S. Padding is masked in the encoder and
+  in the attention, so results equal search(source). An empty grid runs search(source).
+  """
+  if not grid:
+    return search(source)
+  width = tf.shape(source)[1]
+  padded = tf.pad(source, [[0, 0], [0, grid_length(width, grid) - width]])
+  ids, weights, *rest = search(padded)
+  return (ids, weights[:, :, :width], *rest)
 
 
 def greedy(model: Seq2Seq, source: tf.Tensor, max_length: tf.Tensor):

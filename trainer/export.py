@@ -30,6 +30,7 @@ class Translator(tf.Module):
     self.max_source_length = int(config.data.max_source_length)
     self.max_length_ratio = float(config.eval.max_length_ratio)
     self.length_penalty = float(config.eval.length_penalty)
+    self.grid = decode.source_grid(model, config)  # Empty unless the step is compiled.
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="sources")])
   def serve(self, sources: tf.Tensor) -> Dict[str, tf.Tensor]:
@@ -43,8 +44,10 @@ class Translator(tf.Module):
     # encoder GRU with zero time steps (which fails) and costs little.
     source = evaluate.encode_sources(self.tokenizer, tf.concat([sources, [""]], 0),
                                      self.max_source_length)
-    ids, weights = evaluate.decode_ids(self.model, source, self.beam_size,
-                                       self.max_length_ratio, self.length_penalty)
+    ids, weights = decode.on_grid(
+        lambda padded: evaluate.decode_ids(self.model, padded, self.beam_size,
+                                           self.max_length_ratio, self.length_penalty),
+        source, self.grid)
     source = source[:-1]
     ids, weights = decode.trim(ids[:-1], weights[:-1])
     empty = tf.equal(tf.strings.length(tf.strings.strip(sources)), 0)
