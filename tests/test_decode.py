@@ -169,6 +169,17 @@ def _random_source(lengths, width, seed=0):
   return tf.constant(source)
 
 
+def _extensions(h, k, log_p, t, alpha):
+  """Hypothesis h (beam k) extended by every token, or by PAD at no cost if finished:
+  (-score, index in beam_search's top_k row, k, token, log P, length) each."""
+  if h["finished"]:
+    return [(-h["log_prob"] / decode.length_penalty(h["length"], alpha).numpy(),
+             k * VOCAB, k, 0, h["log_prob"], h["length"])]
+  penalty = decode.length_penalty(t + 1, alpha).numpy()
+  return [(-((h["log_prob"] + log_p[token]) / penalty), k * VOCAB + token, k, token,
+           h["log_prob"] + log_p[token], t + 1) for token in range(VOCAB)]
+
+
 def _reference_beam_search(model, source, beam_size, max_length, alpha):
   """Beam search as one would write it first: Python lists of hypotheses, each holding its
   whole history (ids, weights, log P), extended and re-ranked step by step."""
@@ -187,15 +198,8 @@ def _reference_beam_search(model, source, beam_size, max_length, alpha):
     log_p = tf.nn.log_softmax(model.decoder.logits(state)).numpy()
     rows, new_beams = [], []
     for b in range(batch):
-      candidates = []  # (-score, index in top_k's [K*V] row, beam, token, log P, length)
-      for k, h in enumerate(beams[b]):
-        row = b * beam_size + k
-        extensions = [0] if h["finished"] else range(VOCAB)
-        for token in extensions:
-          log_prob = h["log_prob"] + (np.float32(0) if h["finished"] else log_p[row, token])
-          length = h["length"] if h["finished"] else t + 1
-          score = log_prob / decode.length_penalty(length, alpha).numpy()
-          candidates.append((-score, k * VOCAB + token, k, token, log_prob, length))
+      candidates = [c for k, h in enumerate(beams[b]) for c in
+                    _extensions(h, k, log_p[b * beam_size + k], t, alpha)]
       new_beams.append([])
       for _, _, k, token, log_prob, length in sorted(candidates)[:beam_size]:
         h = beams[b][k]
