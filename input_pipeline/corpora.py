@@ -416,14 +416,22 @@ def surface_corpus_errors() -> Iterator[None]:
                       f"shard and names the bad one") from None
 
 
-def _read_tfds(spec: SourceSpec, data_config: ml_collections.ConfigDict, shard: _Shard,
-               shuffle_files: bool, seed: int) -> tf.data.Dataset:
-  """Reads an embedded or tfds: source, preparing it first (generating, for embedded)."""
+def prepare_source(source: str, data_config: ml_collections.ConfigDict) -> None:
+  """Generates an embedded corpus (or prepares a tfds: one) if not done yet; other kinds
+  need nothing. Multi-worker, the chief calls it before the workers' first barrier, so
+  that workers sharing a TFDS data dir do not generate it at the same time on first use
+  (one of them would read files the other is still writing)."""
+  spec = parse_source(source)
+  if spec.kind in ("embedded", "tfds"):
+    _tfds_builder(spec, data_config)
+
+
+def _tfds_builder(spec: SourceSpec, data_config: ml_collections.ConfigDict):
+  """The TFDS builder of an embedded or tfds: source, prepared (generated, for embedded)."""
   import tensorflow_datasets as tfds  # Here, not at the top: it takes seconds to import.
   if spec.kind == "embedded":
     from input_pipeline import cldr_numbers  # noqa: F401  (registers the builder)
   builder = tfds.builder(spec.name, data_dir=data_config.tfds_data_dir or None)
-  src_key, tgt_key = _feature_keys(spec, list(builder.info.features.keys()), data_config)
   if spec.kind == "embedded":
     # Generated here, nothing downloaded: TFDS's "Downloading and preparing" print would
     # say otherwise, so it is replaced by a line of ours.
@@ -434,6 +442,15 @@ def _read_tfds(spec: SourceSpec, data_config: ml_collections.ConfigDict, shard: 
       builder.download_and_prepare()
   else:
     builder.download_and_prepare()
+  return builder
+
+
+def _read_tfds(spec: SourceSpec, data_config: ml_collections.ConfigDict, shard: _Shard,
+               shuffle_files: bool, seed: int) -> tf.data.Dataset:
+  """Reads an embedded or tfds: source, preparing it first (generating, for embedded)."""
+  import tensorflow_datasets as tfds  # Here, not at the top: it takes seconds to import.
+  builder = _tfds_builder(spec, data_config)
+  src_key, tgt_key = _feature_keys(spec, list(builder.info.features.keys()), data_config)
   split = spec.split
   if shard.count > 1:  # By record: TFDS shards by file only if there are enough files.
     split = tfds.even_splits(split, n=shard.count)[shard.index]

@@ -183,3 +183,27 @@ def test_raw_corpus_on_a_cluster_or_resumed_says_to_prepare_it():
   assert "every worker reads" in train.raw_input_warning(config, True, 0)
   config.data.train = "prepared:/data/prep"
   assert train.raw_input_warning(config, multi_worker=True, start_step=10**6) is None
+
+
+def test_sigterm_during_an_evaluation_stops_without_finishing_it(embedded_data_dir, tmp_path,
+                                                                 monkeypatch):
+  """A preemption notice gives seconds: the run must not decode the rest of the dev set
+  before saving (it did: the signal was looked at only after the evaluation)."""
+  import os
+  import signal
+  from trainer import evaluate
+  batches, translate = [], evaluate.translate
+
+  def translate_then_signal(*args, **kwargs):
+    batches.append(len(args[2]))
+    if len(batches) == 1:
+      os.kill(os.getpid(), signal.SIGTERM)  # Arrives while the first batch decodes.
+    return translate(*args, **kwargs)
+
+  config = _config(embedded_data_dir, 20)
+  config.data.eval_examples, config.eval.batch_size = 64, 8  # 8 decoding batches.
+  monkeypatch.setattr(evaluate, "translate", translate_then_signal)
+  summary = train.train_and_evaluate(config, str(tmp_path), _one())
+  assert summary["interrupted"] == "SIGTERM" and summary["step"] == 10
+  assert batches == [8], batches  # Abandoned after the batch under way.
+  assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-10")

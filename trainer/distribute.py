@@ -331,6 +331,9 @@ def shared_tokenizer(config: ml_collections.ConfigDict, workdir: str,
   sample = pipeline.tokenizer_sample(config)
   chief = is_chief(strategy)
   if chief:
+    for split in ("train", "eval", "test"):
+      if config.data[split]:
+        pipeline.corpora.prepare_source(config.data[split], config.data)
     tokenizer = tokenizer_lib.load_or_train(config.tokenizer, workdir, sample)
   if is_multi_worker(strategy):
     barrier(strategy, BARRIER_TIMEOUT_S)

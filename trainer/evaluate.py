@@ -3,7 +3,7 @@ import contextlib
 import io
 import os
 import sys
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
@@ -113,10 +113,12 @@ def make_translate_fn(model, config, beam_size: Optional[int] = None):
   """
   beam_size = resolve_beam_size(config, beam_size)
   ratio, alpha = float(config.eval.max_length_ratio), float(config.eval.length_penalty)
+  grid = decode.source_grid(model, config)  # One compiled decoder step per grid length.
 
   @tf.function(reduce_retracing=True)
   def translate_ids(source):
-    return decode_ids(model, source, beam_size, ratio, alpha)
+    return decode.on_grid(lambda padded: decode_ids(model, padded, beam_size, ratio, alpha),
+                          source, grid)
 
   return translate_ids
 
@@ -324,11 +326,21 @@ class Evaluator:
     self.probes = list(config.eval.probe_sentences) + self.sources[:config.eval.num_probes]
     self.samples: List[Tuple[str, str, str]] = []
 
-  def __call__(self, step: int, writer: Optional[tf.summary.SummaryWriter]) -> Dict:
+  def __call__(self, step: int, writer: Optional[tf.summary.SummaryWriter],
+               stop: Callable[[], bool] = lambda: False) -> Optional[Dict]:
+    """The metrics; None if `stop()` turned True between decoding batches (a SIGTERM: the
+    run saves and exits at once, not after the whole dev set)."""
     with corpora.surface_corpus_errors():  # A bad eval file: its CorpusError.
       metrics = {"loss": eval_loss(self.eval_step, self.dataset)}
     metrics["perplexity"] = float(np.exp(min(metrics["loss"], 50.0)))
-    hyps, _, _, _ = translate(self.translate_ids, self.tokenizer, self.sources, self.config)
+    hyps, size = [], self.config.eval.batch_size
+    for first in range(0, len(self.sources), size):
+      if stop():
+        logging.warning("Evaluation at step %d abandoned after %d of %d sentences: the run "
+                        "is stopping.", step, first, len(self.sources))
+        return None
+      hyps += translate(self.translate_ids, self.tokenizer, self.sources[first:first + size],
+                        self.config)[0]
     metrics.update(score(hyps, self.references))
     self.samples = list(zip(self.sources[:8], self.references[:8], hyps[:8]))
     logging.info("eval at step %d: loss %.4f  BLEU %.2f  chrF %.2f", step,

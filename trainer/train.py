@@ -525,7 +525,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if step % t.eval_every == 0 or stopped_by:
           with clock.evaluating(), distribute.peer_failures(run.strategy, step):
             eval_metrics = _evaluate(run, evaluator, step, writers.get("eval"),
-                                     wait_for_chief)
+                                     wait_for_chief) or eval_metrics
+            # A signal during the (abandoned) evaluation: stop now, on every worker.
+            interrupted = agree_to_stop(run.stop, run.state.elapsed_s)
           stopped_by = stopped_by or finished_reason(config, step, run.state)
           if writers:
             summaries.write_scalars(writers["train"], step, {
@@ -553,7 +555,8 @@ def _test(run: Run, step: int, workdir: str) -> Dict:
   is measured: it is a report, not part of training); logged to TensorBoard under test/."""
   config = ml_collections.ConfigDict(run.config.to_dict())
   config.data.eval, config.data.eval_examples = config.data.test, 0
-  metrics = evaluate.evaluate_checkpoint(config, run.tokenizer, run.model)
+  metrics = evaluate.evaluate_checkpoint(config, run.tokenizer, run.model,
+                                         num_replicas=run.strategy.num_replicas_in_sync)
   logging.info("test (%s, %d pairs) at step %d: BLEU %.2f  chrF %.2f", config.data.test,
                metrics["examples"], step, metrics["bleu"], metrics["chrf"])
   writer = tf.summary.create_file_writer(os.path.join(workdir, "test"))
@@ -607,7 +610,8 @@ def _evaluate(run: Run, evaluator: Optional[evaluate.Evaluator], step: int,
   metrics = {}
   state = run.state
   if evaluator:
-    metrics = evaluator(step, writer)
+    metrics = evaluator(step, writer, stop=lambda: run.stop.signal_name is not None)
+  if evaluator and metrics is not None:
     best = float(state.best_bleu.numpy())
     if metrics["bleu"] > best:
       state.best_bleu.assign(metrics["bleu"])
@@ -615,7 +619,7 @@ def _evaluate(run: Run, evaluator: Optional[evaluate.Evaluator], step: int,
     gained = metrics["bleu"] >= best + run.config.train.early_stopping_min_delta
     state.evals_without_gain.assign(0 if gained else state.evals_without_gain + 1)
   wait_for_chief(state.evals_without_gain)
-  return metrics
+  return metrics if metrics is not None else {}
 
 
 def _finish(run: Run, step: int, progress: summaries.ProgressWindow,
