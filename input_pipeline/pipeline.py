@@ -275,14 +275,15 @@ def padded_shapes(config) -> list[int]:
 
 
 def tokenizer_sample(config):
-  """A callable yielding up to tokenizer.sample_size training pairs, for load_or_train;
-  for a prepared: data.train, its stored tokenizer (load_or_train copies it)."""
+  """A callable yielding up to tokenizer.sample_size training pairs drawn uniformly from
+  all of data.train (one pass over it: corpora.sample_pairs), for load_or_train; for a
+  prepared: data.train, its stored tokenizer (load_or_train copies it)."""
   spec = corpora.parse_source(config.data.train)
   if spec.kind == "prepared":
     return tokenizer_lib.StoredTokenizer(os.path.join(spec.paths[0], "tokenizer"))
 
   def sample() -> Iterator[tuple[str, str]]:
-    return corpora.read_pairs(config.data.train, config.data,
-                              limit=config.tokenizer.sample_size)
+    return corpora.sample_pairs(config.data.train, config.data,
+                                config.tokenizer.sample_size)
 
   return sample
