@@ -274,6 +274,7 @@ def config(steps):
   c.data.shuffle_buffer = 100
   c.tokenizer.vocab_size = 60
   c.model.units, c.model.embed_dim = 32, 16
+  c.model.dropout = 0.1  # Masks differ per replica and are redrawn exactly on resume.
   c.data.eval_examples, c.eval.beam_size = 8, 1
   c.eval.num_probes, c.eval.probe_sentences = 0, ()  # No attention images to draw.
   c.distribute.strategy, c.distribute.cpu_devices = "mirrored", 2
