@@ -33,8 +33,10 @@ def test_non_chief_checkpoints_go_to_node_local_scratch_not_the_shared_workdir(t
 
 
 def test_host_sum_traces_once_however_often_it_is_called():
-  """A new tf.function per call retraced every loop call (and eval wait)."""
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  """A new tf.function per call retraced every loop call (and eval wait). One device: a
+  float64 collective on the session's 2-device MirroredStrategies would take an instance
+  key that their float32 ones use too (collective keys are per process)."""
+  strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
   host_sum = distribute.HostSum(strategy)
   for i in range(5):
     assert host_sum([1.0, float(i)]) == [1.0, float(i)]  # Each worker counted once.
