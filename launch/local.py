@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence
 
 _POLL_S = 0.2
 # nmt-train's exit code after a coordinated checkpoint on SIGTERM/SIGINT (TF's convention
-# for PreemptionCheckpointHandler; trainer/train.py PREEMPTED_EXIT_CODE).
+# for preemption restarts; trainer/distribute.py PREEMPTED_EXIT_CODE).
 PREEMPTED_EXIT_CODE = 42
 
 

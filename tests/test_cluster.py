@@ -86,6 +86,12 @@ def _launch(args, on_line=lambda line, launcher: None, timeout_s=240, env=None):
   return launcher.returncode, "".join(output)
 
 
+def _scratch(workdir) -> str:
+  """Where worker 1 of a job on `workdir` keeps its scratch checkpoints (node-local, not
+  the shared workdir)."""
+  return distribute.scratch_dir(str(workdir), task_id=1)
+
+
 def _scalars(logdir, tag="loss"):
   acc = event_accumulator.EventAccumulator(logdir, size_guidance={
       event_accumulator.TENSORS: 0})
@@ -138,7 +144,7 @@ def test_only_the_chief_writes_summaries_checkpoints_and_the_tokenizer(cluster_r
   assert events and all(f.split(os.sep)[0] in ("train", "eval") for f in events), events
   indexes = [f for f in files if f.endswith(".index")]
   assert indexes and all(f.startswith("checkpoints" + os.sep) for f in indexes), indexes
-  assert not os.path.exists(workdir / "tmp_workers"), files  # Scratch dirs removed.
+  assert not os.path.exists(_scratch(workdir)), files  # Worker 1's scratch dir removed.
   assert "config.json" in files and "tokenizer/tokenizer.json" in files
   assert re.search(r"\[worker 0\].*Stored the tokenizer", output)
   assert re.search(r"\[worker 1\].*Reusing the tokenizer", output)
@@ -219,7 +225,7 @@ def test_a_killed_worker_restarts_the_job_and_ends_exactly_as_without_the_kill(
     for name in reader.get_variable_to_shape_map():
       reader.get_tensor(name)
   assert checkpoints.load_for_inference(str(workdir)).step == 40
-  assert not os.path.exists(workdir / "tmp_workers")
+  assert not os.path.exists(_scratch(workdir))
 
 
 # nmt-train with a slow chief: its evaluator takes 8 s to build (a holdout: dev set over a
@@ -314,7 +320,7 @@ def test_sigterm_makes_all_workers_save_at_the_same_step_and_exit_42(corpus, tmp
   assert all(chief_done < position for position, _, _ in saved), text[-3000:]
   latest = tf.train.latest_checkpoint(str(workdir / "checkpoints"))
   assert latest.endswith(f"ckpt-{step}"), latest
-  assert not os.path.exists(workdir / "tmp_workers")
+  assert not os.path.exists(_scratch(workdir))
 
 
 def test_launcher_gives_each_worker_the_cluster_and_its_index():

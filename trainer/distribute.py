@@ -309,12 +309,17 @@ def run_dir(workdir: str, strategy: tf.distribute.Strategy, scratch_root: str = 
   defaults to the node's temporary directory; the path is unique per workdir and task."""
   if is_chief(strategy):
     return workdir
-  run_id = hashlib.sha256(workdir.encode()).hexdigest()[:12]
-  scratch = os.path.join(scratch_root or tempfile.gettempdir(), "nmt-worker-scratch",
-                         f"{run_id}-worker_{strategy.cluster_resolver.task_id}")
+  scratch = scratch_dir(workdir, strategy.cluster_resolver.task_id, scratch_root)
   if tf.io.gfile.exists(scratch):
     tf.io.gfile.rmtree(scratch)
   return scratch
+
+
+def scratch_dir(workdir: str, task_id: int, scratch_root: str = "") -> str:
+  """A non-chief worker's scratch dir for `workdir`: unique per run and task."""
+  run_id = hashlib.sha256(workdir.encode()).hexdigest()[:12]
+  return os.path.join(scratch_root or tempfile.gettempdir(), "nmt-worker-scratch",
+                      f"{run_id}-worker_{task_id}")
 
 
 def remove_scratch_dir(directory: str, strategy: tf.distribute.Strategy) -> None:
