@@ -12,10 +12,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0  # Seeds parameter init, shuffling and dropout.
 
   config.data = data = ml_collections.ConfigDict()
-  data.train = "embedded:train"  # Training corpus: embedded[:SPLIT] (generated numbers and dates) | embedded:deu-eng[:train|dev|test] (Tatoeba, shipped) | tsv:PATH[:SRC:TGT] | text:SRC_GLOB,TGT_GLOB | tfds:NAME[:SPLIT] | prepared:DIR (nmt-prepare).
-  data.eval = "embedded:validation"  # Held-out corpus, same syntax as data.train, or holdout:N (N pairs carved out of data.train).
-  data.test = ""  # Test corpus scored once when training ends (all of it, BLEU/chrF printed and logged; never used to select or stop); "" = none.
-  data.tfds_data_dir = ""  # TFDS data dir for embedded/tfds sources; "" = TFDS default (~/tensorflow_datasets).
+  data.train = "embedded:deu-eng:train"  # Training corpus: embedded:deu-eng[:train|dev|test] (Tatoeba German->English, shipped with the package) | tsv:PATH[:SRC:TGT] | text:SRC_GLOB,TGT_GLOB | tfds:NAME[:SPLIT] | prepared:DIR (nmt-prepare) | embedded[:SPLIT] (generated numbers and dates; the tests' corpus).
+  data.eval = "embedded:deu-eng:dev"  # Held-out corpus for dev loss, BLEU, early stopping and the best checkpoint: same syntax as data.train, or holdout:N (N pairs carved out of data.train).
+  data.test = "embedded:deu-eng:test"  # Test corpus scored once when training ends (all of it, BLEU/chrF printed and logged; never used to select or stop); "" = none (name your own, or "", when data.train is another corpus).
+  data.tfds_data_dir = ""  # TFDS data dir for tfds: sources and the generated embedded[:SPLIT] corpus; "" = TFDS default (~/tensorflow_datasets).
   data.tfds_source_key = ""  # tfds: feature key of the source side; "" = first language of the config name (de-en -> de).
   data.tfds_target_key = ""  # tfds: feature key of the target side; "" = second language of the config name.
   data.max_source_length = 64  # Longest source in tokens (EOS included); longer ones are dropped or truncated.
@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.length_penalty = 0.6  # GNMT length-penalty alpha (0 = none; larger favours longer outputs).
   ev.max_length_ratio = 2.0  # Longest output as a multiple of the source length (plus 5 tokens).
   ev.batch_size = 128  # Sentences per decoding batch.
-  ev.probe_sentences = ("am dreiundzwanzigsten April zweitausendzweiundachtzig", "le vingt-trois mai mille neuf cent treize")  # Extra sources whose attention is plotted.
+  ev.probe_sentences = ("Ich habe heute keine Zeit, weil ich arbeiten muss.", "Mein Bruder wohnt seit zwei Jahren in Berlin.")  # Extra sources whose attention is plotted (German sentences outside the deu-eng corpus).
   ev.num_probes = 4  # Eval-set sentences whose attention is plotted, besides probe_sentences.
 
   config.distribute = dist = ml_collections.ConfigDict()

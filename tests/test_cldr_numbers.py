@@ -12,7 +12,7 @@ from babel import dates as babel_dates
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import default
+from configs import tiny
 from input_pipeline import cldr_numbers
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -100,9 +100,9 @@ def test_german_dates_move_the_month_before_the_day(pairs):
   assert checked > 1000
 
 
-def test_probe_sentences_are_validation_sources(pairs):
+def test_tiny_configs_probe_sentences_are_validation_sources(pairs):
   validation = {pair["source"] for pair in cldr_numbers.split_pairs(pairs)["validation"]}
-  assert set(default.get_config().eval.probe_sentences) <= validation
+  assert set(tiny.get_config().eval.probe_sentences) <= validation
 
 
 def test_splits_are_disjoint_by_source(pairs):
