@@ -136,9 +136,10 @@ def test_slurm_job_requeues_itself_after_a_saved_stop(fake_slurm, srun_exit, req
 def test_slurm_job_signalled_itself_stops_without_requeue(fake_slurm):
   """scancel (or --full --signal=TERM) signals the script and srun: save, exit, no requeue."""
   job = _sbatch(fake_slurm, "wait")
-  deadline = time.time() + 20
-  while not (fake_slurm / "started").exists() and time.time() < deadline:
-    time.sleep(0.05)
+  deadline = time.time() + 60  # A bound on a hung job, not a guess at how long it takes.
+  while not (fake_slurm / "started").exists():  # srun runs, its TERM trap set.
+    assert time.time() < deadline and job.poll() is None, "fake srun never started"
+    time.sleep(0.05)  # Poll interval only.
   os.killpg(job.pid, signal.SIGTERM)
   output, _ = job.communicate(timeout=30)
   assert job.returncode == 42, output
