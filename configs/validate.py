@@ -19,8 +19,6 @@ RECURRENCES = ("auto", "fused", "keras", "cudnn")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 # model.* keys that shape the variables: a checkpoint fits only the values it was trained with.
 SHAPE_KEYS = ("model.units", "model.embed_dim", "model.encoder_layers", "model.bidirectional")
-# Source kinds of data.train / data.eval; corpora.parse_source parses the rest of the string.
-SOURCE_KINDS = ("embedded", "tsv", "text", "tfds", "prepared", "holdout")
 
 
 class ConfigError(ValueError):
@@ -140,29 +138,12 @@ def _number(config, key: str, low: float, high: float = float("inf"),
 
 
 def _data(config) -> None:
-  for key in ("data.train", "data.eval"):
-    source = _get(config, key)
-    kind = source.split(":", 1)[0] if isinstance(source, str) else None
-    if kind not in SOURCE_KINDS:
-      raise invalid(key, source, "must start with one of " + ", ".join(
-          k + ":" for k in SOURCE_KINDS) + " (README, Data formats)")
-  test = _get(config, "data.test")
-  if not isinstance(test, str) or (test and test.split(":", 1)[0] not in SOURCE_KINDS[:-1]):
-    raise invalid("data.test", test, '"" (none) or a source like data.train (README, Data '
-                  'formats); holdout:N is for data.eval only')
-  if _get(config, "data.train").startswith("holdout:"):
-    raise invalid("data.train", config.data.train,
-                  "holdout:N is a dev set carved out of data.train; it is for data.eval only")
-  if config.data.eval.startswith("holdout:"):
-    count = config.data.eval.partition(":")[2]
-    if not (count.isdigit() and int(count) >= 1):
-      raise invalid("data.eval", config.data.eval,
-                    "holdout:N needs the number of held-out pairs N >= 1, like holdout:2000")
-    if config.data.train.startswith("prepared:"):
-      raise invalid("data.eval", config.data.eval,
-                    "holdout:N carves the dev set out of a raw data.train; for a prepared "
-                    "corpus, run nmt-prepare with data.eval=holdout:N and use "
-                    "data.eval=prepared:DIR:eval")
+  # The source strings' kinds and syntax: input_pipeline/datasets.py's check_sources, next
+  # to the table of source kinds (the entry points call both).
+  for key in ("data.train", "data.eval", "data.test"):
+    if not isinstance(_get(config, key), str):
+      raise invalid(key, _get(config, key), "must be a source string like "
+                    "embedded:deu-eng or tsv:PATH (docs/data.md)")
   _bool(config, "data.deterministic")
   if not isinstance(config.data.service_address, str):
     raise invalid("data.service_address", config.data.service_address,

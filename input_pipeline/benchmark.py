@@ -10,7 +10,7 @@ import time
 from absl import logging
 import numpy as np
 
-from input_pipeline import corpora
+from input_pipeline import datasets
 from input_pipeline import pipeline
 from input_pipeline import tokenizer as tokenizer_lib
 
@@ -26,13 +26,13 @@ def run(config, workdir: str, num_batches: int = 200, *, warmup_batches: int = 1
   if num_batches <= 0:
     raise ValueError(f"num_batches={num_batches}; must be > 0.")
   tokenizer = tokenizer_lib.load_or_train(config.tokenizer, workdir,
-                                          pipeline.tokenizer_sample(config))
+                                          datasets.tokenizer_sample(config))
   length_stats = pipeline.LengthStats()
   examples = source_tokens = target_tokens = cells = 0
   shapes = set()
-  with corpora.surface_corpus_errors():
+  with datasets.surface_corpus_errors():
     start = time.perf_counter()
-    iterator = iter(pipeline.make_dataset(config, tokenizer, "train", start_step=start_step,
+    iterator = iter(datasets.make_dataset(config, tokenizer, "train", start_step=start_step,
                                           length_stats=length_stats))
     next(iterator)
     seconds_to_first_batch = time.perf_counter() - start

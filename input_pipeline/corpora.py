@@ -1,21 +1,13 @@
-"""Reads parallel corpora into (source, target) string pairs, skipping and counting bad lines.
+"""Raw corpus readers: the embedded, tsv:, text: and tfds: source kinds, as (source, target)
+string pairs, skipping and counting bad lines.
 
-A source string (`data.train`, `data.eval`) names one corpus:
-  embedded:deu-eng[:SPLIT]      Tatoeba German->English, shipped with the package (SPLIT =
-                                train, dev or test; input_pipeline/data/deu-eng/README.md)
-  embedded[:cldr_numbers][:SPLIT]  the generated cldr_numbers TFDS corpus (default split train)
-  tsv:PATH[:SRC_COL:TGT_COL]    tab-separated pairs, Tatoeba/Anki style; columns count from 0
-                                and default to 0:1, extra columns are ignored
-  text:SRC_GLOB,TGT_GLOB        Moses-style aligned plain text: line i of one side
-                                translates line i of the other
-  tfds:NAME[:SPLIT]             any TFDS dataset, e.g. tfds:wmt14_translate/de-en:train
-  prepared:DIR[:SPLIT]          written by nmt-prepare (input_pipeline/prepared.py); SPLIT
-                                is train or eval, by default the split of the config key
-  holdout:N                     data.eval only: N pairs carved out of data.train, which
-                                then trains without them (see holdout_threshold)
-PATH and the globs may match several shards (read in sorted order) and may be gzipped
-(`.gz`). Bad lines of tsv/text files are skipped, logged with file:line and counted; more
-than `data.max_skip_fraction` of a file skipped is a CorpusError.
+Each kind has a `parse_*` (the text after "KIND:" -> SourceSpec) and a `read_*` (SourceSpec ->
+dataset of pairs); input_pipeline/datasets.py lists them in its table of source kinds, which
+has the syntax of every kind, and is the only caller. Files may match several shards (read in
+sorted order) and may be gzipped (`.gz`). Bad lines of tsv/text files are skipped, logged with
+file:line and counted; more than `data.max_skip_fraction` of a file skipped is a CorpusError.
+Also here, because every reader shares them: SourceSpec, CorpusError, SkipStats, Shard,
+surface_corpus_errors and the uniform sample of a pairs dataset.
 """
 import collections
 import contextlib
@@ -48,10 +40,6 @@ _CHUNK_PAIRS = 2048  # Pairs per from_generator element: amortizes its per-call 
 _CHUNK_SIGNATURE = (tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.string))
 _LOGGED_SKIPS_PER_FILE = 10
 _END = object()  # Marks the end of the shorter file of an aligned pair.
-_FORMS = ("embedded:deu-eng[:train|dev|test], embedded[:cldr_numbers][:SPLIT], "
-          "tsv:PATH[:SRC_COL:TGT_COL], text:SRC_GLOB,TGT_GLOB, tfds:NAME[:SPLIT], "
-          "prepared:DIR[:train|eval], holdout:N (data.eval only)")
-_PREPARED_SPLITS = ("train", "eval")
 # NAME may carry a TFDS version (mnist:3.0.1) and SPLIT a slice (train[:10%]).
 _TFDS_SOURCE = re.compile(r"(?P<name>[^:\[]+(?::\d+\.[\d*]+\.[\d*]+)?)(?::(?P<split>.+))?")
 
@@ -79,9 +67,17 @@ class SourceSpec:
   count: int = 0  # holdout: the number of pairs held out.
 
 
-class _Shard(NamedTuple):
-  count: int  # Number of input pipelines.
-  index: int  # This pipeline's index.
+class Shard(NamedTuple):
+  """The part of a source one input pipeline reads: `index` of `count` (disjoint parts that
+  together cover the corpus once)."""
+  count: int = 1
+  index: int = 0
+
+  @classmethod
+  def of(cls, input_context: tf.distribute.InputContext | None) -> "Shard":
+    if input_context is None:
+      return cls()
+    return cls(input_context.num_input_pipelines, input_context.input_pipeline_id)
 
 
 class _Skip(Exception):
@@ -126,241 +122,93 @@ class SkipStats:
     return dict(total)
 
 
-def parse_source(source: str) -> SourceSpec:
-  """Parses a source string; ValueError (CorpusError) naming it and the valid forms if bad."""
-  kind, colon, rest = source.partition(":")
-  if kind == "embedded":
-    if colon and not rest:
-      raise _bad_source(source, "embedded: needs a corpus or SPLIT after the colon")
-    name, _, split = rest.partition(":")
-    if name in EMBEDDED_FILES:
-      if split not in ("",) + tuple(EMBEDDED_FILES[name]):
-        raise _bad_source(source, f"embedded:{name} has the splits "
-                                  f"{', '.join(EMBEDDED_FILES[name])}")
-      return SourceSpec(source, kind, name=name, split=split or "train",
-                        paths=(EMBEDDED_FILES[name][split or "train"],))
-    if name == "cldr_numbers":
-      return SourceSpec(source, kind, name=name, split=split or "train")
-    return SourceSpec(source, kind, name="cldr_numbers", split=rest or "train")
-  if kind == "tsv":
-    return _parse_tsv(source, rest)
-  if kind == "text":
-    globs = tuple(rest.split(","))
-    if len(globs) != 2 or not all(globs):
-      raise _bad_source(source, "text: needs exactly two comma-separated globs")
-    return SourceSpec(source, kind, paths=globs)
-  if kind == "tfds":
-    match = _TFDS_SOURCE.fullmatch(rest)
-    if not match:
-      raise _bad_source(source, "tfds: needs NAME or NAME:SPLIT")
-    return SourceSpec(source, kind, name=match["name"], split=match["split"] or "train")
-  if kind == "prepared":
-    head, _, last = rest.rpartition(":")
-    directory, split = (head, last) if head and last in _PREPARED_SPLITS else (rest, "")
-    if not directory:
-      raise _bad_source(source, "prepared: needs the DIR that nmt-prepare wrote")
-    return SourceSpec(source, kind, paths=(directory,), split=split)
-  if kind == "holdout":
-    if not re.fullmatch(r"[1-9]\d*", rest):
-      raise _bad_source(source, "holdout: needs the number of pairs N >= 1, like holdout:2000")
-    return SourceSpec(source, kind, count=int(rest))
-  raise _bad_source(source, f"unknown kind {kind!r}" if source else "empty")
+def parse_embedded(source: str, rest: str) -> SourceSpec:
+  """embedded:deu-eng[:SPLIT] (shipped files) or embedded[:cldr_numbers][:SPLIT] (generated)."""
+  if source.endswith(":") and not rest:
+    raise CorpusError("embedded: needs a corpus or SPLIT after the colon")
+  name, _, split = rest.partition(":")
+  if name in EMBEDDED_FILES:
+    if split not in ("",) + tuple(EMBEDDED_FILES[name]):
+      raise CorpusError(f"embedded:{name} has the splits {', '.join(EMBEDDED_FILES[name])}")
+    return SourceSpec(source, "embedded", name=name, split=split or "train",
+                      paths=(EMBEDDED_FILES[name][split or "train"],))
+  if name == "cldr_numbers":
+    return SourceSpec(source, "embedded", name=name, split=split or "train")
+  return SourceSpec(source, "embedded", name="cldr_numbers", split=rest or "train")
 
 
-def _parse_tsv(source: str, rest: str) -> SourceSpec:
-  """Splits PATH[:SRC_COL:TGT_COL]; a last field with a '/' is part of a URL path (gs://)."""
+def parse_tsv(source: str, rest: str) -> SourceSpec:
+  """PATH[:SRC_COL:TGT_COL]; a last field with a '/' is part of a URL path (gs://)."""
   path, columns = rest, "0:1"
   head, _, last = rest.rpartition(":")
   if head and "/" not in last:  # rest ends with a column spec.
     path, _, first = head.rpartition(":")
     columns = f"{first}:{last}"
   if not re.fullmatch(r"\d+:\d+", columns):
-    raise _bad_source(source, f"columns must be two column numbers counted from 0, like "
-                              f"tsv:PATH:0:1, got {columns!r}")
+    raise CorpusError(f"columns must be two column numbers counted from 0, like "
+                      f"tsv:PATH:0:1, got {columns!r}")
   if not path:
-    raise _bad_source(source, "tsv: needs a PATH")
+    raise CorpusError("tsv: needs a PATH")
   src_col, tgt_col = map(int, columns.split(":"))
   return SourceSpec(source, "tsv", paths=(path,), columns=(src_col, tgt_col))
 
 
-def _bad_source(source: str, why: str) -> CorpusError:
-  return CorpusError(f"data source {source!r} is not valid ({why}); valid forms: {_FORMS}")
+def parse_text(source: str, rest: str) -> SourceSpec:
+  """SRC_GLOB,TGT_GLOB."""
+  globs = tuple(rest.split(","))
+  if len(globs) != 2 or not all(globs):
+    raise CorpusError("text: needs exactly two comma-separated globs")
+  return SourceSpec(source, "text", paths=globs)
 
 
-def read(source: str, data_config: ml_collections.ConfigDict, *,
-         input_context: tf.distribute.InputContext | None = None,
-         shuffle_files: bool = False, seed: int = 0,
-         stats: SkipStats | None = None, _holdout: bool = True) -> tf.data.Dataset:
-  """Dataset of (source, target) scalar tf.string pairs from one source string; finite (one epoch).
-
-  With data.eval=holdout:N, reading data.train leaves out the dev set, and reading
-  holdout:N gives it (see holdout_threshold).
-
-  With an input_context the pipelines get disjoint parts that together cover the corpus once:
-  whole files if there are at least as many files as pipelines, else every N-th line (or
-  TFDS record). Errors found while iterating are CorpusErrors wrapped by tf.data in an
-  InvalidArgumentError; iterate inside surface_corpus_errors() to get them back as raised.
-  """
-  spec = parse_source(source)
-  if spec.kind == "holdout":
-    return _holdout_pairs(data_config, stats)
-  shard = _Shard(1, 0)
-  if input_context is not None:
-    shard = _Shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-  if spec.kind == "embedded" and spec.paths:  # Shipped files, read as tsv:.
-    dataset = _read_files(dataclasses.replace(spec, kind="tsv"), data_config, shard,
-                          shuffle_files, seed, stats)
-  elif spec.kind in ("embedded", "tfds"):
-    dataset = _read_tfds(spec, data_config, shard, shuffle_files, seed)
-  elif spec.kind == "prepared":  # The text of a prepared eval split (BLEU references).
-    from input_pipeline import prepared  # Here: prepared imports this module.
-    return prepared.read_text(spec, input_context)
-  else:
-    dataset = _read_files(spec, data_config, shard, shuffle_files, seed, stats)
-  if _holdout and source == data_config.train and _holdout_spec(data_config):
-    threshold = holdout_threshold(data_config)  # Training reads data.train without the dev set.
-    dataset = dataset.filter(lambda src, _: _source_hash(src) > threshold)
-  return dataset
+def parse_tfds(source: str, rest: str) -> SourceSpec:
+  """NAME[:SPLIT]."""
+  match = _TFDS_SOURCE.fullmatch(rest)
+  if not match:
+    raise CorpusError("tfds: needs NAME or NAME:SPLIT")
+  return SourceSpec(source, "tfds", name=match["name"], split=match["split"] or "train")
 
 
-_dev_sets: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+def read_embedded(spec: SourceSpec, data_config: ml_collections.ConfigDict, shard: Shard,
+                  shuffle_files: bool, seed: int,
+                  stats: SkipStats | None) -> tf.data.Dataset:
+  """The shipped files of embedded:deu-eng are read as tsv:, the generated corpus by TFDS."""
+  if spec.paths:
+    return read_files(dataclasses.replace(spec, kind="tsv"), data_config, shard,
+                      shuffle_files, seed, stats)
+  return read_tfds(spec, data_config, shard, shuffle_files, seed, stats)
 
 
-def _holdout_pairs(data_config: ml_collections.ConfigDict,
-                   stats: SkipStats | None) -> tf.data.Dataset:
-  """The dev set of data.eval=holdout:N, in corpus order; kept in memory (N pairs) after the
-  first call, so the evaluations during training do not rescan data.train."""
-  key = _holdout_key(data_config)
-  if key not in _dev_sets:
-    threshold = holdout_threshold(data_config)
-    dataset = read(data_config.train, data_config, stats=stats, _holdout=False)
-    dev = dataset.filter(lambda src, _: _source_hash(src) <= threshold).batch(1 << 14)
-    sources, targets = [np.zeros([0], object)], [np.zeros([0], object)]
-    with surface_corpus_errors():
-      for src, tgt in dev.as_numpy_iterator():
-        sources.append(src)
-        targets.append(tgt)
-    _dev_sets[key] = np.concatenate(sources), np.concatenate(targets)
-  sources, targets = _dev_sets[key]
-  return tf.data.Dataset.from_tensor_slices((tf.constant(sources, tf.string),
-                                             tf.constant(targets, tf.string)))
+def uniform_sample(pairs: tf.data.Dataset, size: int, *, seed: int = 0,
+                   name: str = "") -> Iterator[tuple[str, str]]:
+  """Yields `size` (source, target) pairs of a pairs dataset drawn uniformly (all of them
+  when fewer), in its order: those whose seeded hash of the pair's text is smallest.
 
-
-def _holdout_key(data_config: ml_collections.ConfigDict) -> tuple:
-  return (data_config.train, data_config.eval, data_config.tfds_data_dir,
-          data_config.tfds_source_key, data_config.tfds_target_key,
-          data_config.max_skip_fraction)
-
-
-def _holdout_spec(data_config: ml_collections.ConfigDict) -> SourceSpec | None:
-  spec = parse_source(data_config.eval)
-  return spec if spec.kind == "holdout" else None
-
-
-def _source_hash(sources: tf.Tensor) -> tf.Tensor:
-  """A stable non-negative int64 of each source string (FarmHash Fingerprint64, the same on
-  every platform and TensorFlow version), which decides the side of data.eval=holdout:N."""
-  return tf.strings.to_hash_bucket_fast(sources, _HASH_BUCKETS)
-
-
-_HASH_BUCKETS = (1 << 63) - 1
-_thresholds: dict[tuple, int] = {}
-
-
-def holdout_threshold(data_config: ml_collections.ConfigDict) -> int:
-  """The largest source hash of the dev set of data.eval=holdout:N: the N-th smallest
-  source hash of data.train's pairs. Pairs whose source hashes at most this are the dev
-  set, all others train, so a source never lands on both sides (the dev set has a few
-  more than N pairs when the N-th source has several translations; none is dropped) and
-  the split is the same on every run, worker and machine, whatever the file order.
-
-  It costs one scan of data.train per process (hashing in-graph, keeping the N smallest:
-  O(lines) time, O(N) memory; about 1 s per 10^5 pairs here, so ~15 min at 10^8); for
-  such corpora run nmt-prepare with data.eval=holdout:N once, which stores both sides.
-  """
-  spec = _holdout_spec(data_config)
-  train = parse_source(data_config.train)
-  if train.kind in ("prepared", "holdout"):
-    raise CorpusError(
-        f"data.eval={data_config.eval!r} carves its pairs out of a raw data.train, not "
-        f"{data_config.train!r}; run nmt-prepare on the raw corpus with "
-        f"data.eval={data_config.eval!r} and then train on prepared:DIR with "
-        f"data.eval=prepared:DIR:eval")
-  key = _holdout_key(data_config)
-  if key not in _thresholds:
-    smallest = np.zeros([0], np.int64)  # The N smallest source hashes, repeats included.
-    hashes = read(data_config.train, data_config, _holdout=False).batch(1 << 14).map(
-        lambda src, _: _source_hash(src))
-    pairs = 0
-    with surface_corpus_errors():
-      for chunk in hashes.as_numpy_iterator():
-        pairs += len(chunk)
-        smallest = np.sort(np.concatenate([smallest, chunk]))[:spec.count]
-    if pairs <= spec.count:
-      raise CorpusError(f"data.eval={data_config.eval!r} asks for {spec.count} held-out "
-                        f"pairs but data.train={data_config.train!r} has only {pairs}, "
-                        f"which would leave nothing to train on")
-    _thresholds[key] = int(smallest[-1])
-    logging.info("data.eval=%s: dev set = the pairs of %s whose source hashes <= %d; "
-                 "training skips them.", data_config.eval, data_config.train,
-                 _thresholds[key])
-  return _thresholds[key]
-
-
-def read_pairs(source: str, data_config: ml_collections.ConfigDict,
-               limit: int | None = None, *,
-               stats: SkipStats | None = None) -> Iterator[tuple[str, str]]:
-  """Yields (source, target) Python strings, the first `limit` (None = all), in file order.
-
-  For tokenizer training samples and BLEU references; a CorpusError is raised as itself.
-  """
-  if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
-                            or limit < 0):
-    raise ValueError(f"read_pairs: limit = {limit!r} is invalid: it must be None or >= 0")
-  dataset = read(source, data_config, stats=stats)  # Now, so that bad sources fail here.
-  if limit is not None:
-    dataset = dataset.take(limit)
-
-  def pairs() -> Iterator[tuple[str, str]]:
-    with surface_corpus_errors():
-      for sources, targets in dataset.batch(1024).as_numpy_iterator():
-        for src, tgt in zip(sources, targets):
-          yield src.decode("utf-8"), tgt.decode("utf-8")
-
-  return pairs()
-
-
-def sample_pairs(source: str, data_config: ml_collections.ConfigDict, size: int, *,
-                 seed: int = 0, stats: SkipStats | None = None) -> Iterator[tuple[str, str]]:
-  """Yields `size` (source, target) pairs drawn uniformly from the whole corpus (all of it
-  when smaller), in corpus order: those whose seeded hash of the pair's text is smallest.
-
-  For the tokenizer's training sample, which the first `size` lines of sorted files would
-  draw from one file (often one domain). It costs one pass over the corpus, logged (hashing
-  in-graph; memory O(size)); the same seed and corpus give the same sample, in any file
-  order. The pass runs when the iterator is first advanced.
+  One pass over the dataset, run when the iterator is first advanced (hashing in-graph;
+  memory O(size)); the same seed and pairs give the same sample, in any file order.
   """
   if not isinstance(size, int) or isinstance(size, bool) or size < 1:
     raise ValueError(f"sample_pairs: size = {size!r} is invalid: it must be an int >= 1")
   key = [seed & _MASK64, 0x6e6d745f73616d70]  # Any fixed second half ("nmt_samp").
-  hashed = read(source, data_config, stats=stats).batch(1 << 14).map(
+  hashed = pairs.batch(1 << 14).map(
       lambda src, tgt: (src, tgt, tf.strings.to_hash_bucket_strong(
           tf.strings.join([src, tgt], "\t"), _HASH_BUCKETS, key)))
 
-  def pairs() -> Iterator[tuple[str, str]]:
+  def sample() -> Iterator[tuple[str, str]]:
     logging.info("Sampling %d pairs uniformly from %s: one pass over the corpus.", size,
-                 source)
+                 name)
     kept = _Sample(size)
     with surface_corpus_errors():
       for src, tgt, hashes in hashed.as_numpy_iterator():
         kept.add(hashes, src, tgt)
-    logging.info("Sampled %d of the %d pairs of %s.", len(kept.hashes), kept.seen, source)
+    logging.info("Sampled %d of the %d pairs of %s.", len(kept.hashes), kept.seen, name)
     for src, tgt in zip(*kept.in_corpus_order()):
       yield src.decode("utf-8"), tgt.decode("utf-8")
 
-  return pairs()
+  return sample()
 
 
+_HASH_BUCKETS = (1 << 63) - 1
 _MASK64 = (1 << 64) - 1
 
 
@@ -416,13 +264,10 @@ def surface_corpus_errors() -> Iterator[None]:
                       f"shard and names the bad one") from None
 
 
-def prepare_source(source: str, data_config: ml_collections.ConfigDict) -> None:
-  """Generates an embedded corpus (or prepares a tfds: one) if not done yet; other kinds
-  need nothing. Multi-worker, the chief calls it before the workers' first barrier, so
-  that workers sharing a TFDS data dir do not generate it at the same time on first use
-  (one of them would read files the other is still writing)."""
-  spec = parse_source(source)
-  if spec.kind in ("embedded", "tfds"):
+def prepare_tfds(spec: SourceSpec, data_config: ml_collections.ConfigDict) -> None:
+  """Generates the embedded TFDS corpus (or prepares a tfds: one) if not done yet; the
+  shipped embedded:deu-eng files need nothing."""
+  if not spec.paths:
     _tfds_builder(spec, data_config)
 
 
@@ -445,9 +290,11 @@ def _tfds_builder(spec: SourceSpec, data_config: ml_collections.ConfigDict):
   return builder
 
 
-def _read_tfds(spec: SourceSpec, data_config: ml_collections.ConfigDict, shard: _Shard,
-               shuffle_files: bool, seed: int) -> tf.data.Dataset:
-  """Reads an embedded or tfds: source, preparing it first (generating, for embedded)."""
+def read_tfds(spec: SourceSpec, data_config: ml_collections.ConfigDict, shard: Shard,
+              shuffle_files: bool, seed: int, stats: SkipStats | None) -> tf.data.Dataset:
+  """Reads an embedded or tfds: source, preparing it first (generating, for embedded).
+  TFDS records have no lines to skip, so `stats` stays unused."""
+  del stats
   import tensorflow_datasets as tfds  # Here, not at the top: it takes seconds to import.
   builder = _tfds_builder(spec, data_config)
   src_key, tgt_key = _feature_keys(spec, list(builder.info.features.keys()), data_config)
@@ -488,7 +335,7 @@ def _feature_keys(spec: SourceSpec, available: list[str],
   return keys[0], keys[1]
 
 
-def _read_files(spec: SourceSpec, data_config: ml_collections.ConfigDict, shard: _Shard,
+def read_files(spec: SourceSpec, data_config: ml_collections.ConfigDict, shard: Shard,
                 shuffle_files: bool, seed: int, stats: SkipStats | None) -> tf.data.Dataset:
   """Reads a tsv: or text: source: one Python reader per file (pair), interleaved.
 
@@ -499,7 +346,7 @@ def _read_files(spec: SourceSpec, data_config: ml_collections.ConfigDict, shard:
   units = _nonempty(spec, _find_units(spec))  # A unit: (path,) for tsv, (src, tgt) for text.
   record_shard = shard
   if len(units) >= shard.count:  # By file: file i goes to pipeline i % N.
-    units, record_shard = units[shard.index::shard.count], _Shard(1, 0)
+    units, record_shard = units[shard.index::shard.count], Shard()
   if spec.kind == "text":
     for src, tgt in units:  # Up front: the reader would only notice at the end of an epoch.
       error = _alignment_error(src, tgt)
@@ -572,7 +419,7 @@ def _make_reader(pairs_fn: Callable[[list[str], "_Tally"], Iterable[tuple[str, s
 
 
 def _tsv_pairs(paths: list[str], tally: "_Tally", *, columns: tuple[int, int],
-               shard: _Shard) -> Iterator[tuple[str, str]]:
+               shard: Shard) -> Iterator[tuple[str, str]]:
   """Yields the pairs of the good lines of one TSV file (this shard's lines); tallies the bad."""
   (path,) = paths
   src_col, tgt_col = columns
@@ -596,7 +443,7 @@ def _tsv_pairs(paths: list[str], tally: "_Tally", *, columns: tuple[int, int],
 
 
 def _text_pairs(paths: list[str], tally: "_Tally", *,
-                shard: _Shard) -> Iterator[tuple[str, str]]:
+                shard: Shard) -> Iterator[tuple[str, str]]:
   """Yields the pairs of the good lines of two aligned text files; tallies the bad."""
   src_path, tgt_path = paths
   with _open(src_path) as src_file, _open(tgt_path) as tgt_file:

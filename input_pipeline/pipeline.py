@@ -1,4 +1,7 @@
-"""The tf.data graph: read, shuffle, tokenize, filter_length, add_special_tokens, bucket.
+"""The shared tf.data stages: shuffle, tokenize, filter_length, add_special_tokens, bucket.
+
+datasets.py (the front door) chains them over the pairs of a raw source (`batch_pairs`);
+prepared.py and prepare.py use them for stored token ids.
 
 Every batch is {"source": int32 [B, L], "target": int32 [B, L]}, 0-padded, where L is one
 of `padded_shapes(config)` (from data.bucket_boundaries), so a compiled train step sees a
@@ -8,20 +11,14 @@ An input pipeline feeding k local replicas (MirroredStrategy deals its batches r
 k consecutive ones per step) batches k x the per-replica batch and splits it (`bucket`,
 `split_steps`), so the replicas of one step share L and none waits for a longer one.
 """
-import os
-from typing import Iterator
-
 from absl import logging
 import tensorflow as tf
 
-from input_pipeline import corpora
-from input_pipeline import tokenizer as tokenizer_lib
 from input_pipeline.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 # Strings per SentencePiece call: one op call per batch is ~10x faster than one per
 # example (see benchmark.py and the README).
 TOKENIZE_BATCH = 256
-_SPLITS = ("train", "eval")  # Also the config.data keys naming their sources.
 
 
 class LengthStats(tf.Module):
@@ -68,56 +65,23 @@ def _bit_length(x: tf.Tensor) -> tf.Tensor:
       tf.expand_dims(x, -1), tf.range(63, dtype=tf.int64)) > 0, tf.int32), -1)
 
 
-def make_dataset(config, tokenizer: Tokenizer, split: str, *,
-                 input_context: tf.distribute.InputContext | None = None,
-                 repeat: bool | None = None, start_step: int = 0,
-                 length_stats: LengthStats | None = None) -> tf.data.Dataset:
-  """Builds the batched dataset of one split ("train" or "eval") for one input pipeline.
-
-  train: config.data.train, shuffled with config.seed, repeated forever, remainders
-  dropped (every shape on the grid). eval: config.data.eval, in order, one epoch, partial
-  batches kept (batch size varies, length stays on the grid). `repeat` overrides the
-  epoch default. With `input_context` the pipeline reads only its shard and batches per
-  replica, for `strategy.distribute_datasets_from_function`: each step's k batches (one per
-  local replica) have the same length. Other workers' pipelines bucket their own shards,
-  so across workers a step's lengths still differ and the all-reduce waits for the worker
-  with the longest (cost: E[max] over workers instead of the mean; a length schedule shared
-  by all workers would remove it). The train stream starts after the batches of
-  `start_step` steps: for a prepared: source in constant time (prepared.py), else by
-  replaying the pipeline.
-  """
-  if split not in _SPLITS:
-    raise ValueError(f"split={split!r}; valid: {_SPLITS}.")
-  training = split == "train"
-  repeat = training if repeat is None else repeat
-  if length_stats is None:
-    length_stats = LengthStats(name=f"length_stats_{split}")
-  source = config.data[split]
-  logging.info("Input pipeline %s: %s, input context %s, repeat=%s, start step %d.", split,
-               source, input_context, repeat, start_step)
-  if corpora.parse_source(source).kind == "prepared":
-    from input_pipeline import prepared  # Here: prepared imports this module.
-    return prepared.make_dataset(config, tokenizer, split, input_context=input_context,
-                                 repeat=repeat, start_step=start_step,
-                                 length_stats=length_stats)
-  if config.data.service_address:
-    raise ValueError(f"data.service_address={config.data.service_address!r} needs a "
-                     f"prepared: data.{split} (nmt-prepare), not {source!r}: the raw "
-                     f"readers run Python, which tf.data service workers cannot run")
-
-  dataset = corpora.read(source, config.data, input_context=input_context,
-                         shuffle_files=training, seed=config.seed)
+def batch_pairs(pairs: tf.data.Dataset, config, tokenizer: Tokenizer, *, training: bool,
+                repeat: bool, input_context: tf.distribute.InputContext | None = None,
+                start_step: int = 0, length_stats: LengthStats) -> tf.data.Dataset:
+  """(source, target) string pairs -> the batches of datasets.make_dataset: shuffled (train),
+  repeated, tokenized, length-filtered, bucketed onto the grid; from step `start_step`
+  by replaying the stream (O(start_step) input work; prepared: sources skip in O(1))."""
   if training and config.data.shuffle_buffer > 0:
-    dataset = dataset.shuffle(config.data.shuffle_buffer, seed=config.seed,
-                              reshuffle_each_iteration=True)
+    pairs = pairs.shuffle(config.data.shuffle_buffer, seed=config.seed,
+                          reshuffle_each_iteration=True)
   if repeat:
-    dataset = dataset.repeat()
-  dataset = dataset.batch(TOKENIZE_BATCH)
-  dataset = tokenize(dataset, tokenizer, deterministic=config.data.deterministic)
+    pairs = pairs.repeat()
+  dataset = tokenize(pairs.batch(TOKENIZE_BATCH), tokenizer,
+                     deterministic=config.data.deterministic)
   dataset = filter_length(dataset, config.data, length_stats)
   dataset = unbatch(add_special_tokens(dataset))
   dataset = bucket(dataset, config, input_context=input_context, drop_remainder=training)
-  if start_step:  # Replays everything up to start_step: O(start_step) input work.
+  if start_step:
     dataset = dataset.skip(start_step * replicas_per_pipeline(input_context))
   return dataset.prefetch(tf.data.AUTOTUNE)
 
@@ -272,18 +236,3 @@ def padded_shapes(config) -> list[int]:
     if length >= longest:
       break
   return grid
-
-
-def tokenizer_sample(config):
-  """A callable yielding up to tokenizer.sample_size training pairs drawn uniformly from
-  all of data.train (one pass over it: corpora.sample_pairs), for load_or_train; for a
-  prepared: data.train, its stored tokenizer (load_or_train copies it)."""
-  spec = corpora.parse_source(config.data.train)
-  if spec.kind == "prepared":
-    return tokenizer_lib.StoredTokenizer(os.path.join(spec.paths[0], "tokenizer"))
-
-  def sample() -> Iterator[tuple[str, str]]:
-    return corpora.sample_pairs(config.data.train, config.data,
-                                config.tokenizer.sample_size)
-
-  return sample

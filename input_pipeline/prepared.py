@@ -1,8 +1,6 @@
-"""Prepared corpora: tokenized once by `nmt-prepare`, read by pure tf.data, resumed in O(1).
+"""Prepared corpora, the reading side: shards that pure tf.data reads and resumes in O(1).
 
-`prepare(config, output_dir)` reads data.train and data.eval with corpora.read (same skipping,
-file:line logs and data.max_skip_fraction), trains or reuses the tokenizer, tokenizes and
-length-filters once (data.max_*_length, data.length_policy), and writes:
+`nmt-prepare` (input_pipeline/prepare.py) tokenizes and length-filters a corpus once and writes:
   <dir>/tokenizer/                 the tokenizer (tokenizer.json + model files)
   <dir>/train-00000.tfrecord ...   tf.train.Example records: "source" = ids + [EOS], "target"
                                    = [BOS] + ids + [EOS] (int64 lists); train shards sorted
@@ -13,15 +11,6 @@ length-filters once (data.max_*_length, data.length_policy), and writes:
                                    tokenizer config and fingerprint, the data.* lengths and
                                    grid, and per shard: examples, bytes, sha256, a histogram
                                    of lengths and the record run of each grid length
-Shards are written under a .tmp name and renamed when complete; the manifest is written
-last, so a directory without one is unfinished and is refused. Train shards are cut from
-the examples in a seeded spread order (`_spread_keys`): each of K shards holds ~1/K of every
-stretch of the corpus (at most twice that of any 1% of it at 1000-example shards, tested),
-so no replica trains on one file or domain for many steps. The order comes from an external
-sort: sorted runs of _RUN_BYTES of examples in `.tmp` files, then a k-way merge. Memory is
-bounded by one run, one shard and the tokenizer's training sample, not by the corpus; the
-runs need as much disk as the train shards, until the merge deletes them.
-
 Reading (`make_dataset`): pipeline i of N gets shards i, i+N, ...; they form G groups of up
 to GROUP_SHARDS shards (group j = shards j, j+G, j+2G, ...). An epoch visits the groups in
 an order drawn from (seed, epoch). In a group, each grid length L is one stream, prefetched
@@ -48,28 +37,19 @@ check of this pipeline's shards, O(G) arithmetic, and skipping at most one group
 at step 10^6 as at step 100. At 10^8 corpus lines: 5000 shards of 20k examples, up to one
 file per shard and grid length; every start lists the directory and hashes this pipeline's
 share of the data, O(corpus bytes / workers), which names a damaged file before training
-rather than failing mid-run. nmt-prepare holds one run (128 MiB of examples), one shard and
-the tokenizer's sample, not the corpus: 10^8 examples are ~140 runs, merged in one pass (up
-to _MERGE_RUNS open at once); it runs at the raw readers' speed in one process. The README
-(Prepared corpora) has these sizes and times extrapolated from a measured 1M-pair run.
-Trade-offs: examples of different groups never share a batch, and the tf.data service path
-(`data.service_address`) hands out whole groups to its workers in the order they ask, so
-it resumes at a group boundary and its order is not reproducible.
+rather than failing mid-run. Trade-offs: examples of different groups never share a batch,
+and the tf.data service path (`data.service_address`) hands out whole groups to its workers
+in the order they ask, so it resumes at a group boundary and its order is not reproducible.
 """
 import concurrent.futures
 import hashlib
-import heapq
 import json
 import os
-import time
-from typing import Iterable, Iterator
 
 from absl import logging
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from configs import validate as validate_lib
 from input_pipeline import corpora
 from input_pipeline import pipeline
 from input_pipeline import tokenizer as tokenizer_lib
@@ -78,21 +58,13 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "eval")
 GROUP_SHARDS = 4  # Shards read and shuffled together; a resume skips at most one group.
-SHARD_EXAMPLES = 20000  # Default examples per shard written by nmt-prepare.
 # Batches each grid length's stream prepares ahead, in its own thread: the streams of a
 # group read their files concurrently. (Within a stream the files are read one after the
 # other: interleaving them record by record, num_parallel_reads, halved the throughput.)
 _STREAM_PREFETCH = 2
 _PARSE_BATCH = 1024  # Records per parse_example call (one call per batch, not per record).
-_DATA_KEYS = ("max_source_length", "max_target_length", "length_policy", "bucket_boundaries")
+DATA_KEYS = ("max_source_length", "max_target_length", "length_policy", "bucket_boundaries")
 _MAX_INT64 = np.iinfo(np.int64).max
-# nmt-prepare's external sort of the train split (_spread): serialized examples sorted in
-# memory per run, runs merged at once (open files, each with a read buffer), key bits.
-_RUN_BYTES = 1 << 27
-_MERGE_RUNS = 256
-_RUN_READ_BYTES = 1 << 18
-_KEY_BITS = 48  # Orders up to 2^48 examples.
-_MASK64 = (1 << 64) - 1
 
 
 class PreparedDataError(corpora.CorpusError):
@@ -100,323 +72,21 @@ class PreparedDataError(corpora.CorpusError):
   to do."""
 
 
-# ---------------------------------------------------------------------------- writing
+def parse(source: str, rest: str) -> corpora.SourceSpec:
+  """DIR[:train|eval] (a DIR may be a URL, gs://...)."""
+  head, _, last = rest.rpartition(":")
+  directory, split = (head, last) if head and last in SPLITS else (rest, "")
+  if not directory:
+    raise corpora.CorpusError("prepared: needs the DIR that nmt-prepare wrote")
+  return corpora.SourceSpec(source, "prepared", paths=(directory,), split=split)
 
 
-def prepare(config: ml_collections.ConfigDict, output_dir: str, *,
-            shard_examples: int = SHARD_EXAMPLES) -> dict:
-  """Writes data.train and data.eval of `config` to `output_dir`; returns the manifest.
-
-  A directory with a manifest is verified (checksums, config) instead and returned as it is.
-  A directory without one (an interrupted run) is written again from the start.
-  """
-  validate_lib.validate(config)
-  if not isinstance(shard_examples, int) or shard_examples < 1:
-    raise ValueError(f"shard_examples={shard_examples!r} is invalid: it must be an "
-                     f"integer >= 1")
-  for key in SPLITS:
-    if corpora.parse_source(config.data[key]).kind == "prepared":
-      raise ValueError(f"data.{key}={config.data[key]!r}: nmt-prepare reads a raw corpus "
-                       f"(embedded, tsv:, text:, tfds:), not a prepared one")
-  if tf.io.gfile.exists(os.path.join(output_dir, MANIFEST)):
-    manifest = load_manifest(output_dir)
-    check_config(manifest, config, output_dir)
-    for split in SPLITS:
-      verify_shards(output_dir, manifest, split)
-    logging.info("%s is complete and verified; nothing to do.", output_dir)
-    return manifest
-  tf.io.gfile.makedirs(output_dir)
-  _remove_unfinished(output_dir)
-  tokenizer = tokenizer_lib.load_or_train(config.tokenizer, output_dir,
-                                          pipeline.tokenizer_sample(config))
-  manifest = {
-      "format_version": FORMAT_VERSION,
-      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-      "data": {key: _plain(config.data[key]) for key in _DATA_KEYS},
-      "tokenizer": _tokenizer_description(output_dir, tokenizer),
-      "splits": {split: _write_split(config, tokenizer, split, output_dir, shard_examples)
-                 for split in SPLITS},
-  }
-  _write_atomically(os.path.join(output_dir, MANIFEST),
-                    json.dumps(manifest, indent=1, sort_keys=True).encode())
-  logging.info("Prepared %s: %s", output_dir, summary(manifest))
-  return manifest
-
-
-def _plain(value):
+def plain(value):
   """A config value as JSON holds it (tuples become lists), for comparing with a manifest."""
   return list(value) if isinstance(value, (tuple, list)) else value
 
 
-def summary(manifest: dict) -> dict:
-  """The manifest without its per-shard and per-file lists, for one log or JSON line."""
-  return {split: {key: value for key, value in info.items()
-                  if key not in ("shards", "per_file")}
-          for split, info in manifest["splits"].items()}
-
-
-def _remove_unfinished(output_dir: str) -> None:
-  """Deletes shards and temporary files an interrupted run left (there is no manifest)."""
-  for name in tf.io.gfile.listdir(output_dir):
-    if name.endswith(".tmp") or (name.endswith(".tfrecord") and
-                                 name.split("-")[0] in SPLITS):
-      tf.io.gfile.remove(os.path.join(output_dir, name))
-
-
-def _tokenizer_description(output_dir: str, tokenizer: tokenizer_lib.Tokenizer) -> dict:
-  with tf.io.gfile.GFile(os.path.join(output_dir, "tokenizer",
-                                      tokenizer_lib.CONFIG_FILE), "rb") as f:
-    stored = json.loads(f.read())
-  return {"config": stored["config"], "fingerprint": tokenizer.fingerprint}
-
-
-def _write_split(config, tokenizer: tokenizer_lib.Tokenizer, split: str, output_dir: str,
-                 shard_examples: int) -> dict:
-  """Tokenizes one split and writes it shard by shard; returns its manifest entry.
-
-  Train shards are consecutive chunks of the examples in spread order (`_spread`): each a
-  stratified sample of the whole corpus, so no replica reads one stretch of it (one file,
-  one domain) for many steps. Eval shards keep corpus order (eval_examples: the first ones).
-  """
-  source = config.data[split]
-  stats, length_stats = corpora.SkipStats(), pipeline.LengthStats(f"prepare_{split}")
-  keep_text = split == "eval"
-  rng = np.random.default_rng(config.seed)
-  grid = pipeline.padded_shapes(config)
-  shards = []
-  with corpora.surface_corpus_errors():
-    examples = (example for batch in _tokenized_batches(config, tokenizer, source, stats,
-                                                         length_stats, keep_text)
-                for example in _examples(batch, keep_text))
-    if not keep_text:
-      examples = _spread(examples, output_dir, split, config.seed)
-    for chunk in _chunks(examples, shard_examples):
-      shards.append(_write_shard(output_dir, split, len(shards), chunk, rng, grid,
-                                 by_bucket=not keep_text))
-  if not shards:
-    raise corpora.CorpusError(f"data.{split}={source!r}: no pair is left after the length "
-                              f"filter ({length_stats.result()}); nothing to prepare")
-  length_stats.log()
-  return {"source": source, "examples": sum(s["examples"] for s in shards),
-          "read": stats.read, "skipped": stats.skipped,
-          "length_filter": length_stats.result(),
-          "per_file": {name: {"read": read, "skipped": skipped}
-                       for name, (read, skipped) in stats.per_file().items()},
-          "shards": shards}
-
-
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
-  """Lists of `size` consecutive items (the last one shorter)."""
-  chunk = []
-  for item in items:
-    chunk.append(item)
-    if len(chunk) == size:
-      yield chunk
-      chunk = []
-  if chunk:
-    yield chunk
-
-
-def _spread(examples: Iterable[tuple[bytes, int]], output_dir: str, split: str,
-            seed: int) -> Iterator[tuple[bytes, int]]:
-  """`examples` sorted by `_spread_keys` of their positions, by an external sort: sorted
-  runs of _RUN_BYTES go to `<split>-runL-NNNNN.tmp` files, then one k-way merge (a first
-  merge pass above _MERGE_RUNS runs). Memory: one run and the merge's read buffers, not
-  the corpus; disk: the runs take as much as the shards, until the merge deletes them.
-  A split that fits in one run is sorted in memory and writes no run."""
-  runs, buffer, size, start = [], [], 0, 0
-  for example in examples:
-    buffer.append(example)
-    size += len(example[0])
-    if size >= _RUN_BYTES:
-      runs.append(_write_run(output_dir, f"{split}-run0-{len(runs):05d}.tmp",
-                             _sorted_records(buffer, start, seed)))
-      start, buffer, size = start + len(buffer), [], 0
-  if not runs:
-    for index in np.argsort(_spread_keys(np.arange(len(buffer)), seed)):
-      yield buffer[index]
-    return
-  total = start + len(buffer)
-  if buffer:
-    runs.append(_write_run(output_dir, f"{split}-run0-{len(runs):05d}.tmp",
-                           _sorted_records(buffer, start, seed)))
-  buffer = []
-  logging.info("%s: %d examples in %d sorted runs of up to %d MiB; merging them.", split,
-               total, len(runs), _RUN_BYTES >> 20)
-  level = 0
-  while len(runs) > _MERGE_RUNS:
-    level += 1
-    runs = [_write_run(output_dir, f"{split}-run{level}-{i // _MERGE_RUNS:05d}.tmp",
-                       _merged(runs[i:i + _MERGE_RUNS]))
-            for i in range(0, len(runs), _MERGE_RUNS)]
-  for record in _merged(runs):
-    yield record[10:], int.from_bytes(record[8:10], "big")
-
-
-def _spread_keys(positions: np.ndarray, seed: int) -> np.ndarray:
-  """uint64 sort keys of corpus positions: sorted by them, any run of consecutive examples
-  is a stratified random sample of the corpus.
-
-  Bit b of a key (from the top) splits each aligned block of 2^(b+1) positions, among the
-  positions already sharing the key's higher bits, one per half, at random (seeded by
-  the seed, b, the block and those bits). So the positions with given top m bits are
-  exactly one per aligned block of 2^m positions, at a random place in it: a shard of S of
-  T examples holds about S/T of any stretch of the corpus (a uniform random split would
-  leave some shards with twice their share of a stretch when the share is ~10 examples).
-  A bijection of the positions < 2^_KEY_BITS: keys never tie.
-  """
-  positions = positions.astype(np.uint64)
-  keys = np.zeros_like(positions)
-  one = np.uint64(1)
-  for bit in range(_KEY_BITS):
-    salt = _mix64(np.array([(seed * _KEY_BITS + bit) & _MASK64], np.uint64))
-    block = positions >> np.uint64(bit + 1)
-    flip = _mix64(block ^ _mix64(keys ^ salt)) >> np.uint64(63)
-    keys = (keys << one) | (((positions >> np.uint64(bit)) & one) ^ flip)
-  return keys
-
-
-def _mix64(values: np.ndarray) -> np.ndarray:
-  """SplitMix64's finalizer: a bijection of uint64 whose output bits all depend on every
-  input bit (numpy's uint64 arithmetic wraps, as it needs to)."""
-  values = (values ^ (values >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-  values = (values ^ (values >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-  return values ^ (values >> np.uint64(31))
-
-
-def _sorted_records(examples: list[tuple[bytes, int]], start: int,
-                    seed: int) -> Iterator[bytes]:
-  """Run records of examples at positions start, start + 1, ... in key order: the 8-byte
-  big-endian key (so records compare as their keys), the length class, the example."""
-  keys = _spread_keys(np.arange(start, start + len(examples)), seed)
-  for index in np.argsort(keys):
-    serialized, length = examples[index]
-    yield int(keys[index]).to_bytes(8, "big") + length.to_bytes(2, "big") + serialized
-
-
-def _write_run(output_dir: str, name: str, records: Iterable[bytes]) -> str:
-  """Writes records, each after its 4-byte size, to a run file; returns its path."""
-  path = os.path.join(output_dir, name)
-  with tf.io.gfile.GFile(path, "wb") as f:
-    for chunk in _chunks(records, 4096):
-      f.write(b"".join(len(record).to_bytes(4, "big") + record for record in chunk))
-  return path
-
-
-def _merged(runs: list[str]) -> Iterator[bytes]:
-  """The records of sorted runs in one sorted stream; each run is deleted once read."""
-  return heapq.merge(*(_read_run(path) for path in runs))
-
-
-def _read_run(path: str) -> Iterator[bytes]:
-  """The records of a run file, read _RUN_READ_BYTES at a time; deletes the file at the end."""
-  with tf.io.gfile.GFile(path, "rb") as f:
-    pending = b""
-    while chunk := f.read(_RUN_READ_BYTES):
-      pending += chunk
-      offset = 0
-      while len(pending) - offset >= 4:
-        end = offset + 4 + int.from_bytes(pending[offset:offset + 4], "big")
-        if end > len(pending):
-          break
-        yield pending[offset + 4:end]
-        offset = end
-      pending = pending[offset:]
-  if pending:
-    raise PreparedDataError(f"{path} ends in a partial record: a temporary file of "
-                            f"nmt-prepare changed while it ran; run it again")
-  tf.io.gfile.remove(path)
-
-
-def _tokenized_batches(config, tokenizer, source: str, stats: corpora.SkipStats,
-                       length_stats: pipeline.LengthStats,
-                       keep_text: bool) -> Iterator[dict]:
-  """Batches of {"source", "target"} (values, row_splits) numpy pairs, in corpus order,
-  with special tokens added and over-long pairs dropped or truncated as in training."""
-  pairs = corpora.read(source, config.data, stats=stats).batch(pipeline.TOKENIZE_BATCH)
-
-  def tokenize(src, tgt):
-    features = {"source": tokenizer.tokenize_source(src),
-                "target": tokenizer.tokenize_target(tgt)}
-    if keep_text:
-      features.update(source_text=src, target_text=tgt)
-    return features
-
-  batches = pairs.map(tokenize, num_parallel_calls=tf.data.AUTOTUNE)
-  batches = pipeline.add_special_tokens(
-      pipeline.filter_length(batches, config.data, length_stats))
-
-  def flat(features):
-    out = {k: v for k, v in features.items() if k.endswith("_text")}
-    for key in ("source", "target"):
-      out[key] = (features[key].flat_values, features[key].row_splits)
-    return out
-
-  return batches.map(flat).prefetch(2).as_numpy_iterator()
-
-
-def _examples(batch: dict, keep_text: bool) -> list[tuple[bytes, int]]:
-  """(serialized tf.train.Example, length class) of each pair of a batch."""
-  sources = np.split(batch["source"][0], batch["source"][1][1:-1])
-  targets = np.split(batch["target"][0], batch["target"][1][1:-1])
-  examples = []
-  for i, (source, target) in enumerate(zip(sources, targets)):
-    feature = {"source": _int64s(source), "target": _int64s(target)}
-    if keep_text:
-      feature["source_text"] = _bytes(batch["source_text"][i])
-      feature["target_text"] = _bytes(batch["target_text"][i])
-    example = tf.train.Example(features=tf.train.Features(feature=feature))
-    examples.append((example.SerializeToString(), max(len(source), len(target))))
-  return examples
-
-
-def _int64s(ids: np.ndarray) -> tf.train.Feature:
-  return tf.train.Feature(int64_list=tf.train.Int64List(value=ids.tolist()))
-
-
-def _bytes(value: bytes) -> tf.train.Feature:
-  return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-
-def _write_shard(output_dir: str, split: str, index: int, examples: list,
-                 rng: np.random.Generator, grid: list[int], by_bucket: bool) -> dict:
-  """Writes one shard (consecutive examples of the spread order for train, of the corpus
-  for eval) and returns its manifest entry.
-
-  Train shards are one file per grid length L (`train-00012-L016.tfrecord`), shuffled, so a
-  reader batches each length from its own files without looking at single examples. Eval
-  shards are one file in corpus order (eval_examples takes the first ones for BLEU). Each
-  file is written under a .tmp name and renamed when complete.
-  """
-  lengths = np.array([length for _, length in examples])
-  values, numbers = np.unique(lengths, return_counts=True)
-  entry = {"examples": len(examples), "files": [],
-           "lengths": {str(length): int(n) for length, n in zip(values, numbers)}}
-  if not by_bucket:
-    entry["files"].append(_write_file(output_dir, f"{split}-{index:05d}.tfrecord",
-                                      [serialized for serialized, _ in examples]))
-    return entry
-  buckets = np.searchsorted(grid, lengths)
-  for b, length in enumerate(grid):
-    members = np.flatnonzero(buckets == b)
-    if len(members):
-      name = f"{split}-{index:05d}-L{length:03d}.tfrecord"
-      entry["files"].append(dict(length=length, **_write_file(
-          output_dir, name, [examples[i][0] for i in rng.permutation(members)])))
-  return entry
-
-
-def _write_file(output_dir: str, name: str, records: list[bytes]) -> dict:
-  path = os.path.join(output_dir, name)
-  with tf.io.TFRecordWriter(path + ".tmp") as writer:
-    for record in records:
-      writer.write(record)
-  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
-  return {"file": name, "examples": len(records), "bytes": tf.io.gfile.stat(path).length,
-          "sha256": _sha256(path)}
-
-
-def _sha256(path: str) -> str:
+def sha256(path: str) -> str:
   digest = hashlib.sha256()
   with tf.io.gfile.GFile(path, "rb") as f:
     while chunk := f.read(1 << 22):
@@ -424,10 +94,11 @@ def _sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-  with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
-    f.write(data)
-  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+def summary(manifest: dict) -> dict:
+  """The manifest without its per-shard and per-file lists, for one log or JSON line."""
+  return {split: {key: value for key, value in info.items()
+                  if key not in ("shards", "per_file")}
+          for split, info in manifest["splits"].items()}
 
 
 # ---------------------------------------------------------------------------- checking
@@ -459,9 +130,9 @@ def load_manifest(directory: str) -> dict:
 def check_config(manifest: dict, config, directory: str) -> None:
   """PreparedDataError naming each data.*/tokenizer.* key whose value differs from the one
   the directory was prepared with."""
-  differing = [f"data.{key}: prepared {value!r} vs config {_plain(config.data[key])!r}"
+  differing = [f"data.{key}: prepared {value!r} vs config {plain(config.data[key])!r}"
                for key, value in manifest["data"].items()
-               if _plain(config.data[key]) != value]
+               if plain(config.data[key]) != value]
   differing += [f"tokenizer.{key}: prepared {value!r} vs config {config.tokenizer[key]!r}"
                 for key, value in manifest["tokenizer"]["config"].items()
                 if key in config.tokenizer and config.tokenizer[key] != value]
@@ -504,7 +175,7 @@ def verify_shards(directory: str, manifest: dict, split: str,
     size = tf.io.gfile.stat(path).length
     if size != shard["bytes"]:
       return f"{path} has {size} bytes, {MANIFEST} says {shard['bytes']} (truncated?)"
-    if _sha256(path) != shard["sha256"]:
+    if sha256(path) != shard["sha256"]:
       return f"{path} does not match its sha256 in {MANIFEST} (corrupted)"
     return None
 
@@ -526,22 +197,21 @@ def source_split(spec: corpora.SourceSpec, split: str) -> str:
   return spec.split or split
 
 
-def make_dataset(config, tokenizer: tokenizer_lib.Tokenizer, split: str, *,
-                 input_context: tf.distribute.InputContext | None = None,
+def make_dataset(spec: corpora.SourceSpec, config, tokenizer: tokenizer_lib.Tokenizer,
+                 split: str, *, input_context: tf.distribute.InputContext | None = None,
                  repeat: bool | None = None, start_step: int = 0,
                  length_stats: pipeline.LengthStats | None = None) -> tf.data.Dataset:
-  """pipeline.make_dataset for a prepared source (same batches' form and grid).
+  """datasets.make_dataset for a prepared source (same batches' form and grid).
 
   Checks the manifest against the config and tokenizer and every shard's size and checksum
   first. For training, the stream starts where the uninterrupted one would be after
   `start_step` steps (each step takes one batch per replica of this pipeline).
   """
-  spec = corpora.parse_source(config.data[split])
   directory, part = spec.paths[0], source_split(spec, split)
   manifest = load_manifest(directory)
   check_config(manifest, config, directory)
   check_tokenizer(manifest, tokenizer, directory)
-  shards = _pipeline_shards(manifest, directory, part, input_context)
+  shards = _pipeline_shards(manifest, directory, part, corpora.Shard.of(input_context))
   verify_shards(directory, manifest, part, shards)  # Each worker checks its own shards.
   if length_stats is not None:  # The filter ran at prepare time: report its counts.
     length_stats.add(*(manifest["splits"][part]["length_filter"][key]
@@ -569,18 +239,18 @@ def make_dataset(config, tokenizer: tokenizer_lib.Tokenizer, split: str, *,
 
 
 def _pipeline_shards(manifest: dict, directory: str, split: str,
-                     input_context: tf.distribute.InputContext | None) -> list[dict]:
+                     shard: corpora.Shard) -> list[dict]:
   """This pipeline's shards: file i goes to pipeline i mod N (disjoint, complete)."""
   shards = manifest["splits"][split]["shards"]
-  if input_context is None:
+  count = shard.count
+  if count == 1:
     return shards
-  count = input_context.num_input_pipelines
   if len(shards) < count:
     raise PreparedDataError(
         f"{directory}: the {split} split has {len(shards)} shards, fewer than the "
         f"{count} input pipelines (one per worker); run nmt-prepare again with "
         f"--shard_examples <= {manifest['splits'][split]['examples'] // count}")
-  return shards[input_context.input_pipeline_id::count]
+  return shards[shard.index::count]
 
 
 def _paths(directory: str, shards: list[dict], length: int | None = None) -> list[str]:
@@ -738,19 +408,23 @@ def _through_service(plan: Plan, start_step: int, address: str) -> tf.data.Datas
   return pipeline.split_steps(steps, plan.batches_per_step)
 
 
-def read_text(spec: corpora.SourceSpec,
-              input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
-  """(source, target) tf.string pairs of a prepared eval split, in corpus order.
+def read_text(spec: corpora.SourceSpec, data_config=None,
+              shard: corpora.Shard = corpora.Shard(), shuffle_files: bool = False, seed: int = 0,
+              stats: corpora.SkipStats | None = None) -> tf.data.Dataset:
+  """(source, target) tf.string pairs of a prepared eval split, in corpus order (the reader
+  of the prepared kind, for BLEU references: `shuffle_files`, `seed` and `stats` do not
+  apply to text already cleaned by nmt-prepare).
 
   Only eval shards keep the text (for BLEU references); train shards hold ids only.
   """
+  del data_config, shuffle_files, seed, stats
   directory, part = spec.paths[0], spec.split or "eval"
   manifest = load_manifest(directory)
   if part != "eval":
     raise PreparedDataError(f"{spec.source}: the {part} split of a prepared corpus holds "
                             f"token ids only; its text is in the eval split "
                             f"(prepared:{directory}:eval) or in the raw corpus")
-  shards = _pipeline_shards(manifest, directory, part, input_context)
+  shards = _pipeline_shards(manifest, directory, part, shard)
   verify_shards(directory, manifest, part, shards)
   features = {key: tf.io.FixedLenFeature([], tf.string)
               for key in ("source_text", "target_text")}

@@ -2,7 +2,7 @@
 the project's shared corpora: `python scripts/make_embedded_corpus.py [CORPORA_DIR]`.
 
 train + dev = ../shared/corpora/deu-eng.train.tsv.gz, split by the rule of
-data.eval=holdout:2000 (corpora.holdout_threshold), so `embedded:deu-eng:dev` is exactly the dev
+data.eval=holdout:2000 (datasets.holdout_threshold), so `embedded:deu-eng:dev` is exactly the dev
 set that `tsv:.../deu-eng.train.tsv.gz` with `holdout:2000` carves; test is the shared test file
 unchanged. File order is kept. gzip with mtime 0 and level 9: reruns are byte-identical.
 """
@@ -12,7 +12,7 @@ import shutil
 import sys
 
 from configs import default
-from input_pipeline import corpora
+from input_pipeline import datasets
 
 _OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     "input_pipeline", "data", "deu-eng")
@@ -32,9 +32,9 @@ def main(corpora_dir: str) -> None:
   data.eval = "holdout:2000"
   os.makedirs(_OUT, exist_ok=True)
   counts = {"dev": _write(os.path.join(_OUT, "dev.tsv.gz"),
-                          corpora.read_pairs(data.eval, data)),
+                          datasets.read_pairs(data.eval, data)),
             "train": _write(os.path.join(_OUT, "train.tsv.gz"),
-                            corpora.read_pairs(data.train, data))}
+                            datasets.read_pairs(data.train, data))}
   shutil.copyfile(os.path.join(corpora_dir, "deu-eng.test.tsv.gz"),
                   os.path.join(_OUT, "test.tsv.gz"))
   shutil.copyfile(os.path.join(corpora_dir, "raw", "deu-eng_about.txt"),

@@ -2,16 +2,15 @@
 same files, sharding over input pipelines, and every kind of bad input."""
 import gzip
 import logging
-import pathlib
 import re
 
 import pytest
 import tensorflow as tf
 
 from configs import default
-from input_pipeline import corpora
+from configs import validate
+from input_pipeline import datasets
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
 _PAIRS = [(f"Satz {i}: Grüße, ä\u2028ö", f"sentence {i}: greetings ☃") for i in range(12)]
 
 
@@ -24,8 +23,8 @@ def _data_config(**overrides):
 
 def _read(source, data_config=None, **kwargs):
   """What a caller gets from read(): (source, target) Python strings, in order."""
-  dataset = corpora.read(source, data_config or _data_config(), **kwargs)
-  with corpora.surface_corpus_errors():
+  dataset = datasets.read(source, data_config or _data_config(), **kwargs)
+  with datasets.surface_corpus_errors():
     return [(s.decode(), t.decode()) for s, t in dataset.as_numpy_iterator()]
 
 
@@ -140,21 +139,20 @@ def test_tfds_source(tiny_tfds_dir):
 
 def test_tfds_missing_feature_key_lists_available_keys(tiny_tfds_dir):
   config = _data_config(tfds_data_dir=tiny_tfds_dir, tfds_target_key="fr")
-  with pytest.raises(corpora.CorpusError,
+  with pytest.raises(datasets.CorpusError,
                      match=r"data.tfds_target_key = 'fr'.*available feature keys: de, en"):
-    corpora.read("tfds:tiny_parallel/de-en", config)
+    datasets.read("tfds:tiny_parallel/de-en", config)
 
 
-def test_embedded_corpus(request):
-  if not (_ROOT / "input_pipeline" / "cldr_numbers.py").exists():
-    pytest.skip("input_pipeline/cldr_numbers.py is not written yet")
+def test_generated_embedded_corpus_reads_its_tfds_split(embedded_data_dir):
+  """embedded:validation (the tests' numbers corpus, input_pipeline/cldr_numbers.py) is its
+  TFDS split, whole, with or without file shuffling."""
   import tensorflow_datasets as tfds
-  data_dir = request.getfixturevalue("embedded_data_dir")
-  got = _read("embedded:validation", _data_config(tfds_data_dir=data_dir))
+  got = _read("embedded:validation", _data_config(tfds_data_dir=embedded_data_dir))
   expected = [(ex["source"].decode(), ex["target"].decode()) for ex in tfds.as_numpy(
-      tfds.load("cldr_numbers", split="validation", data_dir=data_dir))]
-  assert got and sorted(got) == sorted(expected)
-  shuffled = _read("embedded:validation", _data_config(tfds_data_dir=data_dir),
+      tfds.load("cldr_numbers", split="validation", data_dir=embedded_data_dir))]
+  assert len(got) == len(expected) > 1000 and sorted(got) == sorted(expected)
+  shuffled = _read("embedded:validation", _data_config(tfds_data_dir=embedded_data_dir),
                    shuffle_files=True)
   assert sorted(shuffled) == sorted(expected)
 
@@ -217,7 +215,7 @@ def test_bad_tsv_line_is_skipped_counted_and_logged(tmp_path, caplog, case):
   good = _unique_pairs("g", 30)
   path = _write(tmp_path / "bad.tsv", _tsv(good[:10]).encode() + bad + b"\n" +
                 _tsv(good[10:]).encode())
-  stats = corpora.SkipStats()
+  stats = datasets.SkipStats()
   caplog.set_level(logging.INFO, logger="absl")
   assert _read(f"tsv:{path}", _data_config(max_skip_fraction=0.05), stats=stats) == good
   assert stats.per_file() == {path: (30, {reason: 1})}
@@ -233,7 +231,7 @@ def test_bad_text_line_names_its_file(tmp_path, caplog, side, bad, reason):
   lines = {"src": [s.encode() for s, _ in good], "tgt": [t.encode() for _, t in good]}
   lines[side][4] = bad
   paths = {k: _write(tmp_path / f"a.{k}", b"\n".join(v) + b"\n") for k, v in lines.items()}
-  stats = corpora.SkipStats()
+  stats = datasets.SkipStats()
   caplog.set_level(logging.WARNING, logger="absl")
   got = _read(f"text:{paths['src']},{paths['tgt']}", _data_config(max_skip_fraction=0.1),
               stats=stats)
@@ -245,7 +243,7 @@ def test_bad_text_line_names_its_file(tmp_path, caplog, side, bad, reason):
 def test_skip_logging_is_rate_limited(tmp_path, caplog):
   path = _write(tmp_path / "many.tsv", "bad\n" * 15 + _tsv(_unique_pairs("g", 85)))
   caplog.set_level(logging.INFO, logger="absl")
-  stats = corpora.SkipStats()
+  stats = datasets.SkipStats()
   assert len(_read(f"tsv:{path}", _data_config(max_skip_fraction=0.2), stats=stats)) == 85
   assert caplog.text.count("skipped line:") == 10
   assert f"{path}:10: skipped line" in caplog.text
@@ -259,15 +257,15 @@ def test_too_many_skipped_lines_fail_with_the_config_key(tmp_path):
   path = _write(tmp_path / "mostly-bad.tsv", "a\tb\nbroken\nc\td\ne\tf\n")
   message = re.escape(f"{path}: 1 of 4 lines skipped as malformed (1 too few columns), more "
                       f"than data.max_skip_fraction = 0.01")
-  stats = corpora.SkipStats()
-  with pytest.raises(corpora.CorpusError, match=message):  # What read_pairs' callers see.
-    list(corpora.read_pairs(f"tsv:{path}", _data_config(), stats=stats))
+  stats = datasets.SkipStats()
+  with pytest.raises(datasets.CorpusError, match=message):  # What read_pairs' callers see.
+    list(datasets.read_pairs(f"tsv:{path}", _data_config(), stats=stats))
   assert stats.per_file() == {path: (3, {"too few columns": 1})}
-  with pytest.raises(corpora.CorpusError, match=message):  # Iterating read()'s dataset.
+  with pytest.raises(datasets.CorpusError, match=message):  # Iterating read()'s dataset.
     _read(f"tsv:{path}")
   # Without surface_corpus_errors tf.data still carries the message, inside its own error.
   with pytest.raises(tf.errors.InvalidArgumentError, match=message):
-    list(corpora.read(f"tsv:{path}", _data_config()))
+    list(datasets.read(f"tsv:{path}", _data_config()))
   assert _read(f"tsv:{path}", _data_config(max_skip_fraction=0.25)) == [
       ("a", "b"), ("c", "d"), ("e", "f")]
 
@@ -275,28 +273,28 @@ def test_too_many_skipped_lines_fail_with_the_config_key(tmp_path):
 def test_misaligned_text_files_fail_naming_both(tmp_path):
   src = _write(tmp_path / "x.de", "eins\nzwei\ndrei\n")
   tgt = _write(tmp_path / "x.en", "one\ntwo\n")
-  with pytest.raises(corpora.CorpusError,
+  with pytest.raises(datasets.CorpusError,
                      match=re.escape(f"{src} has 3 lines but {tgt} has 2")):
-    corpora.read(f"text:{src},{tgt}", _data_config())
+    datasets.read(f"text:{src},{tgt}", _data_config())
 
 
 @pytest.mark.parametrize("pipeline", [0, 1])
 def test_text_file_changed_after_read_fails_naming_both(tmp_path, pipeline):
   src = _write(tmp_path / "x.de", "eins\nzwei\ndrei\n")
   tgt = _write(tmp_path / "x.en", "one\ntwo\nthree\n")
-  dataset = corpora.read(f"text:{src},{tgt}", _data_config(),
+  dataset = datasets.read(f"text:{src},{tgt}", _data_config(),
                          input_context=tf.distribute.InputContext(2, pipeline, 2))
   _write(tmp_path / "x.en", "one\ntwo\n")  # Line 3 is pipeline 0's, yet both notice.
-  with pytest.raises(corpora.CorpusError, match=re.escape(f"{src} has 3 lines but {tgt} has 2")):
-    with corpora.surface_corpus_errors():
+  with pytest.raises(datasets.CorpusError, match=re.escape(f"{src} has 3 lines but {tgt} has 2")):
+    with datasets.surface_corpus_errors():
       list(dataset)
 
 
 def test_text_globs_matching_different_numbers_of_files(tmp_path):
   for name in ("a.de.0", "a.de.1", "a.en.0"):
     _write(tmp_path / name, "x\n")
-  with pytest.raises(corpora.CorpusError, match=r"matches 2 files but .* matches 1"):
-    corpora.read(f"text:{tmp_path}/a.de.*,{tmp_path}/a.en.*", _data_config())
+  with pytest.raises(datasets.CorpusError, match=r"matches 2 files but .* matches 1"):
+    datasets.read(f"text:{tmp_path}/a.de.*,{tmp_path}/a.en.*", _data_config())
 
 
 @pytest.mark.parametrize("source", ["tsv:{d}/missing.tsv", "tsv:{d}/*.none:0:1",
@@ -305,15 +303,15 @@ def test_missing_files_are_named(tmp_path, source):
   _write(tmp_path / "present.txt", "x\n")
   source = source.format(d=tmp_path)
   missing = source.rsplit(",", 1)[-1].removeprefix("tsv:").removesuffix(":0:1")
-  with pytest.raises(corpora.CorpusError, match=re.escape(f"no file matches '{missing}'")):
-    corpora.read(source, _data_config())
+  with pytest.raises(datasets.CorpusError, match=re.escape(f"no file matches '{missing}'")):
+    datasets.read(source, _data_config())
 
 
 @pytest.mark.parametrize("name", ["empty.tsv", "empty.tsv.gz"])
 def test_empty_file_is_an_error(tmp_path, name):
   path = _write(tmp_path / name, b"")
-  with pytest.raises(corpora.CorpusError, match=re.escape(f"every matching file is empty: {path}")):
-    corpora.read(f"tsv:{path}", _data_config())
+  with pytest.raises(datasets.CorpusError, match=re.escape(f"every matching file is empty: {path}")):
+    datasets.read(f"tsv:{path}", _data_config())
 
 
 def test_empty_shard_among_others_is_a_warning(tmp_path, caplog):
@@ -327,8 +325,8 @@ def test_empty_shard_among_others_is_a_warning(tmp_path, caplog):
 def test_corrupt_gzip_is_named(tmp_path):
   path = tmp_path / "broken.tsv.gz"
   path.write_bytes(gzip.compress(_tsv(_PAIRS).encode())[:40])  # Truncated.
-  with pytest.raises(corpora.CorpusError, match=re.escape(f"{path}: cannot read the file")):
-    list(corpora.read_pairs(f"tsv:{path}", _data_config()))
+  with pytest.raises(datasets.CorpusError, match=re.escape(f"{path}: cannot read the file")):
+    list(datasets.read_pairs(f"tsv:{path}", _data_config()))
 
 
 @pytest.mark.parametrize("source", ["csv:foo", "tsv:", "tsv:f.tsv:a:b", "tsv:f.tsv:1",
@@ -340,7 +338,7 @@ def test_bad_source_strings_list_the_valid_forms(source):
                                        r"embedded\[:cldr_numbers\]\[:SPLIT\], "
                                        r"tsv:PATH\[:SRC_COL:TGT_COL\], text:SRC_GLOB,TGT_GLOB, "
                                        r"tfds:NAME\[:SPLIT\]") as error:
-    corpora.parse_source(source)
+    datasets.parse_source(source)
   assert repr(source) in str(error.value)
 
 
@@ -362,7 +360,7 @@ def test_bad_source_strings_list_the_valid_forms(source):
     ("tfds:tiny", dict(name="tiny", split="train")),
 ])
 def test_parse_source(source, expected):
-  spec = corpora.parse_source(source)
+  spec = datasets.parse_source(source)
   assert {key: getattr(spec, key) for key in expected} == expected
 
 
@@ -395,17 +393,17 @@ def test_invalid_data_config_names_key_and_value(key, value, message):
     ("tsv:", "data source 'tsv:' is not valid"),
 ])
 def test_malformed_source_string_is_named(source, message):
-  with pytest.raises(corpora.CorpusError, match=re.escape(message)):
-    corpora.read(source, default.get_config().data)
+  with pytest.raises(datasets.CorpusError, match=re.escape(message)):
+    datasets.read(source, default.get_config().data)
 
 
 
 def test_read_pairs_limit(tmp_path):
   path = _write(tmp_path / "a.tsv", _tsv(_PAIRS))
-  assert list(corpora.read_pairs(f"tsv:{path}", _data_config(), limit=3)) == _PAIRS[:3]
-  assert list(corpora.read_pairs(f"tsv:{path}", _data_config())) == _PAIRS
+  assert list(datasets.read_pairs(f"tsv:{path}", _data_config(), limit=3)) == _PAIRS[:3]
+  assert list(datasets.read_pairs(f"tsv:{path}", _data_config())) == _PAIRS
   with pytest.raises(ValueError, match="limit = -1"):
-    corpora.read_pairs(f"tsv:{path}", _data_config(), limit=-1)
+    datasets.read_pairs(f"tsv:{path}", _data_config(), limit=-1)
 
 
 def test_sample_pairs_draws_from_every_file_in_proportion(tmp_path):
@@ -414,17 +412,17 @@ def test_sample_pairs_draws_from_every_file_in_proportion(tmp_path):
   a = _write(tmp_path / "a.tsv", _tsv((f"a {i}", f"A {i}") for i in range(3000)))
   _write(tmp_path / "b.tsv", _tsv((f"b {i}", f"B {i}") for i in range(1000)))
   source = f"tsv:{tmp_path}/*.tsv"
-  sample = list(corpora.sample_pairs(source, _data_config(), 500, seed=1))
+  sample = list(datasets.sample_pairs(source, _data_config(), 500, seed=1))
   assert len(sample) == len(set(sample)) == 500
   from_b = sum(src.startswith("b ") for src, _ in sample)
   assert 85 <= from_b <= 165, from_b  # 125 expected; the standard deviation is about 9.
   assert sample == sorted(sample, key=lambda p: (p[0][0], int(p[0].split()[1])))  # Order.
-  assert list(corpora.sample_pairs(source, _data_config(), 500, seed=1)) == sample
-  assert list(corpora.sample_pairs(source, _data_config(), 500, seed=2)) != sample
-  everything = list(corpora.sample_pairs(f"tsv:{a}", _data_config(), 5000))
-  assert everything == list(corpora.read_pairs(f"tsv:{a}", _data_config()))
+  assert list(datasets.sample_pairs(source, _data_config(), 500, seed=1)) == sample
+  assert list(datasets.sample_pairs(source, _data_config(), 500, seed=2)) != sample
+  everything = list(datasets.sample_pairs(f"tsv:{a}", _data_config(), 5000))
+  assert everything == list(datasets.read_pairs(f"tsv:{a}", _data_config()))
   with pytest.raises(ValueError, match="size = 0"):
-    corpora.sample_pairs(source, _data_config(), 0)
+    datasets.sample_pairs(source, _data_config(), 0)
 
 
 def _holdout_corpus(tmp_path, name="train.tsv", order=1):
@@ -446,13 +444,13 @@ def test_holdout_carves_a_deterministic_disjoint_dev_set(tmp_path):
   data_reversed = _data_config(train=f"tsv:{reversed_path}", eval="holdout:12")
   assert sorted(_read(data_reversed.eval, data_reversed)) == sorted(dev)
   # The tokenizer sample (read_pairs of data.train) leaves the dev set out too.
-  assert not set(corpora.read_pairs(data.train, data)) & set(dev)
+  assert not set(datasets.read_pairs(data.train, data)) & set(dev)
 
 
 def test_holdout_larger_than_the_corpus_is_named(tmp_path):
   _, path = _holdout_corpus(tmp_path)
   data = _data_config(train=f"tsv:{path}", eval="holdout:60")
-  with pytest.raises(corpora.CorpusError, match=r"holdout:60.*has only 60"):
+  with pytest.raises(datasets.CorpusError, match=r"holdout:60.*has only 60"):
     _read(data.eval, data)
 
 
@@ -462,13 +460,16 @@ def test_holdout_larger_than_the_corpus_is_named(tmp_path):
     ("tsv:a.tsv", "holdout:0", "config.data.eval='holdout:0' is invalid: holdout:N needs"),
     ("tsv:a.tsv", "holdout:x", "config.data.eval='holdout:x' is invalid"),
     ("prepared:d", "holdout:5", "run nmt-prepare with data.eval=holdout:N"),
+    ("csv:x.csv", "holdout:5", "config.data.train='csv:x.csv' is invalid: must start with one "
+                               "of embedded:, tsv:, text:, tfds:, prepared:, holdout:"),
+    ("tsv:", "holdout:5", "config.data.train='tsv:' is invalid: tsv: needs a PATH; the form "
+                          "is tsv:PATH[:SRC_COL:TGT_COL]"),
 ])
-def test_holdout_config_errors(train, eval_, message):
-  from configs import validate
+def test_source_config_errors_name_the_key(train, eval_, message):
   config = default.get_config()
   config.data.train, config.data.eval = train, eval_
   with pytest.raises(validate.ConfigError, match=re.escape(message)):
-    validate.validate(config)
+    datasets.check_sources(config)
 
 
 def test_embedded_deu_eng_splits_are_disjoint_by_the_holdout_rule():
@@ -479,7 +480,7 @@ def test_embedded_deu_eng_splits_are_disjoint_by_the_holdout_rule():
   assert not sources["train"] & sources["dev"] and not sources["test"] & (
       sources["train"] | sources["dev"])
   # dev = the pairs with the smallest source hashes, as data.eval=holdout:2000 would carve it.
-  hashes = {k: corpora._source_hash(tf.constant(sorted(v))).numpy() for k, v in sources.items()}
+  hashes = {k: datasets._source_hash(tf.constant(sorted(v))).numpy() for k, v in sources.items()}
   assert hashes["dev"].max() < hashes["train"].min()
   assert splits["test"][0] == ("Ich glaube, du hast, was ich brauche.",
                                "I think you've got what I need.")

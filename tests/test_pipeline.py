@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from configs import tiny
+from input_pipeline import datasets
 from input_pipeline import pipeline
 from input_pipeline import tokenizer as tokenizer_lib
 import word_pairs  # tests/word_pairs.py
@@ -53,7 +54,7 @@ def _rows(batch, key):
 
 
 def _all_batches(config, tokenizer, split="eval", **kwargs):
-  return list(pipeline.make_dataset(config, tokenizer, split, **kwargs).as_numpy_iterator())
+  return list(datasets.make_dataset(config, tokenizer, split, **kwargs).as_numpy_iterator())
 
 
 def test_padded_shapes_is_the_reachable_grid(config):
@@ -91,7 +92,7 @@ def test_filter_length_drops_or_truncates_and_counts(config, policy):
 
 
 def test_train_batches_are_on_the_grid(config, tokenizer):
-  dataset = pipeline.make_dataset(config, tokenizer, "train")
+  dataset = datasets.make_dataset(config, tokenizer, "train")
   lengths = set()
   for batch in dataset.take(60).as_numpy_iterator():
     source, target = batch["source"], batch["target"]
@@ -107,7 +108,7 @@ def test_train_batches_are_on_the_grid(config, tokenizer):
 
 
 def test_train_order_is_seeded(config, tokenizer):
-  first, second = (next(iter(pipeline.make_dataset(config, tokenizer, "train")))
+  first, second = (next(iter(datasets.make_dataset(config, tokenizer, "train")))
                    for _ in range(2))
   assert (first["source"].numpy() == second["source"].numpy()).all()
 
@@ -132,7 +133,7 @@ def test_token_budget_batching(config, tokenizer):
   context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=0,
                                        num_replicas_in_sync=2)
   assert pipeline.bucket_batch_sizes(config, context) == [64 // 6, 64 // 10, 64 // 16]
-  batches = pipeline.make_dataset(config, tokenizer, "train", input_context=context)
+  batches = datasets.make_dataset(config, tokenizer, "train", input_context=context)
   for batch in batches.take(20).as_numpy_iterator():
     rows, length = batch["source"].shape
     assert rows * length <= 64 and rows == 64 // length
@@ -154,13 +155,13 @@ def test_the_replicas_of_a_step_share_a_length_and_resume_exactly(config, tokeni
   sizes = dict(zip(_GRID, pipeline.bucket_batch_sizes(config, context)))
   assert sizes == ({6: 2, 10: 2, 16: 2} if batch_by == "sentences" else
                    {6: 64 // 6, 10: 64 // 10, 16: 64 // 16})
-  straight = list(pipeline.make_dataset(config, tokenizer, "train", input_context=context)
+  straight = list(datasets.make_dataset(config, tokenizer, "train", input_context=context)
                   .take(4 * 30).as_numpy_iterator())
   steps = _steps(straight, 4)
   for shapes in steps:
     assert [tuple(s) for s in shapes] == [(sizes[shapes[0][1]], shapes[0][1])] * 4, shapes
   assert {shapes[0][1] for shapes in steps} == set(_GRID)
-  resumed = pipeline.make_dataset(config, tokenizer, "train", input_context=context,
+  resumed = datasets.make_dataset(config, tokenizer, "train", input_context=context,
                                   start_step=7)
   for i, batch in enumerate(resumed.take(8).as_numpy_iterator()):
     np.testing.assert_array_equal(batch["source"], straight[4 * 7 + i]["source"])
@@ -206,7 +207,7 @@ def test_plugs_into_distribute_datasets_from_function(config, tokenizer):
   strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
   stats = pipeline.LengthStats()
   dataset = strategy.distribute_datasets_from_function(
-      lambda ctx: pipeline.make_dataset(config, tokenizer, "train", input_context=ctx,
+      lambda ctx: datasets.make_dataset(config, tokenizer, "train", input_context=ctx,
                                         length_stats=stats))
   batch = next(iter(dataset))
   shapes = [t.shape for t in strategy.experimental_local_results(batch["target"])]
@@ -217,18 +218,17 @@ def test_plugs_into_distribute_datasets_from_function(config, tokenizer):
 def test_an_unknown_split_is_named(config, tokenizer):
   # Config values are checked once at start-up (configs/validate.py, test_configs.py).
   with pytest.raises(ValueError, match="split"):
-    pipeline.make_dataset(config, tokenizer, "test")
+    datasets.make_dataset(config, tokenizer, "test")
 
 
 @pytest.mark.slow
-def test_embedded_corpus_batches_on_the_tiny_grid(request, tmp_path):
-  pytest.importorskip("input_pipeline.cldr_numbers")
+def test_embedded_corpus_batches_on_the_tiny_grid(embedded_data_dir, tmp_path):
   config = tiny.get_config()
-  config.data.tfds_data_dir = request.getfixturevalue("embedded_data_dir")
+  config.data.tfds_data_dir = embedded_data_dir
   config.tokenizer.sample_size = 5000
   tok = tokenizer_lib.load_or_train(config.tokenizer, str(tmp_path),
-                                    pipeline.tokenizer_sample(config))
+                                    datasets.tokenizer_sample(config))
   grid = pipeline.padded_shapes(config)
-  for batch in pipeline.make_dataset(config, tok, "train").take(20).as_numpy_iterator():
+  for batch in datasets.make_dataset(config, tok, "train").take(20).as_numpy_iterator():
     assert batch["source"].shape[1] == batch["target"].shape[1]
     assert batch["source"].shape[1] in grid

@@ -15,7 +15,8 @@ import tensorflow as tf
 
 from configs import tiny
 from input_pipeline import corpora
-from input_pipeline import pipeline
+from input_pipeline import datasets
+from input_pipeline import prepare
 from input_pipeline import prepared
 from input_pipeline import tokenizer as tokenizer_lib
 import word_pairs  # tests/word_pairs.py
@@ -48,7 +49,7 @@ def corpus(tmp_path_factory):
   (root / "pairs.tsv").write_text("".join(lines), encoding="utf-8")
   (root / "eval.tsv").write_text("".join(lines[:120]), encoding="utf-8")
   config = _config(f"tsv:{root / 'pairs.tsv'}", f"tsv:{root / 'eval.tsv'}")
-  prepared.prepare(config, str(root / "data"), shard_examples=50)
+  prepare.prepare(config, str(root / "data"), shard_examples=50)
   return config, str(root / "data")
 
 
@@ -64,7 +65,7 @@ def tokenizer(corpus, tmp_path_factory):
   """The run's tokenizer: copied from the prepared directory, as nmt-train does."""
   config = _prepared_config(corpus)
   return tokenizer_lib.load_or_train(config.tokenizer, str(tmp_path_factory.mktemp("run")),
-                                     pipeline.tokenizer_sample(config))
+                                     datasets.tokenizer_sample(config))
 
 
 def _rows(batch, key="source"):
@@ -75,17 +76,17 @@ def _expected_sources(corpus, tokenizer):
   """EOS-terminated source ids of the pairs the raw pipeline keeps (same tokenizer)."""
   config = corpus[0].copy_and_resolve_references()
   config.data.eval = config.data.train
-  batches = pipeline.make_dataset(config, tokenizer, "eval").as_numpy_iterator()
+  batches = datasets.make_dataset(config, tokenizer, "eval").as_numpy_iterator()
   return collections.Counter(row for batch in batches for row in _rows(batch))
 
 
 def test_parse_source_prepared_forms():
-  assert corpora.parse_source("prepared:/d").paths == ("/d",)
-  assert corpora.parse_source("prepared:/d").split == ""
-  assert corpora.parse_source("prepared:/d:eval").split == "eval"
-  assert corpora.parse_source("prepared:gs://b/d").paths == ("gs://b/d",)
+  assert datasets.parse_source("prepared:/d").paths == ("/d",)
+  assert datasets.parse_source("prepared:/d").split == ""
+  assert datasets.parse_source("prepared:/d:eval").split == "eval"
+  assert datasets.parse_source("prepared:gs://b/d").paths == ("gs://b/d",)
   with pytest.raises(ValueError, match="prepared:DIR"):
-    corpora.parse_source("prepared:")
+    datasets.parse_source("prepared:")
 
 
 def test_manifest_counts_every_line_and_rerun_only_verifies(corpus):
@@ -100,7 +101,7 @@ def test_manifest_counts_every_line_and_rerun_only_verifies(corpus):
   assert manifest["tokenizer"]["config"]["vocab_size"] == 60
   assert not [n for n in os.listdir(directory) if n.endswith(".tmp")]
   mtimes = {n: os.path.getmtime(os.path.join(directory, n)) for n in os.listdir(directory)}
-  assert prepared.prepare(config, directory, shard_examples=50) == manifest
+  assert prepare.prepare(config, directory, shard_examples=50) == manifest
   assert mtimes == {n: os.path.getmtime(os.path.join(directory, n))
                     for n in os.listdir(directory)}
 
@@ -114,15 +115,15 @@ def test_unfinished_directory_is_refused_then_prepared_again(corpus, tokenizer, 
   run_config = _prepared_config((config, copy))
   with pytest.raises(prepared.PreparedDataError, match=r"manifest.json does not exist.*"
                      r"run nmt-prepare"):
-    pipeline.make_dataset(run_config, tokenizer, "train")
-  prepared.prepare(config, copy, shard_examples=50)
+    datasets.make_dataset(run_config, tokenizer, "train")
+  prepare.prepare(config, copy, shard_examples=50)
   assert not [n for n in os.listdir(copy) if n.endswith(".tmp")]
   assert prepared.load_manifest(copy)["splits"] == prepared.load_manifest(directory)["splits"]
 
 
 def test_train_batches_are_on_the_grid(corpus, tokenizer):
   config = _prepared_config(corpus)
-  for batch in pipeline.make_dataset(config, tokenizer, "train").take(60).as_numpy_iterator():
+  for batch in datasets.make_dataset(config, tokenizer, "train").take(60).as_numpy_iterator():
     source, target = batch["source"], batch["target"]
     assert source.shape == target.shape and source.dtype == target.dtype == "int32"
     assert source.shape[0] == 8 and source.shape[1] in _GRID
@@ -142,7 +143,7 @@ def test_two_pipelines_split_the_corpus_exactly_once(corpus, tokenizer):
   per_pipeline = []
   for index in range(2):
     context = tf.distribute.InputContext(2, index, 2)
-    batches = pipeline.make_dataset(config, tokenizer, "train", input_context=context,
+    batches = datasets.make_dataset(config, tokenizer, "train", input_context=context,
                                     repeat=False)
     per_pipeline.append(collections.Counter(
         row for batch in batches.as_numpy_iterator() for row in _rows(batch)))
@@ -153,21 +154,21 @@ def test_two_pipelines_split_the_corpus_exactly_once(corpus, tokenizer):
 
 def test_eval_split_keeps_every_pair_and_its_text(corpus, tokenizer):
   config = _prepared_config(corpus)
-  batches = list(pipeline.make_dataset(config, tokenizer, "eval").as_numpy_iterator())
+  batches = list(datasets.make_dataset(config, tokenizer, "eval").as_numpy_iterator())
   examples = prepared.load_manifest(corpus[1])["splits"]["eval"]["examples"]
   assert sum(b["source"].shape[0] for b in batches) == examples
   assert all(b["source"].shape[1] in _GRID for b in batches)
-  pairs = list(corpora.read_pairs(config.data.eval, config.data))
+  pairs = list(datasets.read_pairs(config.data.eval, config.data))
   assert len(pairs) == examples and pairs[0] == _make_pairs(_NUM_PAIRS)[0]
 
 
 def test_prepare_with_a_holdout_dev_set_stores_both_sides(corpus, tmp_path):
   raw, _ = corpus
   config = _config(raw.data.train, "holdout:40")
-  manifest = prepared.prepare(config, str(tmp_path / "data"), shard_examples=200)
-  raw_dev = list(corpora.read_pairs("holdout:40", config.data))
+  manifest = prepare.prepare(config, str(tmp_path / "data"), shard_examples=200)
+  raw_dev = list(datasets.read_pairs("holdout:40", config.data))
   config.data.eval = f"prepared:{tmp_path / 'data'}:eval"
-  dev = list(corpora.read_pairs(config.data.eval, config.data))
+  dev = list(datasets.read_pairs(config.data.eval, config.data))
   assert set(dev) <= set(raw_dev) and dev  # Less the over-long pairs, as in training.
   seen = {split: manifest["splits"][split]["length_filter"]["seen"] for split in ("train", "eval")}
   assert seen == {"train": _NUM_PAIRS - len(raw_dev), "eval": len(raw_dev)}, seen
@@ -181,12 +182,13 @@ def test_resume_at_any_step_gives_the_uninterrupted_batches(corpus, tokenizer,
   context = tf.distribute.InputContext(num_pipelines, num_pipelines - 1, replicas)
   per_step = replicas // num_pipelines
   epoch = prepared.Plan(config, corpus[1], prepared._pipeline_shards(
-      prepared.load_manifest(corpus[1]), corpus[1], "train", context), context).epoch_batches
+      prepared.load_manifest(corpus[1]), corpus[1], "train", corpora.Shard.of(context)),
+      context).epoch_batches
   steps = [0, 1, epoch // per_step, epoch // per_step + 1, 2 * epoch // per_step + 3]
-  straight = pipeline.make_dataset(config, tokenizer, "train", input_context=context)
+  straight = datasets.make_dataset(config, tokenizer, "train", input_context=context)
   batches = list(straight.take(steps[-1] * per_step + 3).as_numpy_iterator())  # 2+ epochs.
   for step in steps:
-    resumed = pipeline.make_dataset(config, tokenizer, "train", input_context=context,
+    resumed = datasets.make_dataset(config, tokenizer, "train", input_context=context,
                                     start_step=step)
     for i, batch in enumerate(resumed.take(3).as_numpy_iterator()):
       for key in ("source", "target"):
@@ -206,7 +208,7 @@ def test_the_replicas_of_a_step_share_a_length(corpus, tokenizer, through):
         for _ in range(2)]
     config.data.service_address = dispatcher.target
   try:
-    batches = pipeline.make_dataset(config, tokenizer, "train",
+    batches = datasets.make_dataset(config, tokenizer, "train",
                                     input_context=tf.distribute.InputContext(1, 0, 4))
     shapes = [b["source"].shape for b in batches.take(4 * 40).as_numpy_iterator()]
   finally:
@@ -219,7 +221,7 @@ def test_the_replicas_of_a_step_share_a_length(corpus, tokenizer, through):
 
 def test_resume_a_million_steps_in(corpus, tokenizer):
   config = _prepared_config(corpus)
-  batch = next(iter(pipeline.make_dataset(config, tokenizer, "train", start_step=10**6)))
+  batch = next(iter(datasets.make_dataset(config, tokenizer, "train", start_step=10**6)))
   assert batch["source"].shape[0] == 8 and batch["source"].shape[1] in _GRID
 
 
@@ -227,9 +229,9 @@ def test_raw_source_resume_skips_one_batch_per_replica(corpus, tokenizer):
   """The raw path replays: on 2 replicas of one pipeline, step N is batch 2N."""
   config = corpus[0]
   context = tf.distribute.InputContext(1, 0, 2)
-  straight = list(pipeline.make_dataset(config, tokenizer, "train", input_context=context)
+  straight = list(datasets.make_dataset(config, tokenizer, "train", input_context=context)
                   .take(8).as_numpy_iterator())
-  resumed = pipeline.make_dataset(config, tokenizer, "train", input_context=context,
+  resumed = datasets.make_dataset(config, tokenizer, "train", input_context=context,
                                   start_step=3)
   np.testing.assert_array_equal(next(resumed.as_numpy_iterator())["source"],
                                 straight[6]["source"])
@@ -240,12 +242,12 @@ def test_shard_corrupted_after_the_check_is_a_clear_error(corpus, tokenizer, tmp
   shutil.copytree(corpus[1], copy)
   config = _prepared_config((corpus[0], copy))
   config.data.shuffle_buffer = 0  # Groups in order: group 0 holds train-00000.
-  dataset = pipeline.make_dataset(config, tokenizer, "train")  # Checked here.
+  dataset = datasets.make_dataset(config, tokenizer, "train")  # Checked here.
   for path in _shard_files(copy, 0):
     _corrupt(path, truncate=False)
-  with pytest.raises(corpora.CorpusError, match=r"prepared shard is corrupted .*run "
+  with pytest.raises(datasets.CorpusError, match=r"prepared shard is corrupted .*run "
                      r"nmt-prepare again with the same --output_dir"):
-    with corpora.surface_corpus_errors():
+    with datasets.surface_corpus_errors():
       for _ in dataset.take(200):
         pass
 
@@ -254,9 +256,9 @@ def test_prepare_enforces_max_skip_fraction(tmp_path):
   lines = [f"{s}\t{t}\n" for s, t in _make_pairs(100)] + ["no tab\n"] * 5
   (tmp_path / "bad.tsv").write_text("".join(lines), encoding="utf-8")
   config = _config(f"tsv:{tmp_path / 'bad.tsv'}", f"tsv:{tmp_path / 'bad.tsv'}")
-  with pytest.raises(corpora.CorpusError, match=r"bad.tsv: 5 of 105 lines skipped .*"
+  with pytest.raises(datasets.CorpusError, match=r"bad.tsv: 5 of 105 lines skipped .*"
                                                 r"data.max_skip_fraction"):
-    prepared.prepare(config, str(tmp_path / "out"))
+    prepare.prepare(config, str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out" / prepared.MANIFEST)
 
 
@@ -350,7 +352,7 @@ def test_damaged_directory_is_one_clear_error(corpus, tokenizer, tmp_path, damag
       f.truncate(100)
   config = _prepared_config((corpus[0], copy))
   with pytest.raises(prepared.PreparedDataError, match=message) as error:
-    pipeline.make_dataset(config, tokenizer, "train")
+    datasets.make_dataset(config, tokenizer, "train")
   assert copy in str(error.value) and "\n" not in str(error.value)
   assert "nmt-prepare" in str(error.value)
 
@@ -366,7 +368,7 @@ def test_other_config_than_prepared_names_the_key(corpus, tokenizer, key, value)
   with pytest.raises(prepared.PreparedDataError,
                      match=rf"{corpus[1]}/manifest.json was prepared with another config "
                            rf"\({key}: prepared .* vs config"):
-    pipeline.make_dataset(config, tokenizer, "train")
+    datasets.make_dataset(config, tokenizer, "train")
 
 
 def test_workdir_with_another_tokenizer_is_refused(corpus, tmp_path):
@@ -374,7 +376,7 @@ def test_workdir_with_another_tokenizer_is_refused(corpus, tmp_path):
   pairs = [(s + " extra", t + " words") for s, t in _make_pairs(300, seed=5)]
   other = tokenizer_lib.load_or_train(config.tokenizer, str(tmp_path), lambda: iter(pairs))
   with pytest.raises(prepared.PreparedDataError, match="another tokenizer than the run's"):
-    pipeline.make_dataset(config, other, "train")
+    datasets.make_dataset(config, other, "train")
 
 
 def test_nmt_prepare_cli_verifies_and_reports_a_corrupted_shard(corpus, tmp_path):
@@ -435,7 +437,7 @@ def test_tf_data_service_with_two_workers_trains_the_tiny_config(corpus, tmp_pat
 
 
 def test_kubernetes_data_service_manifest_parses():
-  yaml = pytest.importorskip("yaml")
+  import yaml  # PyYAML: ml_collections depends on it.
   with open(os.path.join(_ROOT, "launch", "k8s", "data-service.yaml")) as f:
     kinds = [doc["kind"] for doc in yaml.safe_load_all(f)]
   assert kinds == ["Service", "Deployment", "Deployment"]
@@ -466,7 +468,7 @@ def test_every_train_shard_is_a_sample_of_the_whole_corpus(tmp_path):
       "".join(f"zahl {i}\t{i}\n" for i in range(50)), encoding="utf-8")
   config = _config(f"tsv:{tmp_path / 'numbers.tsv'}", f"tsv:{tmp_path / 'eval.tsv'}")
   directory = str(tmp_path / "data")
-  prepared.prepare(config, directory, shard_examples=1000)
+  prepare.prepare(config, directory, shard_examples=1000)
   tokenizer = tokenizer_lib.load_or_train(config.tokenizer, directory, None)
   shards = [[int(text) for text in texts] for texts in _train_targets(directory, tokenizer)]
   assert len(shards) == 20 and sorted(sum(shards, [])) == list(range(lines))
@@ -475,7 +477,7 @@ def test_every_train_shard_is_a_sample_of_the_whole_corpus(tmp_path):
                      for numbers in shards])
   assert counts.max() <= 2 * stretch // 20, counts.max()
   assert counts.min() >= 1, counts.min()
-  eval_text = list(prepared.read_text(corpora.parse_source(f"prepared:{directory}:eval")))
+  eval_text = list(prepared.read_text(datasets.parse_source(f"prepared:{directory}:eval")))
   assert [int(target.numpy()) for _, target in eval_text] == list(range(50))
 
 
@@ -483,15 +485,15 @@ def test_spread_through_run_files_gives_the_same_shards(corpus, tmp_path, monkey
   """A split larger than one in-memory run is sorted through run files (here 3 KB runs,
   merged 3 at a time in two passes): the same shards, byte for byte, no file left over."""
   config, directory = corpus
-  monkeypatch.setattr(prepared, "_RUN_BYTES", 3000)
-  monkeypatch.setattr(prepared, "_MERGE_RUNS", 3)
+  monkeypatch.setattr(prepare, "_RUN_BYTES", 3000)
+  monkeypatch.setattr(prepare, "_MERGE_RUNS", 3)
   copy = str(tmp_path / "data")
-  prepared.prepare(config, copy, shard_examples=50)
+  prepare.prepare(config, copy, shard_examples=50)
   assert prepared.load_manifest(copy)["splits"] == prepared.load_manifest(directory)["splits"]
   assert not [name for name in os.listdir(copy) if name.endswith(".tmp")]
   other = config.copy_and_resolve_references()
   other.seed += 1
-  monkeypatch.setattr(prepared, "_RUN_BYTES", 1 << 27)
-  prepared.prepare(other, str(tmp_path / "other"), shard_examples=50)
+  monkeypatch.setattr(prepare, "_RUN_BYTES", 1 << 27)
+  prepare.prepare(other, str(tmp_path / "other"), shard_examples=50)
   assert (prepared.load_manifest(str(tmp_path / "other"))["splits"]["train"]["shards"]
           != prepared.load_manifest(directory)["splits"]["train"]["shards"])

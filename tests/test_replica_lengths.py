@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from configs import tiny
-from input_pipeline import prepared
+from input_pipeline import prepare
 import word_pairs  # tests/word_pairs.py
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +22,7 @@ from trainer import distribute
 distribute.split_cpu(int(sys.argv[3]))
 import tensorflow as tf
 from configs import tiny
-from input_pipeline import pipeline
+from input_pipeline import datasets
 from input_pipeline import tokenizer as tokenizer_lib
 source, workdir, _, batch_size, steps = sys.argv[1:6]
 config = tiny.get_config()
@@ -33,11 +33,11 @@ config.data.shuffle_buffer = 100
 config.tokenizer.vocab_size = 60
 config.train.batch_size = int(batch_size)
 tokenizer = tokenizer_lib.load_or_train(config.tokenizer, workdir,
-                                        pipeline.tokenizer_sample(config))
+                                        datasets.tokenizer_sample(config))
 strategy = tf.distribute.MirroredStrategy(
     [d.name for d in tf.config.list_logical_devices("CPU")])
 dataset = strategy.distribute_datasets_from_function(
-    lambda ctx: pipeline.make_dataset(config, tokenizer, "train", input_context=ctx))
+    lambda ctx: datasets.make_dataset(config, tokenizer, "train", input_context=ctx))
 shapes = [[list(t.shape) for t in strategy.experimental_local_results(batch["source"])]
           for batch, _ in zip(dataset, range(int(steps)))]
 print(json.dumps(shapes))
@@ -61,7 +61,7 @@ def sources(tmp_path_factory):
   lines = [f"{src}\t{tgt}\n" for src, tgt in word_pairs.make_pairs(600)]
   (root / "pairs.tsv").write_text("".join(lines), encoding="utf-8")
   raw = f"tsv:{root / 'pairs.tsv'}"
-  prepared.prepare(_config(raw), str(root / "data"), shard_examples=50)
+  prepare.prepare(_config(raw), str(root / "data"), shard_examples=50)
   return {"raw": raw, "prepared": f"prepared:{root / 'data'}"}
 
 
