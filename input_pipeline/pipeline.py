@@ -17,7 +17,7 @@ import tensorflow as tf
 from input_pipeline.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 # Strings per SentencePiece call: one op call per batch is ~10x faster than one per
-# example (see benchmark.py and the README).
+# example (see benchmark.py and docs/data.md).
 TOKENIZE_BATCH = 256
 
 

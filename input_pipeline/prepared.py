@@ -29,7 +29,7 @@ serialized records, before parsing.
 Why this and not checkpointing the tf.data iterator: nmt-train's distributed iterator
 (distribute_datasets_from_function) cannot be saved in a checkpoint, a saved shuffle
 buffer would add to every checkpoint, and neither works through the tf.data service. The
-README (Prepared corpora) has the measured cost of both paths.
+docs/prepared.md has the measured cost of both paths.
 
 Cost (design note). At any step N, resuming costs: one manifest read, a size and sha256
 check of this pipeline's shards, O(G) arithmetic, and skipping at most one group's batches
