@@ -24,8 +24,10 @@ from typing import Dict, Sequence
 import numpy as np
 
 from configs import tiny
+from configs import validate
 from input_pipeline import pipeline
 from trainer import bench
+from trainer import run_setup
 from trainer import train
 
 
@@ -52,12 +54,12 @@ def _load(path: str):
   return module
 
 
-def _distributed(run: train.Run, module):
+def _distributed(run: run_setup.Run, module):
   return run.strategy.distribute_datasets_from_function(
       lambda ctx: module.make_dataset(run.config, run.tokenizer, "train", input_context=ctx))
 
 
-def replica_lengths(run: train.Run, module, skip: int, num_steps: int) -> Dict:
+def replica_lengths(run: run_setup.Run, module, skip: int, num_steps: int) -> Dict:
   """Steps skip..skip+num_steps of `module`'s stream, replayed: the replicas' lengths as
   MirroredStrategy deals them out (what a synchronous step waits for vs. needs)."""
   steps = iter(_distributed(run, module))
@@ -75,7 +77,7 @@ def replica_lengths(run: train.Run, module, skip: int, num_steps: int) -> Dict:
 
 def compare(config, workdir: str, modules: Dict, rounds: int, steps: int) -> Dict:
   """{name: step times and replica lengths} for each pipeline module, timed alternately."""
-  run = train.setup(config, workdir)
+  run = run_setup.setup(config, workdir)
   train_loop = train.make_train_loop(run.strategy, train.make_replica_step(
       run.model, run.optimizer, run.config, run.strategy))
   bench._warm_up(run, train_loop, run.config)  # pylint: disable=protected-access
@@ -107,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   tsv = os.path.join(workdir, "pairs.tsv")
   bench.write_synthetic_tsv(tsv, args.pairs, min_words=2, max_words=60, vocab_words=300)
   config = make_config(tsv, args.replicas)
+  validate.validate(config)
   modules = {"after": pipeline}
   if args.before:
     modules = {"before": _load(args.before), **modules}

@@ -76,6 +76,18 @@ def test_nccl_without_gpus_is_refused():
   assert distribute.resolve_modes(config, A100).distribute.collective == "nccl"
 
 
+def test_a_sentence_batch_that_does_not_split_over_the_replicas_is_refused():
+  config = tiny.get_config()  # batch_size 64.
+  config.data.batch_by = "sentences"
+  assert distribute.resolve_modes(config, CPU, num_replicas=4).train.batch_size == 64
+  with pytest.raises(validate.ConfigError,
+                     match=re.escape("config.train.batch_size=64 is invalid: must be "
+                                     "divisible by the number of replicas (3)")):
+    distribute.resolve_modes(config, CPU, num_replicas=3)
+  config.data.batch_by = "tokens"  # A token budget: no sentence count to split.
+  distribute.resolve_modes(config, CPU, num_replicas=3)
+
+
 @pytest.mark.parametrize("flags, bf16", [
     ("fpu avx2 avx512f avx512_vnni", False),  # Cascade Lake: bf16 only emulated.
     ("fpu avx512f avx512_bf16", False),  # Cooper Lake, Zen 4: measured slower than fp32.

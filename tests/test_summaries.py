@@ -1,4 +1,5 @@
-"""The progress line's durations: an ETA of a long run never wraps at 24 hours."""
+"""The progress line's durations (an ETA of a long run never wraps at 24 hours), and the
+TensorBoard tags a run writes."""
 import pytest
 
 from trainer import summaries
@@ -12,3 +13,24 @@ from trainer import summaries
 ])
 def test_format_duration_counts_days(seconds, text):
   assert summaries.format_duration(seconds) == text
+
+
+@pytest.mark.slow
+def test_a_run_writes_the_tags_summaries_declares(tiny_run):
+  """summaries.py chooses every tag (callers pass values): a run's event files hold
+  exactly summaries.TAGS, besides the HParams plugin's own and the attention images."""
+  import os
+  import re
+  from tensorboard.backend.event_processing import event_accumulator
+  _, workdir, _ = tiny_run
+  found = {}
+  for run in ("train", "eval"):
+    events = event_accumulator.EventAccumulator(os.path.join(workdir, run))
+    events.Reload()
+    found[run] = {t for t in events.Tags()["tensors"] if not t.startswith("_hparams_/")}
+  attention = re.compile(summaries.ATTENTION_TAG.format(search="(greedy|beam)",
+                                                        index=r"\d+") + "$")
+  assert any(attention.match(t) for t in found["eval"]), found["eval"]
+  found["eval"] = {t for t in found["eval"] if not attention.match(t)}
+  assert found == {"train": set(summaries.TAGS["train"]) - {"loss_scale"},  # float32
+                   "eval": set(summaries.TAGS["eval"])}

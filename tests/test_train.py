@@ -7,6 +7,7 @@ import tensorflow as tf
 from configs import tiny
 from trainer import distribute
 from trainer import model as model_lib
+from trainer import run_setup
 from trainer import train
 
 VOCAB = 40
@@ -43,7 +44,7 @@ def _setup(strategy, config, policy="float32"):
   config = distribute.resolve_modes(config, distribute.Devices())  # A CPU, whatever runs.
   with strategy.scope():
     model = model_lib.create_model(config, VOCAB, VOCAB, policy)
-    optimizer = train.create_optimizer(config, policy)
+    optimizer = run_setup.create_optimizer(config, policy)
     optimizer.build(model.trainable_variables)
   return model, optimizer
 

@@ -7,6 +7,7 @@ import tensorflow as tf
 from configs import tiny
 from trainer import distribute
 from trainer import model as model_lib
+from trainer import run_setup
 from trainer import train
 
 pytestmark = pytest.mark.slow
@@ -92,7 +93,7 @@ def _update(config, batches_per_step, steps):
   strategy = _one()
   with strategy.scope():
     model = model_lib.create_model(config, 40, 40)
-    optimizer = train.create_optimizer(config, "float32")
+    optimizer = run_setup.create_optimizer(config, "float32")
     optimizer.build(model.trainable_variables)
   dataset = tf.data.Dataset.from_generator(
       lambda: iter(batches_per_step), output_signature={
@@ -175,14 +176,14 @@ def test_skipped_updates_keep_one_step_count_for_names_data_and_stopping(
 def test_raw_corpus_on_a_cluster_or_resumed_says_to_prepare_it():
   config = tiny.get_config()
   config.data.train = "tsv:/data/big.tsv"
-  assert train.raw_input_warning(config, multi_worker=False, start_step=0) is None
-  resumed = train.raw_input_warning(config, multi_worker=False, start_step=10**6)
+  assert run_setup.raw_input_warning(config, multi_worker=False, start_step=0) is None
+  resumed = run_setup.raw_input_warning(config, multi_worker=False, start_step=10**6)
   assert "resuming at step 1000000 replays" in resumed
   assert "nmt-prepare --config=<this config> --output_dir=DIR " \
          "--config.data.train=tsv:/data/big.tsv" in resumed
-  assert "every worker reads" in train.raw_input_warning(config, True, 0)
+  assert "every worker reads" in run_setup.raw_input_warning(config, True, 0)
   config.data.train = "prepared:/data/prep"
-  assert train.raw_input_warning(config, multi_worker=True, start_step=10**6) is None
+  assert run_setup.raw_input_warning(config, multi_worker=True, start_step=10**6) is None
 
 
 def test_sigterm_during_an_evaluation_stops_without_finishing_it(embedded_data_dir, tmp_path,

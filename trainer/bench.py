@@ -1,7 +1,7 @@
 """Training throughput: `nmt-bench train` times the real train loop and reports MFU;
 `nmt-bench doctor` trains a few steps in every mode combination the device allows.
 
-`run` builds a run exactly as `nmt-train` does (train.setup, make_replica_step,
+`run` builds a run exactly as `nmt-train` does (run_setup.setup, make_replica_step,
 make_train_loop), compiles every batch shape of the bucket grid first, then times
 `num_steps` steps of the configured input pipeline. Side-by-side comparisons with the
 seed tutorial and batch-size sweeps live in benchmarks/compare.py.
@@ -17,8 +17,10 @@ import numpy as np
 import tensorflow as tf
 
 from configs import validate as validate_lib
+from input_pipeline import datasets
 from input_pipeline import pipeline
 from trainer import distribute
+from trainer import run_setup
 from trainer import train
 
 # Words of the synthetic corpus: short, lowercase, ASCII, so the tutorial's preprocessing
@@ -150,13 +152,13 @@ def _grid_dataset_fn(config, vocab_size: int, repeats: int):
 def _call(train_loop, iterator, num_steps: int):
   """One train_loop call: (per-step metrics as numpy, input wait s, wall time s)."""
   start = time.perf_counter()
-  with pipeline.corpora.surface_corpus_errors():
+  with datasets.surface_corpus_errors():
     out, input_wait = train_loop(iterator, tf.constant(num_steps))
     out = {k: v.numpy() for k, v in out.items()}
   return out, float(input_wait), time.perf_counter() - start
 
 
-def _warm_up(run: train.Run, train_loop, config) -> Dict:
+def _warm_up(run: run_setup.Run, train_loop, config) -> Dict:
   """Runs each grid shape twice and one real batch, so that timing sees no compilation.
 
   A call counts as compiling when it took longer than its same-shape repeat by more than
@@ -178,7 +180,7 @@ def _warm_up(run: train.Run, train_loop, config) -> Dict:
               traces=train_loop.experimental_get_tracing_count() - traces_before)
 
 
-def _time_steps(run: train.Run, train_loop, num_steps: int, steps_per_loop: int) -> Dict:
+def _time_steps(run: run_setup.Run, train_loop, num_steps: int, steps_per_loop: int) -> Dict:
   """Times `num_steps` steps of the real iterator in train_loop calls of steps_per_loop."""
   step_times, wall, wait = [], 0.0, 0.0
   metrics = {k: [] for k in ("tokens", "examples", "length", "loss")}
@@ -204,7 +206,7 @@ def run(config, workdir: str, num_steps: int = 30) -> Dict:
   if num_steps <= 0:
     raise ValueError(f"num_steps={num_steps}; must be > 0.")
   load_before = os.getloadavg()[0]
-  run_ = train.setup(config, workdir)
+  run_ = run_setup.setup(config, workdir)
   config = run_.config  # Resolved: no 'auto' modes.
   train_loop = train.make_train_loop(run_.strategy, train.make_replica_step(
       run_.model, run_.optimizer, config, run_.strategy),
@@ -264,6 +266,7 @@ def doctor(config, workdir: str, num_steps: int = 3,
     variant.train.precision, variant.train.xla = precision, xla
     variant.model.recurrence = recurrence
     try:
+      validate_lib.validate(variant)  # The entry point validated `config`, not these modes.
       result = run(variant, workdir, num_steps)
     except Exception as e:  # pylint: disable=broad-except  # Reported, not raised: the
       # doctor's job is to say which combinations fail on this device and how.

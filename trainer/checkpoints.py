@@ -1,4 +1,5 @@
-"""A run directory for inference: its saved config, its checkpoints, restoring a model.
+"""A run directory: its saved config, its checkpoints and the run state they hold besides
+the weights (RunState), restoring a run to resume or a model for inference, its lock.
 
 `nmt-train` writes `<workdir>/config.json`, so `nmt-eval`, `nmt-translate` and
 `nmt-export` rebuild exactly the trained model from the workdir alone. Every failure says
@@ -11,7 +12,7 @@ import json
 import os
 import re
 import socket
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from absl import logging
 import ml_collections
@@ -167,6 +168,57 @@ def checkpoint_step(path: str) -> Optional[int]:
   """The training step of a checkpoint saved by nmt-train (`.../ckpt-<step>`)."""
   match = re.search(r"ckpt-(\d+)$", path)
   return int(match.group(1)) if match else None
+
+
+class RunState:
+  """Run-wide progress kept in the checkpoint besides model and optimizer: the steps
+  trained (batches consumed: the data position, checkpoint names, train.steps and dropout
+  seeds all count these; optimizer.iterations counts applied updates only, which lag it
+  by the skipped non-finite steps), the best dev BLEU (for checkpoints/best and early
+  stopping), evaluations since it last improved, and the wall-clock seconds trained so
+  far over all invocations (train.max_seconds)."""
+
+  def __init__(self):
+    with tf.init_scope():
+      self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+      self.best_bleu = tf.Variable(-1.0, dtype=tf.float64, trainable=False)
+      self.evals_without_gain = tf.Variable(0, dtype=tf.int64, trainable=False)
+      self.elapsed_s = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+
+  def variables(self) -> Dict[str, tf.Variable]:
+    return dict(step=self.step, best_bleu=self.best_bleu, evals_without_gain=self.evals_without_gain,
+                elapsed_s=self.elapsed_s)
+
+
+def training_checkpoint(model: model_lib.Seq2Seq, optimizer,
+                        state: RunState) -> tf.train.Checkpoint:
+  """What nmt-train saves: the model's variables, the optimizer's and the run state."""
+  return tf.train.Checkpoint(model=model_variables(model), optimizer=optimizer,
+                             **state.variables())
+
+
+def restore_latest(manager: tf.train.CheckpointManager, state: RunState, optimizer,
+                   model: model_lib.Seq2Seq) -> None:
+  """Restores the newest checkpoint that reads (a broken one is reported and skipped)."""
+  for directory in (manager.directory, os.path.join(manager.directory, "best")):
+    remove_partial_saves(directory)
+  paths = checkpoints_in(manager.directory)
+  if not paths:
+    return
+
+  def restore(path: str) -> None:
+    saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
+    if "step" in saved:
+      manager.checkpoint.restore(path).assert_existing_objects_matched()
+      return
+    # Saved before RunState.step existed: its step was optimizer.iterations.
+    legacy = {k: v for k, v in state.variables().items() if k != "step"}
+    tf.train.Checkpoint(model=model_variables(model), optimizer=optimizer,
+                        **legacy).restore(path).assert_existing_objects_matched()
+    state.step.assign(optimizer.iterations)
+
+  path = restore_newest_intact(paths, restore)
+  logging.info("Resumed from %s at step %d.", path, int(state.step.numpy()))
 
 
 @dataclasses.dataclass

@@ -1,7 +1,8 @@
 """Where a run executes: the device's modes, the strategy, and multi-worker plumbing.
 
 - `resolve_modes`: the precision x XLA x recurrence combination for the device present,
-  decided once at start-up from a `Devices` description (tests pass fake ones).
+  decided once at start-up from a `Devices` description (tests pass fake ones), and the
+  batch's split over the replicas.
 - `create_strategy`: one device, mirrored (local devices) or multi-worker.
 - Multi-worker plumbing: chief/scratch dirs, barriers, the shared tokenizer, agreeing on
   a step to stop at after a signal, and turning a dead peer into one clear error.
@@ -26,7 +27,7 @@ import ml_collections
 import tensorflow as tf
 
 from configs import validate as validate_lib
-from input_pipeline import pipeline
+from input_pipeline import datasets
 from input_pipeline import tokenizer as tokenizer_lib
 
 # Exit code of a run stopped by SIGTERM/SIGINT after saving a checkpoint (single- and
@@ -112,10 +113,11 @@ def mode_refusal(recurrence: str, xla: str, precision: str,
   return None
 
 
-def resolve_modes(config: ml_collections.ConfigDict,
-                  devices: Optional[Devices] = None) -> ml_collections.ConfigDict:
+def resolve_modes(config: ml_collections.ConfigDict, devices: Optional[Devices] = None,
+                  num_replicas: int = 1) -> ml_collections.ConfigDict:
   """A copy of `config` with every 'auto' mode replaced by what runs on `devices`
-  (default: this machine); ConfigError naming the keys if the combination cannot run.
+  (default: this machine); ConfigError naming the keys if the combination cannot run, or
+  if train.batch_size (in sentences) does not split over the strategy's `num_replicas`.
 
   auto: recurrence fused (plain TF ops: XLA-compilable on CPUs and GPUs); precision by
   `resolve_precision`; xla train_step, or decoder_step with recurrence=cudnn (no XLA kernel
@@ -137,6 +139,10 @@ def resolve_modes(config: ml_collections.ConfigDict,
   if config.distribute.collective == "nccl" and not devices.gpu:
     raise validate_lib.invalid("distribute.collective", "nccl",
                                "NCCL needs GPUs and this machine has none; use auto or ring")
+  if config.data.batch_by == "sentences" and t.batch_size % num_replicas:
+    raise validate_lib.invalid(
+        "train.batch_size", t.batch_size,
+        f"must be divisible by the number of replicas ({num_replicas}), which share it")
   return config
 
 
@@ -333,12 +339,12 @@ def shared_tokenizer(config: ml_collections.ConfigDict, workdir: str,
                      strategy: tf.distribute.Strategy) -> tokenizer_lib.Tokenizer:
   """The chief trains (or reuses) workdir's tokenizer; the other workers wait for it at a
   barrier and load it, so that all map text to the same ids (the workdir must be shared)."""
-  sample = pipeline.tokenizer_sample(config)
+  sample = datasets.tokenizer_sample(config)
   chief = is_chief(strategy)
   if chief:
     for split in ("train", "eval", "test"):
       if config.data[split]:
-        pipeline.corpora.prepare_source(config.data[split], config.data)
+        datasets.prepare_source(config.data[split], config.data)
     tokenizer = tokenizer_lib.load_or_train(config.tokenizer, workdir, sample)
   if is_multi_worker(strategy):
     barrier(strategy, BARRIER_TIMEOUT_S)

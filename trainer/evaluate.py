@@ -1,4 +1,5 @@
-"""Evaluation: held-out loss, translation of sentence lists, BLEU/chrF, attention probes."""
+"""Evaluation: held-out loss, translation of sentence lists, BLEU/chrF, attention probes,
+and what dev BLEU decides during training (the best checkpoint, early stopping)."""
 import contextlib
 import io
 import os
@@ -6,13 +7,14 @@ import sys
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from absl import logging
+import ml_collections
 import numpy as np
 import sacrebleu
 import tensorflow as tf
 
-from input_pipeline import corpora
-from input_pipeline import pipeline
+from input_pipeline import datasets
 from input_pipeline.tokenizer import EOS_ID
+from trainer import checkpoints
 from trainer import decode
 from trainer import summaries
 
@@ -58,7 +60,7 @@ def make_eval_dataset(config, tokenizer, num_replicas: int = 1) -> tf.data.Datas
   if num_replicas > 1:  # One pipeline feeding num_replicas replicas: per-replica batches.
     context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0,
                                          num_replicas_in_sync=num_replicas)
-  return pipeline.make_dataset(config, tokenizer, "eval", input_context=context)
+  return datasets.make_dataset(config, tokenizer, "eval", input_context=context)
 
 
 def eval_loss(eval_step, dataset: tf.data.Dataset) -> float:
@@ -255,9 +257,9 @@ def _warn_if_truncated(tokenizer, batch: List[str], first: int, max_length: int)
 def _write_attention(tokenizer, batch, first, sources, ids, weights, directory) -> None:
   keep = [i for i, line in enumerate(batch) if line.strip()]
   pngs = attention_pngs(tokenizer, [sources[i] for i in keep], [ids[i] for i in keep],
-                        [weights[i] for i in keep], [f"{first + i:06d}" for i in keep])
-  for name, png in pngs.items():
-    with tf.io.gfile.GFile(os.path.join(directory, name + ".png"), "wb") as f:
+                        [weights[i] for i in keep])
+  for i, png in zip(keep, pngs):
+    with tf.io.gfile.GFile(os.path.join(directory, f"{first + i:06d}.png"), "wb") as f:
       f.write(png)
 
 
@@ -269,16 +271,28 @@ def evaluate_checkpoint(config, tokenizer, model, beam_size: Optional[int] = Non
   does, with `beam_size` beams (default config.eval.beam_size). The loss batches are one
   of `num_replicas` replicas' share of the train batch (make_eval_dataset).
   """
-  with corpora.surface_corpus_errors():  # A bad eval file: its CorpusError, not tf.data's.
+  with datasets.surface_corpus_errors():  # A bad eval file: its CorpusError, not tf.data's.
     loss = eval_loss(make_eval_loss_fn(model),
                      make_eval_dataset(config, tokenizer, num_replicas))
   limit = config.data.eval_examples or None
-  pairs = list(corpora.read_pairs(config.data.eval, config.data, limit=limit))
+  pairs = list(datasets.read_pairs(config.data.eval, config.data, limit=limit))
   translate_ids = make_translate_fn(model, config, beam_size)
   hyps, _, _, _ = translate(translate_ids, tokenizer, [s for s, _ in pairs], config)
   metrics = score(hyps, [t for _, t in pairs])
   metrics.update(loss=loss, examples=len(pairs))
   return metrics
+
+
+def evaluate_test_set(config, tokenizer, model, step: int, *,
+                      num_replicas: int = 1) -> Dict:
+  """Scores all of config.data.test once (the final weights), as evaluate_checkpoint does
+  config.data.eval; logs one line. Its metrics, with `source` (config.data.test)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.eval, config.data.eval_examples = config.data.test, 0
+  metrics = evaluate_checkpoint(config, tokenizer, model, num_replicas=num_replicas)
+  logging.info("test (%s, %d pairs) at step %d: BLEU %.2f  chrF %.2f", config.data.test,
+               metrics["examples"], step, metrics["bleu"], metrics["chrf"])
+  return dict(metrics, source=config.data.test)
 
 
 def score(hypotheses: Sequence[str], references: Sequence[str]) -> Dict[str, float]:
@@ -287,10 +301,10 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> Dict[str, flo
           "chrf": sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score}
 
 
-def attention_pngs(tokenizer, sources, out_ids, weights, names) -> Dict[str, bytes]:
+def attention_pngs(tokenizer, sources, out_ids, weights) -> List[bytes]:
   """Labelled heatmaps for each (source ids, output ids, weights [T,S]) triple."""
-  pngs = {}
-  for name, src, ids, w in zip(names, sources, out_ids, weights):
+  pngs = []
+  for src, ids, w in zip(sources, out_ids, weights):
     src = [int(x) for x in src if x != 0]
     tgt = []
     for x in ids:
@@ -301,7 +315,7 @@ def attention_pngs(tokenizer, sources, out_ids, weights, names) -> Dict[str, byt
                   tokenizer.source_pieces(tf.constant(src, tf.int32)).numpy()]
     tgt_tokens = [p.decode() for p in
                   tokenizer.target_pieces(tf.constant(tgt, tf.int32)).numpy()]
-    pngs[name] = summaries.plot_attention(w[:len(tgt), :len(src)], src_tokens, tgt_tokens)
+    pngs.append(summaries.plot_attention(w[:len(tgt), :len(src)], src_tokens, tgt_tokens))
   return pngs
 
 
@@ -320,7 +334,7 @@ class Evaluator:
     self.greedy_ids = make_translate_fn(model, config, beam_size=1)
     self.dataset = make_eval_dataset(config, tokenizer, num_replicas)
     limit = config.data.eval_examples or None
-    pairs = list(corpora.read_pairs(config.data.eval, config.data, limit=limit))
+    pairs = list(datasets.read_pairs(config.data.eval, config.data, limit=limit))
     self.sources = [s for s, _ in pairs]
     self.references = [t for _, t in pairs]
     self.probes = list(config.eval.probe_sentences) + self.sources[:config.eval.num_probes]
@@ -330,7 +344,7 @@ class Evaluator:
                stop: Callable[[], bool] = lambda: False) -> Optional[Dict]:
     """The metrics; None if `stop()` turned True between decoding batches (a SIGTERM: the
     run saves and exits at once, not after the whole dev set)."""
-    with corpora.surface_corpus_errors():  # A bad eval file: its CorpusError.
+    with datasets.surface_corpus_errors():  # A bad eval file: its CorpusError.
       metrics = {"loss": eval_loss(self.eval_step, self.dataset)}
     metrics["perplexity"] = float(np.exp(min(metrics["loss"], 50.0)))
     hyps, size = [], self.config.eval.batch_size
@@ -346,19 +360,54 @@ class Evaluator:
     logging.info("eval at step %d: loss %.4f  BLEU %.2f  chrF %.2f", step,
                  metrics["loss"], metrics["bleu"], metrics["chrf"])
     if writer is not None:
-      summaries.write_scalars(writer, step, metrics)
-      self._write_attention(step, writer)
-      summaries.write_text(writer, step, "samples",
-                           [("source", "reference", "translation")] + self.samples)
+      summaries.write_eval(writer, step, metrics, self._attention(), self.samples)
     return metrics
 
-  def _write_attention(self, step: int, writer: tf.summary.SummaryWriter) -> None:
+  def _attention(self) -> Dict[str, List[bytes]]:
+    """The probe sentences' attention heatmaps by search: greedy, and beam if used."""
     searches = {"greedy": self.greedy_ids}
     if self.config.eval.beam_size > 1:
       searches["beam"] = self.translate_ids
+    pngs = {}
     for search, translate_ids in searches.items():
       _, ids, weights, srcs = translate(translate_ids, self.tokenizer, self.probes,
                                         self.config)
-      names = [f"attention/{search}/probe_{i}" for i in range(len(self.probes))]
-      summaries.write_images(writer, step, attention_pngs(
-          self.tokenizer, srcs, ids, weights, names))
+      pngs[search] = attention_pngs(self.tokenizer, srcs, ids, weights)
+    return pngs
+
+
+class BestTracker:
+  """What dev BLEU decides: checkpoints/best (kept when BLEU beats the best so far) and
+  early stopping (train.early_stopping_patience evaluations without a gain of
+  train.early_stopping_min_delta). The state is RunState's best_bleu and
+  evals_without_gain, saved in every checkpoint, so a resumed run goes on counting.
+
+  `update` runs where the Evaluator does (the chief); multi-worker, the others take the
+  chief's `evals_without_gain` (distribute.ChiefBroadcast) and `stop_reason` agrees.
+  """
+
+  def __init__(self, state: checkpoints.RunState, checkpoint: tf.train.Checkpoint,
+               run_dir: str, min_delta: float, patience: int):
+    self.best_bleu, self.evals_without_gain = state.best_bleu, state.evals_without_gain
+    self.min_delta, self.patience = min_delta, patience
+    self.manager = tf.train.CheckpointManager(
+        checkpoint, os.path.join(run_dir, "checkpoints", "best"), max_to_keep=1,
+        step_counter=state.step)
+
+  def update(self, step: int, bleu: float) -> None:
+    """Takes one evaluation's dev BLEU: saves checkpoints/best at `step` if it is the best
+    so far, and counts the evaluation against the patience unless it gained min_delta."""
+    best = float(self.best_bleu.numpy())
+    if bleu > best:
+      self.best_bleu.assign(bleu)
+      checkpoints.save(self.manager, step)
+    gained = bleu >= best + self.min_delta
+    self.evals_without_gain.assign(0 if gained else self.evals_without_gain + 1)
+
+  def stop_reason(self) -> Optional[str]:
+    """Why early stopping ends the run, naming the key to raise; None while it goes on."""
+    if self.patience and int(self.evals_without_gain.numpy()) >= self.patience:
+      return (f"stopped early: dev BLEU did not improve by {self.min_delta} in "
+              f"{self.patience} evaluations (config.train.early_stopping_patience)"
+              "; raise it to train further")
+    return None

@@ -9,7 +9,7 @@ import math
 import os
 import re
 import sys
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 # TensorFlow's C++ log: warnings and info off. On a machine without an NVIDIA driver its
 # only error-level lines are CUDA's "failed call to cuInit", which would read as a fault on
@@ -100,14 +100,25 @@ def _usage(command: str) -> str:
   return "\n".join(lines)
 
 
-def _train_main(argv) -> None:
-  del argv
+def _check_config(config, workdir: Optional[str] = None) -> None:
+  """The config's one check per process; the library trusts it after this. Its keys
+  (configs/validate.py) before the seconds of importing TensorFlow, with a workdir that
+  the checkpoints there fit it, then the data sources (input_pipeline/datasets.py). A bad
+  value is one `error:` line (exit 1)."""
   from configs import validate
-  try:  # Before the seconds of importing TensorFlow.
-    validate.validate(FLAGS.config)
-    validate.check_resume(FLAGS.config, FLAGS.workdir)
+  try:
+    validate.validate(config)
+    if workdir is not None:
+      validate.check_resume(config, workdir)
+    from input_pipeline import datasets  # Imports TensorFlow.
+    datasets.check_sources(config)
   except validate.ConfigError as e:
     _fail(str(e))
+
+
+def _train_main(argv) -> None:
+  del argv
+  _check_config(FLAGS.config, FLAGS.workdir)
   from trainer import train
   try:
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -170,6 +181,7 @@ def _bench_main(argv) -> None:
   if len(argv) != 2 or argv[1] not in ("input", "train", "doctor"):
     raise app.UsageError("usage: nmt-bench input|train|doctor --config=... [--workdir=DIR]")
   workdir = FLAGS.workdir or os.path.join("/tmp", "nmt_bench")
+  _check_config(FLAGS.config, None if argv[1] == "input" else workdir)
   try:
     if argv[1] == "input":
       from input_pipeline import benchmark
@@ -207,10 +219,12 @@ def run_bench() -> None:
 
 def _prepare_main(argv) -> None:
   del argv
+  _check_config(FLAGS.config)
+  from input_pipeline import prepare
   from input_pipeline import prepared
   try:
-    manifest = prepared.prepare(FLAGS.config, FLAGS.output_dir,
-                                shard_examples=FLAGS.shard_examples)
+    manifest = prepare.prepare(FLAGS.config, FLAGS.output_dir,
+                               shard_examples=FLAGS.shard_examples)
   except (ValueError, OSError) as e:  # CorpusError and PreparedDataError are ValueErrors.
     _fail(str(e))
   print(json.dumps(dict(output_dir=FLAGS.output_dir, **prepared.summary(manifest))))

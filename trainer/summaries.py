@@ -1,8 +1,13 @@
 """What a run shows: TensorBoard writers' content (attention heatmaps as labelled PNGs,
-scalars, text, hparams), the one-line progress log, and the profiler window."""
+scalars, text, hparams), the one-line progress log, and the profiler window.
+
+The only module that names TensorBoard runs and tags: callers pass values, `TAGS` lists
+what each run (a subdirectory of the workdir) holds.
+"""
 import io
+import os
 import time
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from absl import logging
 import ml_collections
@@ -13,6 +18,22 @@ matplotlib.use("Agg")  # Off-screen: training machines have no display.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+
+EVAL_SCALARS = ("loss", "perplexity", "bleu", "chrf")  # Of the Evaluator's metrics.
+TEST_SCALARS = ("bleu", "chrf", "loss")
+ATTENTION_TAG = "attention/{search}/probe_{index}"
+# Every tag a run writes, by TensorBoard run (workdir subdirectory), besides the HParams
+# plugin's own. loss_scale only with train.precision=mixed_float16; test/ only with
+# data.test; eval/ also holds ATTENTION_TAG for each search and probe sentence.
+TAGS = {
+    "train": ("loss", "perplexity", "grad_norm", "target_tokens_per_sec",
+              "examples_per_sec", "step_time_s", "input_wait_fraction", "compiled_shapes",
+              "learning_rate", "data/over_long_fraction", "loss_scale",
+              "eval_time_fraction", "elapsed_s"),
+    "eval": EVAL_SCALARS + ("samples",),
+    "test": TEST_SCALARS,
+}
 
 
 def plot_attention(weights: np.ndarray, source_tokens: Sequence[str],
@@ -34,24 +55,57 @@ def plot_attention(weights: np.ndarray, source_tokens: Sequence[str],
   return buffer.getvalue()
 
 
-def write_scalars(writer: tf.summary.SummaryWriter, step: int,
-                  scalars: Mapping[str, float]) -> None:
+def create_writers(workdir: str) -> Dict[str, tf.summary.SummaryWriter]:
+  """The run's train/ and eval/ writers (create once per run, on the chief only)."""
+  return {run: tf.summary.create_file_writer(os.path.join(workdir, run))
+          for run in ("train", "eval")}
+
+
+def write_eval(writer: tf.summary.SummaryWriter, step: int, metrics: Mapping[str, float],
+               attention: Mapping[str, Sequence[bytes]],
+               samples: Sequence[Sequence[str]]) -> None:
+  """One evaluation: its loss, perplexity, BLEU and chrF; the probe sentences' attention
+  PNGs by search ("greedy", "beam"); the sample (source, reference, translation) rows."""
+  _write_scalars(writer, step, {k: metrics[k] for k in EVAL_SCALARS})
+  for search, pngs in attention.items():
+    _write_images(writer, step, {ATTENTION_TAG.format(search=search, index=i): png
+                                 for i, png in enumerate(pngs)})
+  _write_text(writer, step, "samples",
+              [("source", "reference", "translation")] + list(samples))
+
+
+def write_time(writer: tf.summary.SummaryWriter, step: int, eval_time_fraction: float,
+               elapsed_s: float) -> None:
+  """After each evaluation (train/): for dev BLEU against wall-clock time."""
+  _write_scalars(writer, step, {"eval_time_fraction": eval_time_fraction,
+                                "elapsed_s": elapsed_s})
+
+
+def write_test(workdir: str, step: int, metrics: Mapping[str, float]) -> None:
+  """The final test-set scores, in their own run (test/)."""
+  writer = tf.summary.create_file_writer(os.path.join(workdir, "test"))
+  _write_scalars(writer, step, {k: metrics[k] for k in TEST_SCALARS})
+  writer.close()
+
+
+def _write_scalars(writer: tf.summary.SummaryWriter, step: int,
+                   scalars: Mapping[str, float]) -> None:
   with writer.as_default(step=step):
     for name, value in scalars.items():
       tf.summary.scalar(name, value)
   writer.flush()
 
 
-def write_images(writer: tf.summary.SummaryWriter, step: int,
-                 pngs: Mapping[str, bytes]) -> None:
+def _write_images(writer: tf.summary.SummaryWriter, step: int,
+                  pngs: Mapping[str, bytes]) -> None:
   with writer.as_default(step=step):
     for name, png in pngs.items():
       tf.summary.image(name, tf.image.decode_png(png, channels=4)[tf.newaxis])
   writer.flush()
 
 
-def write_text(writer: tf.summary.SummaryWriter, step: int, name: str,
-               rows: Sequence[Sequence[str]]) -> None:
+def _write_text(writer: tf.summary.SummaryWriter, step: int, name: str,
+                rows: Sequence[Sequence[str]]) -> None:
   """Writes a markdown table (e.g. source | reference | hypothesis) as text."""
   lines = [" | ".join(row) for row in rows]
   if len(lines) > 1:
@@ -115,8 +169,10 @@ class ProgressWindow:
     self.values["input_wait"].append(float(input_wait))
     self.compiled_lengths.update(int(x) for x in out["length"])
 
-  def flush(self, step: int, total: int, extra: Mapping[str, float]) -> Dict[str, float]:
-    """Logs `step N/total  loss ...  ETA` and writes the window's scalars plus `extra`."""
+  def flush(self, step: int, total: int, learning_rate: float, over_long_fraction: float,
+            loss_scale: Optional[float] = None) -> Dict[str, float]:
+    """Logs `step N/total  loss ...  ETA` and writes the window's scalars, the learning
+    rate, the share of examples over the length limits and the fp16 loss scale (if any)."""
     now, window = time.time(), self.values
     elapsed = now - self.start
     tokens, examples = sum(window["tokens"]), sum(window["examples"])
@@ -128,24 +184,28 @@ class ProgressWindow:
         "target_tokens_per_sec": tokens / elapsed, "examples_per_sec": examples / elapsed,
         "step_time_s": elapsed / len(window["loss"]),
         "input_wait_fraction": sum(window["input_wait"]) / elapsed,
-        "compiled_shapes": len(self.compiled_lengths), **extra,
+        "compiled_shapes": len(self.compiled_lengths), "learning_rate": learning_rate,
+        "data/over_long_fraction": over_long_fraction,
     }
+    if loss_scale is not None:
+      scalars["loss_scale"] = loss_scale
     eta = (total - step) * (now - self.run_start) / max(step - self.start_step, 1)
     logging.info("step %d/%d  loss %.4f  %.0f tok/s  %.1f ex/s  %.3f s/step  ETA %s",
                  step, total, loss, scalars["target_tokens_per_sec"],
                  scalars["examples_per_sec"], scalars["step_time_s"], format_duration(eta))
     if self.writer:
-      write_scalars(self.writer, step, scalars)
+      _write_scalars(self.writer, step, scalars)
     self.reset()
     return scalars
 
 
 class Profiler:
-  """Records a TensorBoard profiler trace for config.train.profile_steps='START,END'."""
+  """Records a TensorBoard profiler trace for config.train.profile_steps='START,END'
+  (into the train/ run of `workdir`)."""
 
-  def __init__(self, spec: str, logdir: str):
+  def __init__(self, spec: str, workdir: str):
     self.window = tuple(int(x) for x in spec.split(",")) if spec else None
-    self.logdir, self.on, self.done = logdir, False, False
+    self.logdir, self.on, self.done = os.path.join(workdir, "train"), False, False
 
   def update(self, step: int) -> None:
     """Call before each loop call: starts the trace at START, stops it at END."""
