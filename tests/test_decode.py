@@ -180,9 +180,10 @@ def _extensions(h, k, log_p, t, alpha):
            h["log_prob"] + log_p[token], t + 1) for token in range(VOCAB)]
 
 
-def _reference_beam_search(model, source, beam_size, max_length, alpha):
+def _reference_beam_search(model, source, beam_size, max_length, alpha, beam=0):
   """Beam search as one would write it first: Python lists of hypotheses, each holding its
-  whole history (ids, weights, log P), extended and re-ranked step by step."""
+  whole history (ids, weights, log P), extended and re-ranked step by step; returns the
+  final beam `beam` (0: the best)."""
   values, keys, mask, state = model.encode(source)
   encoded = [tf.repeat(x, beam_size, axis=0) for x in (values, keys, mask)]
   batch = source.shape[0]
@@ -210,7 +211,7 @@ def _reference_beam_search(model, source, beam_size, max_length, alpha):
         rows.append(b * beam_size + k)
     beams, state = new_beams, tf.gather(state, rows)
     tokens = [h["ids"][-1] for row in beams for h in row]
-  best = [row[0] for row in beams]
+  best = [row[beam] for row in beams]
   ids = np.zeros([batch, max_length], np.int32)
   weights = np.zeros([batch, max_length, source.shape[1]], np.float32)
   for b, h in enumerate(best):
@@ -307,3 +308,33 @@ def test_a_source_longer_than_the_grid_is_translated_whole():
   np.testing.assert_allclose(weights, expected[1], atol=1e-6)
   np.testing.assert_allclose(scores, expected[2], rtol=1e-6)
   assert weights.shape[-1] == 30 and weights.numpy()[0, 0, 24:].sum() > 0.1
+
+
+def test_n_best_are_the_reference_beams_best_first():
+  """n_best_search's N hypotheses are the reference's final beams 0..N-1 (ids, attention,
+  scores), best first; its first is beam_search's answer; N > beam size is refused."""
+  model = _random_model()
+  source = _random_source([7, 5, 2, 6, 3], 7)
+  ids, weights, scores = decode.n_best_search(model, source, 4, 14, 0.6, n_best=3)
+  assert ids.shape[:2] == (5, 3) and weights.shape[:2] == (5, 3) and scores.shape == (5, 3)
+  best = decode.beam_search(model, source, 4, 14, 0.6)
+  np.testing.assert_array_equal(ids[:, 0], best[0])
+  np.testing.assert_allclose(scores[:, 0], best[2], rtol=1e-6)
+  expected = _reference_beams(model, source, 4, 14, 0.6)
+  for n in range(3):
+    np.testing.assert_array_equal(ids[:, n], expected[n][0])
+    np.testing.assert_allclose(weights[:, n], expected[n][1], atol=1e-6)
+    np.testing.assert_allclose(scores[:, n], expected[n][2], rtol=1e-6)
+  assert np.all(np.diff(scores.numpy(), axis=1) <= 0)  # Best first.
+  assert len({tuple(row) for row in ids.numpy()[0]}) == 3  # Distinct hypotheses.
+  with pytest.raises(ValueError, match="n_best=5 must be between 1 and the beam size 4"):
+    decode.n_best_search(model, source, 4, 14, 0.6, n_best=5)
+
+
+def _reference_beams(model, source, beam_size, max_length, alpha):
+  """The reference's final beams: [(ids, weights, scores) of beam n for each n]."""
+  results = []
+  for n in range(beam_size):
+    results.append(_reference_beam_search(model, source, beam_size, max_length, alpha,
+                                          beam=n))
+  return results

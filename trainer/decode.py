@@ -91,7 +91,18 @@ def length_penalty(length: tf.Tensor, alpha: float) -> tf.Tensor:
 def beam_search(model: Seq2Seq, source: tf.Tensor, beam_size: int,
                 max_length: Union[int, tf.Tensor], length_penalty_alpha: float = 0.0
                 ) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-  """Beam search: source [B,S] -> ids [B,T] int32, weights [B,T,S] f32, scores [B] f32.
+  """Beam search: source [B,S] -> ids [B,T] int32, weights [B,T,S] f32, scores [B] f32:
+  the best hypothesis of `n_best_search` (which has the details)."""
+  ids, weights, scores = n_best_search(model, source, beam_size, max_length,
+                                       length_penalty_alpha, n_best=1)
+  return ids[:, 0], weights[:, 0], scores[:, 0]
+
+
+def n_best_search(model: Seq2Seq, source: tf.Tensor, beam_size: int,
+                  max_length: Union[int, tf.Tensor], length_penalty_alpha: float = 0.0,
+                  n_best: int = 1) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """Beam search keeping the `n_best` <= beam_size best hypotheses, best first: source
+  [B,S] -> ids [B,N,T] int32, weights [B,N,T,S] f32, scores [B,N] f32.
 
   T = max_length (fixed, for XLA); ids are 0 after EOS and weights are the attention of
   the returned hypothesis (0 after EOS). Scores are log P(Y) / lp(Y), see
@@ -100,13 +111,17 @@ def beam_search(model: Seq2Seq, source: tf.Tensor, beam_size: int,
   beam_size 1 the result equals `greedy`, for any alpha.
 
   Each step appends its tokens, parent beams and attention [B,K,S] to TensorArrays, and
-  the best hypothesis is traced back through the parents once at the end (`_backtrack`):
-  O(T) per sentence. Rewriting every beam's whole history at each step was O(T^2).
+  the N best hypotheses are traced back through the parents once at the end
+  (`_backtrack`): O(T) per sentence. Rewriting every beam's whole history at each step
+  was O(T^2).
   """
   vocab_size = int(model.decoder.projection.units)
   if not 1 <= beam_size <= vocab_size:
     raise ValueError(f"beam_size={beam_size!r} must be between 1 and the target "
                      f"vocabulary size {vocab_size} (config.eval.beam_size / --beam_size).")
+  if not 1 <= n_best <= beam_size:
+    raise ValueError(f"n_best={n_best!r} must be between 1 and the beam size {beam_size} "
+                     f"(--n_best, --beam_size).")
   values, keys, mask, state = model.encode(source)
   # Each sentence's encoder outputs are repeated once per beam: [B*K, ...], batch-major.
   encoded = [tf.repeat(x, beam_size, axis=0) for x in (values, keys, mask)]
@@ -124,10 +139,10 @@ def beam_search(model: Seq2Seq, source: tf.Tensor, beam_size: int,
                              length_penalty_alpha)
     return t + 1, beams, tuple(a.write(t, x) for a, x in zip(history, step))
 
-  _, beams, history = tf.while_loop(not_done, body, (tf.constant(0), beams, history))
-  # top_k sorts, so beam 0 is the best hypothesis of each sentence.
-  ids, weights = _backtrack(*(a.stack() for a in history))
-  return ids, weights, beams["scores"][:, 0]
+  steps, beams, history = tf.while_loop(not_done, body, (tf.constant(0), beams, history))
+  # top_k sorts, so beams 0..N-1 are the N best hypotheses of each sentence.
+  ids, weights = _backtrack(*(a.stack() for a in history), steps, n_best)
+  return ids, weights, beams["scores"][:, :n_best]
 
 
 def _initial_beams(batch, beam_size: int) -> dict:
@@ -182,27 +197,34 @@ def _beam_step(model: Seq2Seq, encoded, beams: dict, t, beam_size: int, vocab_si
   return beams, (token, parent, step_weights)
 
 
-def _backtrack(tokens: tf.Tensor, parents: tf.Tensor, weights: tf.Tensor
-               ) -> Tuple[tf.Tensor, tf.Tensor]:
-  """The history of the final beam 0: tokens, parents [T,B,K], weights [T,B,K,S] ->
-  ids [B,T], weights [B,T,S], following parents from the last step back to the first
+def _backtrack(tokens: tf.Tensor, parents: tf.Tensor, weights: tf.Tensor, steps: tf.Tensor,
+               n_best: int) -> Tuple[tf.Tensor, tf.Tensor]:
+  """The histories of the final beams 0..N-1: tokens, parents [T,B,K], weights [T,B,K,S] ->
+  ids [B,N,T], weights [B,N,T,S], following parents from the last step back to the first
   (gather_tree, as in tensorflow_addons, which is no longer maintained).
 
   Steps after the loop stopped were never written; TensorArray.stack gives zeros there
   (eagerly, in graphs and under XLA; tests/test_decode.py covers all three), so they read
-  as token 0, attention 0 and parent 0, which keeps the trace on beam 0 until the last
-  written step.
+  as token 0 and attention 0; a trace starts on its final beam n at the last of the `steps`
+  written steps and follows the parents from there.
   """
+  batch = tf.shape(tokens)[1]
+  beams = tf.tile(tf.range(n_best)[tf.newaxis], [batch, 1])  # [B,N]
+
   def step_back(carry, step):
     beam = carry[0]
-    token, parent, step_weights = (tf.gather(x, beam, batch_dims=1) for x in step)
+    t, token, parent, step_weights = step
+    # From the last written step back, follow the parents; after it, stay on the final beam.
+    beam = tf.where(t >= steps - 1, beams, beam)
+    token, parent, step_weights = (tf.gather(x, beam, batch_dims=1)
+                                   for x in (token, parent, step_weights))
     return parent, token, step_weights
 
-  batch = tf.shape(tokens)[1]
-  init = (tf.zeros([batch], tf.int32), tf.zeros([batch], tf.int32),
-          tf.zeros([batch, tf.shape(weights)[-1]], tf.float32))
-  _, ids, weights = tf.scan(step_back, (tokens, parents, weights), init, reverse=True)
-  return tf.transpose(ids, [1, 0]), tf.transpose(weights, [1, 0, 2])
+  init = (beams, tf.zeros([batch, n_best], tf.int32),
+          tf.zeros([batch, n_best, tf.shape(weights)[-1]], tf.float32))
+  _, ids, weights = tf.scan(step_back, (tf.range(tf.shape(tokens)[0]), tokens, parents,
+                                        weights), init, reverse=True)
+  return tf.transpose(ids, [1, 2, 0]), tf.transpose(weights, [1, 2, 0, 3])
 
 
 def trim(ids: tf.Tensor, weights: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
