@@ -1,8 +1,11 @@
 """The loop's stopping rules and accumulation: time budget, early stopping, eval share,
 gradient accumulation (k batches of B = one batch of kB)."""
+import math
+
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
 
 from configs import tiny
 from trainer import distribute
@@ -30,6 +33,14 @@ def _one():
   return tf.distribute.OneDeviceStrategy("/cpu:0")
 
 
+def _logged(directory, tag: str) -> dict:
+  """{step: value} of a scalar in a TensorBoard log directory."""
+  events = event_accumulator.EventAccumulator(
+      str(directory), size_guidance={event_accumulator.TENSORS: 0})
+  events.Reload()
+  return {e.step: tf.make_ndarray(e.tensor_proto).item() for e in events.Tensors(tag)}
+
+
 def test_time_budget_stops_with_eval_and_checkpoint_then_resumes_when_raised(
     embedded_data_dir, tmp_path):
   config = _config(embedded_data_dir, 20)
@@ -37,10 +48,13 @@ def test_time_budget_stops_with_eval_and_checkpoint_then_resumes_when_raised(
   config.data.test = "embedded:cldr_numbers:test[:30]"
   first = train.train_and_evaluate(config, str(tmp_path), _one())
   assert first["step"] == 5 and "max_seconds" in first["stopped_by"]
-  assert first["eval"]["bleu"] >= 0  # Evaluated at the budget, not only at eval_every.
+  # Evaluated and logged at the budget (step 5), not only at eval_every (10).
+  assert _logged(tmp_path / "eval", "bleu") == pytest.approx({5: first["eval"]["bleu"]})
+  # Five warm-up steps barely train: the dev loss is that of a uniform guess, in nats a token.
+  assert first["eval"]["loss"] == pytest.approx(math.log(config.tokenizer.vocab_size), abs=0.05)
   # The test set is scored at the end, all of it (not data.eval_examples), and logged.
-  assert first["test"]["examples"] == 30 and first["test"]["bleu"] >= 0
-  assert tf.io.gfile.glob(str(tmp_path / "test" / "events.out.tfevents.*"))
+  assert first["test"]["examples"] == 30
+  assert _logged(tmp_path / "test", "bleu") == pytest.approx({5: first["test"]["bleu"]})
   again = train.train_and_evaluate(config, str(tmp_path), _one())
   assert again["already_complete"] and again["step"] == 5  # Nothing written.
   config.train.max_seconds = 1e6
