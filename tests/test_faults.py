@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 
 from configs import tiny
-from input_pipeline import corpora
+from input_pipeline import datasets
 from input_pipeline import tokenizer as tokenizer_lib
 from trainer import checkpoints
 from trainer import evaluate
@@ -238,14 +238,20 @@ def test_lock_left_by_a_killed_process_is_taken_over(tmp_path, caplog):
   assert not os.path.exists(tmp_path / checkpoints.LOCK_FILE)
 
 
-def _wait_for(path, text, process, timeout=120):
-  deadline = time.time() + timeout
-  while time.time() < deadline and process.poll() is None:
-    with open(path, encoding="utf-8", errors="replace") as f:
-      if text in f.read():
-        return
-    time.sleep(0.5)
-  raise AssertionError(f"{text!r} never appeared in {path}")
+def _wait_for(path, pattern, process, timeout=120):
+  """The first match of `pattern` in the log file `path` that `process` writes, read as it
+  grows; fails if the process exits or `timeout` s pass first (a bound, not a guess)."""
+  deadline, text = time.time() + timeout, ""
+  with open(path, encoding="utf-8", errors="replace") as f:
+    while time.time() < deadline:
+      text += f.read()
+      match = re.search(pattern, text)
+      if match:
+        return match
+      if process.poll() is not None:
+        break
+      time.sleep(0.1)  # Poll interval only: nothing waits for time to pass.
+  raise AssertionError(f"{pattern!r} never appeared in {path}:\n{text[-3000:]}")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -259,7 +265,7 @@ def test_second_trainer_is_refused_and_a_signal_exits_42_with_a_checkpoint(run, 
     first = subprocess.Popen([sys.executable, "-c", code, *flags], stdout=out, stderr=err,
                              cwd=REPO, env=env)
   try:
-    _wait_for(tmp_path / "err", "Training float32", first)
+    _wait_for(tmp_path / "err", "Training float32", first)  # It holds the workdir lock.
     if signum == signal.SIGTERM:  # Once is enough.
       second = _cli("run_train", *flags)
       assert second.returncode == 1
@@ -267,14 +273,16 @@ def test_second_trainer_is_refused_and_a_signal_exits_42_with_a_checkpoint(run, 
           f"error: --workdir={copy} is in use by another nmt-train (pid {first.pid} on host "
           f"{os.uname().nodename}; lock file {copy}/{checkpoints.LOCK_FILE}). Wait for it to "
           "finish, stop it, or train in another --workdir."]
-    else:
-      time.sleep(2)  # Into the loop, past the log line.
+    # A progress line: the loop runs, with the signal handlers in place.
+    progress = _wait_for(tmp_path / "err", r"step (\d+)/100000 ", first)
     first.send_signal(signum)
     assert first.wait(timeout=120) == 42
   finally:
     first.kill()
   final = json.loads((tmp_path / "out").read_text().strip().splitlines()[-1])
-  assert final["interrupted"] == signum.name and final["step"] > 20
+  # Stopped at the end of a later loop call (steps_per_loop=10), not where it was seen.
+  assert final["interrupted"] == signum.name
+  assert final["step"] > int(progress.group(1)) and final["step"] % 10 == 0
   assert checkpoints.find_checkpoint(copy).endswith(f"ckpt-{final['step']}")
   assert not os.path.exists(os.path.join(copy, checkpoints.LOCK_FILE))
   if not os.path.exists("/proc/driver/nvidia/version"):  # CPU-only: CUDA's cuInit is no fault.
@@ -309,7 +317,7 @@ def test_bad_eval_data_in_training_is_the_corpus_error_after_a_checkpoint(run, c
   config = _config(run[0], **{"data.eval": f"tsv:{bad}", "data.eval_examples": 10,
                               "train.steps": 30, "train.eval_every": 30,
                               "train.checkpoint_every": 1000})
-  with pytest.raises(corpora.CorpusError, match=rf"^{bad}: 20 of 40 lines skipped"):
+  with pytest.raises(datasets.CorpusError, match=rf"^{bad}: 20 of 40 lines skipped"):
     train.train_and_evaluate(config, copy)
   assert checkpoints.find_checkpoint(copy).endswith("ckpt-30")  # The 10 steps are kept.
 
@@ -318,26 +326,26 @@ def test_bad_eval_data_in_nmt_eval_is_the_corpus_error(run, tmp_path):
   bad = _write_tsv(tmp_path / "bad.tsv", 10, seed=2, bad=10)
   loaded = checkpoints.load_for_inference(run[1])
   loaded.config.data.eval = f"tsv:{bad}"
-  with pytest.raises(corpora.CorpusError, match="more than data.max_skip_fraction"):
+  with pytest.raises(datasets.CorpusError, match="more than data.max_skip_fraction"):
     evaluate.evaluate_checkpoint(loaded.config, loaded.tokenizer, loaded.model, 1)
 
 
 def test_bad_lines_while_sampling_for_the_tokenizer_are_the_corpus_error(tmp_path):
   def sample():
     yield "eins", "one"
-    raise corpora.CorpusError("train.tsv: 9 of 10 lines skipped as malformed")
+    raise datasets.CorpusError("train.tsv: 9 of 10 lines skipped as malformed")
 
   config = tiny.get_config().tokenizer
-  with pytest.raises(corpora.CorpusError, match="^train.tsv: 9 of 10 lines skipped"):
+  with pytest.raises(datasets.CorpusError, match="^train.tsv: 9 of 10 lines skipped"):
     tokenizer_lib.load_or_train(config, str(tmp_path), sample)
   assert not os.path.exists(tmp_path / "tokenizer")  # No empty directory left.
 
 
 def test_tsv_column_out_of_range_names_the_column(tmp_path):
   path = _write_tsv(tmp_path / "f.tsv", 30, seed=0)
-  with pytest.raises(corpora.CorpusError, match=r"30 of 30 lines skipped .*2 tab-separated "
+  with pytest.raises(datasets.CorpusError, match=r"30 of 30 lines skipped .*2 tab-separated "
                                                 r"columns, need at least 6 \(columns 0:5"):
-    list(corpora.read_pairs(f"tsv:{path}:0:5", tiny.get_config().data))
+    list(datasets.read_pairs(f"tsv:{path}:0:5", tiny.get_config().data))
 
 
 # Config errors (rows 9, 10, 17, 19) ---------------------------------------------------------
