@@ -1,5 +1,8 @@
-"""Shared test setup: two logical CPU devices (for 2-replica MirroredStrategy tests)."""
+"""Shared test setup: two logical CPU devices (for 2-replica MirroredStrategy tests), the
+embedded corpus and one tiny run built once per session, and the CLI in a fresh process."""
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -11,6 +14,17 @@ import tensorflow as tf  # noqa: E402
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(command: str, *args: str, stdin: str = "", timeout: int = 300
+        ) -> subprocess.CompletedProcess:
+  """Runs `trainer.main.<command>()` (run_train for nmt-train, ...) in a fresh process from
+  the repository root, as its console script would; stdout and stderr captured as text."""
+  return subprocess.run([sys.executable, "-c", f"from trainer import main; main.{command}()",
+                         *args], input=stdin, capture_output=True, text=True, cwd=REPO,
+                        timeout=timeout)
 
 
 @pytest.fixture(scope="session")

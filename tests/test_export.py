@@ -2,7 +2,6 @@
 and the errors a user meets (no checkpoint, another config's checkpoint, no --workdir)."""
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -17,30 +16,21 @@ from trainer import evaluate
 from trainer import export
 from trainer import model as model_lib
 from trainer import train
+from conftest import cli
+import word_pairs  # tests/word_pairs.py
 
 pytestmark = pytest.mark.slow
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = {"one": "eins", "two": "zwei", "three": "drei", "four": "vier", "five": "fünf",
-         "red": "rot", "blue": "blau", "house": "haus", "cat": "katze", "dog": "hund"}
 LONG = " ".join(["one two three four five"] * 8)  # 40 words: over max_source_length.
 SENTENCES = ["one two", "", "red cat", "blue house five", "漢字 ☃ ünknöwn", LONG]
-
-
-def _write_tsv(path, n, seed):
-  rng = random.Random(seed)
-  with open(path, "w", encoding="utf-8") as f:
-    for _ in range(n):
-      words = [rng.choice(list(WORDS)) for _ in range(rng.randint(1, 6))]
-      f.write(" ".join(words) + "\t" + " ".join(WORDS[w] for w in words) + "\n")
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """A tiny model trained for 60 steps on a word-for-word TSV corpus (~30 s)."""
   tmp = tmp_path_factory.mktemp("run")
-  _write_tsv(tmp / "train.tsv", 600, seed=0)
-  _write_tsv(tmp / "eval.tsv", 40, seed=1)
+  word_pairs.write_tsv(tmp / "train.tsv", word_pairs.english_german(600, seed=0, max_words=6))
+  word_pairs.write_tsv(tmp / "eval.tsv", word_pairs.english_german(40, seed=1, max_words=6))
   config = tiny.get_config()
   config.data.train, config.data.eval = f"tsv:{tmp / 'train.tsv'}", f"tsv:{tmp / 'eval.tsv'}"
   config.data.max_source_length = config.data.max_target_length = 24
@@ -54,13 +44,6 @@ def workdir(tmp_path_factory):
   config.eval.beam_size = 2
   train.train_and_evaluate(config, str(tmp / "workdir"))
   return str(tmp / "workdir")
-
-
-def _cli(command, *args, stdin=""):
-  """Runs `trainer.main.<command>()` in a fresh process, as the console script would."""
-  code = f"from trainer import main; main.{command}()"
-  return subprocess.run([sys.executable, "-c", code, *args], input=stdin, cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
 
 
 def _translate_in_process(workdir):
@@ -107,8 +90,8 @@ def test_export_reloads_with_only_tensorflow_text_and_translates_the_same(workdi
 def test_translate_cli_round_trip_with_attention_pngs(workdir, tmp_path):
   _, expected = _translate_in_process(workdir)
   attention_dir = tmp_path / "attention"
-  result = _cli("run_translate", f"--workdir={workdir}", f"--attention_dir={attention_dir}",
-                stdin="\n".join(SENTENCES) + "\n")
+  result = cli("run_translate", f"--workdir={workdir}", f"--attention_dir={attention_dir}",
+               stdin="\n".join(SENTENCES) + "\n")
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.split("\n")[:-1] == expected  # One line out per line in.
   assert sorted(os.listdir(attention_dir)) == ["000001.png", "000003.png", "000004.png",
@@ -121,7 +104,7 @@ def test_translate_cli_round_trip_with_attention_pngs(workdir, tmp_path):
 
 
 def test_eval_cli_prints_one_json_line(workdir):
-  result = _cli("run_eval", f"--workdir={workdir}", "--beam_size=1")
+  result = cli("run_eval", f"--workdir={workdir}", "--beam_size=1")
   assert result.returncode == 0, result.stderr[-3000:]
   metrics = json.loads(result.stdout.strip())
   assert set(metrics) == {"bleu", "chrf", "loss", "examples", "checkpoint", "step"}
@@ -136,7 +119,7 @@ def test_workdir_without_checkpoint(tmp_path):
 
 
 def test_missing_workdir_flag_is_named():
-  result = _cli("run_eval")
+  result = cli("run_eval")
   assert result.returncode != 0
   assert "--workdir" in result.stderr
 

@@ -26,23 +26,15 @@ from trainer import checkpoints
 from trainer import evaluate
 from trainer import main
 from trainer import train
+from conftest import cli, REPO
+import word_pairs  # tests/word_pairs.py
 
 pytestmark = pytest.mark.slow
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = {"one": "eins", "two": "zwei", "three": "drei", "four": "vier", "five": "fünf",
-         "red": "rot", "blue": "blau", "house": "haus", "cat": "katze", "dog": "hund"}
-
 
 def _write_tsv(path, n, seed, bad=0):
-  """n word-for-word pairs, then `bad` lines with one column only."""
-  rng = random.Random(seed)
-  with open(path, "w", encoding="utf-8") as f:
-    for _ in range(n):
-      words = [rng.choice(list(WORDS)) for _ in range(rng.randint(1, 5))]
-      f.write(" ".join(words) + "\t" + " ".join(WORDS[w] for w in words) + "\n")
-    f.write("one column only\n" * bad)
-  return str(path)
+  """n English -> German word pairs of 1-5 words, then `bad` lines with one column only."""
+  return word_pairs.write_tsv(path, word_pairs.english_german(n, seed, max_words=5), bad)
 
 
 def _overrides(data_dir) -> dict:
@@ -66,12 +58,6 @@ def _config(data_dir, **changes):
 def _flags(data_dir, **changes):
   return ["--config=configs/tiny.py"] + [
       f"--config.{k}={v}" for k, v in {**_overrides(data_dir), **changes}.items()]
-
-
-def _cli(command, *args, timeout=300):
-  """Runs `trainer.main.<command>()` in a fresh process, as the console script would."""
-  return subprocess.run([sys.executable, "-c", f"from trainer import main; main.{command}()",
-                         *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
 
 def _error_lines(stderr: str):
@@ -267,7 +253,7 @@ def test_second_trainer_is_refused_and_a_signal_exits_42_with_a_checkpoint(run, 
   try:
     _wait_for(tmp_path / "err", "Training float32", first)  # It holds the workdir lock.
     if signum == signal.SIGTERM:  # Once is enough.
-      second = _cli("run_train", *flags)
+      second = cli("run_train", *flags)
       assert second.returncode == 1
       assert _error_lines(second.stderr) == [
           f"error: --workdir={copy} is in use by another nmt-train (pid {first.pid} on host "
@@ -300,8 +286,8 @@ def test_rerunning_a_finished_run_says_so_and_writes_nothing(run, copy):
 
 def test_failed_run_leaves_no_directories_and_says_is_a_directory_once(run, tmp_path):
   workdir = tmp_path / "new"
-  result = _cli("run_train", *_flags(run[0], **{"data.train": f"tsv:{tmp_path}"}),
-                f"--workdir={workdir}")
+  result = cli("run_train", *_flags(run[0], **{"data.train": f"tsv:{tmp_path}"}),
+               f"--workdir={workdir}")
   assert result.returncode == 1 and "Traceback" not in result.stderr
   assert _error_lines(result.stderr) == [
       f"error: tsv:{tmp_path}: '{tmp_path}' is a directory; name a file, or a glob like "
@@ -351,8 +337,8 @@ def test_tsv_column_out_of_range_names_the_column(tmp_path):
 # Config errors (rows 9, 10, 17, 19) ---------------------------------------------------------
 
 def test_unknown_override_is_one_line_with_the_suggestion():
-  result = _cli("run_train", "--config=configs/tiny.py", "--config.train.stepz=5",
-                "--workdir=/nonexistent/never_written")
+  result = cli("run_train", "--config=configs/tiny.py", "--config.train.stepz=5",
+               "--workdir=/nonexistent/never_written")
   assert result.returncode == 1 and "Traceback" not in result.stderr
   assert result.stderr.strip() == ('error: --config.train.stepz: no such config key '
                                    '\'stepz\'. Did you mean "steps" instead of "stepz"? '
@@ -360,16 +346,16 @@ def test_unknown_override_is_one_line_with_the_suggestion():
 
 
 def test_missing_config_file_is_one_line():
-  result = _cli("run_train", "--config=configs/nonexistent.py", "--workdir=/tmp/x")
+  result = cli("run_train", "--config=configs/nonexistent.py", "--workdir=/tmp/x")
   assert result.returncode == 1
   assert result.stderr.strip() == ("error: --config=configs/nonexistent.py: no such file; "
                                    "use e.g. configs/default.py.")
 
 
 def test_resuming_with_another_model_names_the_keys_and_both_values(run):
-  result = _cli("run_train", *_flags(run[0], **{"model.units": 64,
-                                                "model.bidirectional": True}),
-                f"--workdir={run[1]}")
+  result = cli("run_train", *_flags(run[0], **{"model.units": 64,
+                                               "model.bidirectional": True}),
+               f"--workdir={run[1]}")
   assert result.returncode == 1
   assert result.stderr.strip() == (
       "error: config.model.units=64, config.model.bidirectional=True are invalid: the "
@@ -381,7 +367,7 @@ def test_resuming_with_another_model_names_the_keys_and_both_values(run):
 @pytest.mark.parametrize("command", ["run_train", "run_eval", "run_translate", "run_export",
                                      "run_bench", "run_prepare"])
 def test_help_lists_the_commands_own_flags_and_exits_0(command):
-  result = _cli(command, "--help")
+  result = cli(command, "--help")
   assert result.returncode == 0, result.stderr
   assert "  --config" in result.stdout or "  --workdir" in result.stdout
   if command == "run_translate":

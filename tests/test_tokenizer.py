@@ -1,30 +1,17 @@
 """Tests for input_pipeline/tokenizer.py on tiny SentencePiece models (vocab ~100)."""
 import os
-import random
 
 import ml_collections
 import pytest
 import tensorflow as tf
 
 from input_pipeline import tokenizer as tokenizer_lib
-
-_DE = ("null eins zwei drei vier fünf sechs sieben acht neun zehn elf zwölf zwanzig "
-       "dreißig vierzig hundert tausend million und am im märz juni mai").split()
-_FR = ("zéro un deux trois quatre cinq six sept huit neuf dix onze douze vingt trente "
-       "quarante cent mille million et le en mars juin mai").split()
-_EN = ("zero one two three four five six seven eight nine ten eleven twelve twenty "
-       "thirty forty hundred thousand million and on in march june may").split()
+import word_pairs  # tests/word_pairs.py
 
 
 def make_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
   """n distinct (de|fr, en) word-for-word pairs of 1-8 words."""
-  rng = random.Random(seed)
-  pairs = {}
-  while len(pairs) < n:
-    words = [rng.randrange(len(_EN)) for _ in range(rng.randint(1, 8))]
-    source = rng.choice((_DE, _FR))
-    pairs[" ".join(source[i] for i in words)] = " ".join(_EN[i] for i in words)
-  return list(pairs.items())
+  return word_pairs.make_pairs(n, seed, max_words=8, sources=(word_pairs.DE, word_pairs.FR))
 
 
 def tok_config(**overrides) -> ml_collections.ConfigDict:
