@@ -27,6 +27,11 @@ def cli(command: str, *args: str, stdin: str = "", timeout: int = 300
                         timeout=timeout)
 
 
+def unpadded_rows(batch, key: str = "source") -> list[tuple[int, ...]]:
+  """The id rows of one side of a numpy batch, padding (id 0) removed."""
+  return [tuple(row[row != 0].tolist()) for row in batch[key]]
+
+
 @pytest.fixture(scope="session")
 def embedded_data_dir(tmp_path_factory):
   """A TFDS data dir holding the prepared embedded corpus, built once per session."""

@@ -3,7 +3,6 @@ not at the global batch of all replicas."""
 import numpy as np
 import pytest
 
-from configs import tiny
 from input_pipeline import tokenizer as tokenizer_lib
 from trainer import evaluate
 from trainer import model as model_lib
@@ -15,15 +14,10 @@ def setup(tmp_path_factory):
   """(config, tokenizer, model, eval_step): a tsv eval set of 200 pairs, a small untrained
   model and its eval loss function (traced once for the module)."""
   pairs = word_pairs.make_pairs(200)
-  path = tmp_path_factory.mktemp("corpus") / "pairs.tsv"
-  path.write_text("".join(f"{src}\t{tgt}\n" for src, tgt in pairs), encoding="utf-8")
-  config = tiny.get_config()
-  config.data.train = config.data.eval = f"tsv:{path}"
-  config.data.max_source_length = config.data.max_target_length = 16
-  config.data.bucket_boundaries = (6, 10, 16)
-  config.tokenizer.vocab_size = 60
+  path = word_pairs.write_tsv(tmp_path_factory.mktemp("corpus") / "pairs.tsv", pairs)
+  config = word_pairs.pipeline_config(f"tsv:{path}", batch_size=32)
   config.model.units, config.model.embed_dim = 32, 16
-  config.train.batch_size, config.train.tokens_per_batch = 32, 512
+  config.train.tokens_per_batch = 512
   tokenizer = tokenizer_lib.load_or_train(
       config.tokenizer, str(tmp_path_factory.mktemp("workdir")), lambda: iter(pairs))
   model = model_lib.create_model(config, tokenizer.source_vocab_size,

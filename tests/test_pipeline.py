@@ -9,10 +9,11 @@ from configs import tiny
 from input_pipeline import datasets
 from input_pipeline import pipeline
 from input_pipeline import tokenizer as tokenizer_lib
+from conftest import unpadded_rows
 import word_pairs  # tests/word_pairs.py
 
 _NUM_PAIRS = 300
-_GRID = [6, 10, 16]
+_GRID = word_pairs.GRID
 
 
 _make_pairs = word_pairs.make_pairs
@@ -23,34 +24,20 @@ def corpus(tmp_path_factory):
   """The pairs and a tsv: source for them."""
   pairs = _make_pairs(_NUM_PAIRS)
   path = tmp_path_factory.mktemp("corpus") / "pairs.tsv"
-  path.write_text("".join(f"{src}\t{tgt}\n" for src, tgt in pairs), encoding="utf-8")
-  return pairs, f"tsv:{path}"
+  return pairs, f"tsv:{word_pairs.write_tsv(path, pairs)}"
 
 
 @pytest.fixture(scope="module")
 def tokenizer(corpus, tmp_path_factory):
   pairs, _ = corpus
-  config = tiny.get_config().tokenizer
-  config.vocab_size = 60
+  config = word_pairs.pipeline_config(corpus[1]).tokenizer
   return tokenizer_lib.load_or_train(config, str(tmp_path_factory.mktemp("workdir")),
                                      lambda: iter(pairs))
 
 
 @pytest.fixture
 def config(corpus):
-  config = tiny.get_config()
-  config.data.train = config.data.eval = corpus[1]
-  config.data.max_source_length = 16
-  config.data.max_target_length = 16
-  config.data.bucket_boundaries = (6, 10, 16, 24)  # 24 is unreachable: trimmed.
-  config.data.shuffle_buffer = 100
-  config.train.batch_size = 8
-  return config
-
-
-def _rows(batch, key):
-  """Unpadded id rows of one side of a batch."""
-  return [tuple(row[row != 0].tolist()) for row in batch[key]]
+  return word_pairs.pipeline_config(corpus[1])
 
 
 def _all_batches(config, tokenizer, split="eval", **kwargs):
@@ -100,9 +87,9 @@ def test_train_batches_are_on_the_grid(config, tokenizer):
     assert source.shape[0] == 8 and source.shape[1] in _GRID
     lengths.add(source.shape[1])
     assert (target[:, 0] == tokenizer_lib.BOS_ID).all()
-    for row in _rows(batch, "source"):
+    for row in unpadded_rows(batch, "source"):
       assert row[-1] == tokenizer_lib.EOS_ID and tokenizer_lib.BOS_ID not in row
-    for row in _rows(batch, "target"):
+    for row in unpadded_rows(batch, "target"):
       assert row[-1] == tokenizer_lib.EOS_ID and row.count(tokenizer_lib.EOS_ID) == 1
   assert lengths == set(_GRID)
 
@@ -198,7 +185,7 @@ def test_two_pipelines_split_the_corpus_exactly_once(config, tokenizer, corpus):
       batches = _all_batches(config, tokenizer, split, input_context=context, repeat=False)
       assert all(b["source"].shape[0] == 1 for b in batches)
       per_pipeline.append(collections.Counter(
-          row for b in batches for row in _rows(b, "source")))
+          row for b in batches for row in unpadded_rows(b, "source")))
     assert per_pipeline[0] and per_pipeline[1]
     assert not per_pipeline[0] & per_pipeline[1], split
     assert per_pipeline[0] + per_pipeline[1] == expected, split

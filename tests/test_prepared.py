@@ -13,31 +13,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from configs import tiny
 from input_pipeline import corpora
 from input_pipeline import datasets
 from input_pipeline import prepare
 from input_pipeline import prepared
 from input_pipeline import tokenizer as tokenizer_lib
+from conftest import unpadded_rows
 import word_pairs  # tests/word_pairs.py
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NUM_PAIRS = 600
-_GRID = [6, 10, 16]
+_GRID = word_pairs.GRID
 
 
 _make_pairs = word_pairs.make_pairs
-
-
-def _config(train: str, eval_: str):
-  config = tiny.get_config()
-  config.data.train, config.data.eval = train, eval_
-  config.data.max_source_length = config.data.max_target_length = 16
-  config.data.bucket_boundaries = (6, 10, 16, 24)  # 24 is unreachable: trimmed.
-  config.data.shuffle_buffer = 100
-  config.tokenizer.vocab_size = 60
-  config.train.batch_size = 8
-  return config
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +37,15 @@ def corpus(tmp_path_factory):
   lines.insert(100, "a line without a tab\n")
   (root / "pairs.tsv").write_text("".join(lines), encoding="utf-8")
   (root / "eval.tsv").write_text("".join(lines[:120]), encoding="utf-8")
-  config = _config(f"tsv:{root / 'pairs.tsv'}", f"tsv:{root / 'eval.tsv'}")
+  config = word_pairs.pipeline_config(f"tsv:{root / 'pairs.tsv'}",
+                                      f"tsv:{root / 'eval.tsv'}")
   prepare.prepare(config, str(root / "data"), shard_examples=50)
   return config, str(root / "data")
 
 
 def _prepared_config(corpus):
   raw, directory = corpus
-  config = _config(f"prepared:{directory}", f"prepared:{directory}")
+  config = word_pairs.pipeline_config(f"prepared:{directory}")
   config.seed = raw.seed
   return config
 
@@ -68,16 +58,12 @@ def tokenizer(corpus, tmp_path_factory):
                                      datasets.tokenizer_sample(config))
 
 
-def _rows(batch, key="source"):
-  return [tuple(row[row != 0].tolist()) for row in batch[key]]
-
-
 def _expected_sources(corpus, tokenizer):
   """EOS-terminated source ids of the pairs the raw pipeline keeps (same tokenizer)."""
   config = corpus[0].copy_and_resolve_references()
   config.data.eval = config.data.train
   batches = datasets.make_dataset(config, tokenizer, "eval").as_numpy_iterator()
-  return collections.Counter(row for batch in batches for row in _rows(batch))
+  return collections.Counter(row for batch in batches for row in unpadded_rows(batch))
 
 
 def test_parse_source_prepared_forms():
@@ -128,10 +114,11 @@ def test_train_batches_are_on_the_grid(corpus, tokenizer):
     assert source.shape == target.shape and source.dtype == target.dtype == "int32"
     assert source.shape[0] == 8 and source.shape[1] in _GRID
     assert (target[:, 0] == tokenizer_lib.BOS_ID).all()
-    for row in _rows(batch):
+    for row in unpadded_rows(batch):
       assert row[-1] == tokenizer_lib.EOS_ID and tokenizer_lib.BOS_ID not in row
     shorter = [length for length in _GRID if length < source.shape[1]]
-    for src, tgt in zip(_rows(batch), _rows(batch, "target")):  # The smallest L that fits.
+    # Each pair is padded to the smallest grid length L that fits it.
+    for src, tgt in zip(unpadded_rows(batch), unpadded_rows(batch, "target")):
       assert max(shorter, default=0) < max(len(src), len(tgt)) <= source.shape[1]
 
 
@@ -146,7 +133,7 @@ def test_two_pipelines_split_the_corpus_exactly_once(corpus, tokenizer):
     batches = datasets.make_dataset(config, tokenizer, "train", input_context=context,
                                     repeat=False)
     per_pipeline.append(collections.Counter(
-        row for batch in batches.as_numpy_iterator() for row in _rows(batch)))
+        row for batch in batches.as_numpy_iterator() for row in unpadded_rows(batch)))
   assert per_pipeline[0] and per_pipeline[1]
   assert not per_pipeline[0] & per_pipeline[1]
   assert per_pipeline[0] + per_pipeline[1] == expected
@@ -164,7 +151,7 @@ def test_eval_split_keeps_every_pair_and_its_text(corpus, tokenizer):
 
 def test_prepare_with_a_holdout_dev_set_stores_both_sides(corpus, tmp_path):
   raw, _ = corpus
-  config = _config(raw.data.train, "holdout:40")
+  config = word_pairs.pipeline_config(raw.data.train, "holdout:40")
   manifest = prepare.prepare(config, str(tmp_path / "data"), shard_examples=200)
   raw_dev = list(datasets.read_pairs("holdout:40", config.data))
   config.data.eval = f"prepared:{tmp_path / 'data'}:eval"
@@ -255,7 +242,7 @@ def test_shard_corrupted_after_the_check_is_a_clear_error(corpus, tokenizer, tmp
 def test_prepare_enforces_max_skip_fraction(tmp_path):
   lines = [f"{s}\t{t}\n" for s, t in _make_pairs(100)] + ["no tab\n"] * 5
   (tmp_path / "bad.tsv").write_text("".join(lines), encoding="utf-8")
-  config = _config(f"tsv:{tmp_path / 'bad.tsv'}", f"tsv:{tmp_path / 'bad.tsv'}")
+  config = word_pairs.pipeline_config(f"tsv:{tmp_path / 'bad.tsv'}")
   with pytest.raises(datasets.CorpusError, match=r"bad.tsv: 5 of 105 lines skipped .*"
                                                 r"data.max_skip_fraction"):
     prepare.prepare(config, str(tmp_path / "out"))
@@ -264,23 +251,19 @@ def test_prepare_enforces_max_skip_fraction(tmp_path):
 
 _TRAIN_SCRIPT = """
 import json, sys
-from configs import tiny
+sys.path.insert(0, "tests")  # The working directory is the repository root.
+import word_pairs
 from trainer import train
 import tensorflow as tf
 directory, workdir = sys.argv[1:3]
 def config(steps):
-  c = tiny.get_config()
-  c.data.train, c.data.eval = f"prepared:{directory}", f"prepared:{directory}"
-  c.data.max_source_length = c.data.max_target_length = 16
-  c.data.bucket_boundaries = (6, 10, 16, 24)
-  c.data.shuffle_buffer = 100
-  c.tokenizer.vocab_size = 60
+  c = word_pairs.pipeline_config(f"prepared:{directory}", batch_size=8)
   c.model.units, c.model.embed_dim = 32, 16
   c.model.dropout = 0.1  # Masks differ per replica and are redrawn exactly on resume.
   c.data.eval_examples, c.eval.beam_size = 8, 1
   c.eval.num_probes, c.eval.probe_sentences = 0, ()  # No attention images to draw.
   c.distribute.strategy, c.distribute.cpu_devices = "mirrored", 2
-  c.train.batch_size, c.train.xla, c.train.precision = 8, "off", "float32"
+  c.train.xla, c.train.precision = "off", "float32"
   c.train.update(steps=steps, steps_per_loop=3, log_every=3, checkpoint_every=6,
                  eval_every=1000)
   if "deterministic_ops" in c.train:
@@ -466,7 +449,8 @@ def test_every_train_shard_is_a_sample_of_the_whole_corpus(tmp_path):
       "".join(f"zahl {i}\t{i}\n" for i in range(lines)), encoding="utf-8")
   (tmp_path / "eval.tsv").write_text(
       "".join(f"zahl {i}\t{i}\n" for i in range(50)), encoding="utf-8")
-  config = _config(f"tsv:{tmp_path / 'numbers.tsv'}", f"tsv:{tmp_path / 'eval.tsv'}")
+  config = word_pairs.pipeline_config(f"tsv:{tmp_path / 'numbers.tsv'}",
+                                      f"tsv:{tmp_path / 'eval.tsv'}")
   directory = str(tmp_path / "data")
   prepare.prepare(config, directory, shard_examples=1000)
   tokenizer = tokenizer_lib.load_or_train(config.tokenizer, directory, None)
