@@ -13,16 +13,12 @@ from conftest import unpadded_rows
 import word_pairs  # tests/word_pairs.py
 
 _NUM_PAIRS = 300
-_GRID = word_pairs.GRID
-
-
-_make_pairs = word_pairs.make_pairs
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   """The pairs and a tsv: source for them."""
-  pairs = _make_pairs(_NUM_PAIRS)
+  pairs = word_pairs.make_pairs(_NUM_PAIRS)
   path = tmp_path_factory.mktemp("corpus") / "pairs.tsv"
   return pairs, f"tsv:{word_pairs.write_tsv(path, pairs)}"
 
@@ -45,9 +41,9 @@ def _all_batches(config, tokenizer, split="eval", **kwargs):
 
 
 def test_padded_shapes_is_the_reachable_grid(config):
-  assert pipeline.padded_shapes(config) == _GRID
-  config.data.bucket_boundaries = tuple(_GRID) + (2 * _GRID[-1],)  # Never reachable.
-  assert pipeline.padded_shapes(config) == _GRID
+  assert pipeline.padded_shapes(config) == word_pairs.GRID
+  config.data.bucket_boundaries = (*word_pairs.GRID, 2 * word_pairs.GRID[-1])  # Unreachable.
+  assert pipeline.padded_shapes(config) == word_pairs.GRID
 
 
 def test_tokenize_then_special_tokens(tokenizer):
@@ -84,14 +80,14 @@ def test_train_batches_are_on_the_grid(config, tokenizer):
   for batch in dataset.take(60).as_numpy_iterator():
     source, target = batch["source"], batch["target"]
     assert source.shape == target.shape and source.dtype == target.dtype == "int32"
-    assert source.shape[0] == 8 and source.shape[1] in _GRID
+    assert source.shape[0] == 8 and source.shape[1] in word_pairs.GRID
     lengths.add(source.shape[1])
     assert (target[:, 0] == tokenizer_lib.BOS_ID).all()
     for row in unpadded_rows(batch, "source"):
       assert row[-1] == tokenizer_lib.EOS_ID and tokenizer_lib.BOS_ID not in row
     for row in unpadded_rows(batch, "target"):
       assert row[-1] == tokenizer_lib.EOS_ID and row.count(tokenizer_lib.EOS_ID) == 1
-  assert lengths == set(_GRID)
+  assert lengths == set(word_pairs.GRID)
 
 
 def test_train_order_is_seeded(config, tokenizer):
@@ -105,7 +101,7 @@ def test_eval_epoch_counts_every_pair(config, tokenizer, corpus, policy):
   config.data.length_policy = policy
   stats = pipeline.LengthStats()
   batches = _all_batches(config, tokenizer, length_stats=stats)
-  assert all(b["source"].shape[1] in _GRID for b in batches)
+  assert all(b["source"].shape[1] in word_pairs.GRID for b in batches)
   examples = sum(b["source"].shape[0] for b in batches)
   counts = stats.result()
   assert counts["seen"] == _NUM_PAIRS
@@ -140,7 +136,7 @@ def test_the_replicas_of_a_step_share_a_length_and_resume_exactly(config, tokeni
   per-replica size; a stream started at step N is the straight one from step N on."""
   config.data.batch_by, config.train.tokens_per_batch = batch_by, 256
   context = tf.distribute.InputContext(1, 0, 4)
-  sizes = dict(zip(_GRID, pipeline.bucket_batch_sizes(config, context)))
+  sizes = dict(zip(word_pairs.GRID, pipeline.bucket_batch_sizes(config, context)))
   assert sizes == ({6: 2, 10: 2, 16: 2} if batch_by == "sentences" else
                    {6: 64 // 6, 10: 64 // 10, 16: 64 // 16})
   straight = list(datasets.make_dataset(config, tokenizer, "train", input_context=context)
@@ -148,7 +144,7 @@ def test_the_replicas_of_a_step_share_a_length_and_resume_exactly(config, tokeni
   steps = _steps(straight, 4)
   for shapes in steps:
     assert [tuple(s) for s in shapes] == [(sizes[shapes[0][1]], shapes[0][1])] * 4, shapes
-  assert {shapes[0][1] for shapes in steps} == set(_GRID)
+  assert {shapes[0][1] for shapes in steps} == set(word_pairs.GRID)
   resumed = datasets.make_dataset(config, tokenizer, "train", input_context=context,
                                   start_step=7)
   for i, batch in enumerate(resumed.take(8).as_numpy_iterator()):
@@ -160,7 +156,7 @@ def test_eval_on_four_replicas_keeps_every_pair_at_most_the_replica_batch(config
   stats = pipeline.LengthStats()
   context = tf.distribute.InputContext(1, 0, 4)
   batches = _all_batches(config, tokenizer, input_context=context, length_stats=stats)
-  assert all(b["source"].shape[0] <= 2 and b["source"].shape[1] in _GRID for b in batches)
+  assert all(b["source"].shape[0] <= 2 and b["source"].shape[1] in word_pairs.GRID for b in batches)
   counts = stats.result()
   assert sum(b["source"].shape[0] for b in batches) == counts["seen"] - counts["dropped"]
 
@@ -199,7 +195,7 @@ def test_plugs_into_distribute_datasets_from_function(config, tokenizer):
                                         length_stats=stats))
   batch = next(iter(dataset))
   shapes = [t.shape for t in strategy.experimental_local_results(batch["target"])]
-  assert len(shapes) == 2 and all(s[0] == 4 and s[1] in _GRID for s in shapes)
+  assert len(shapes) == 2 and all(s[0] == 4 and s[1] in word_pairs.GRID for s in shapes)
   assert stats.result()["seen"] >= 8  # At least the batch's pairs (read-ahead adds more).
 
 

@@ -23,17 +23,13 @@ import word_pairs  # tests/word_pairs.py
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NUM_PAIRS = 600
-_GRID = word_pairs.GRID
-
-
-_make_pairs = word_pairs.make_pairs
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   """A tsv corpus with one malformed line, prepared in 50-example shards: (config, dir)."""
   root = tmp_path_factory.mktemp("prepared")
-  lines = [f"{src}\t{tgt}\n" for src, tgt in _make_pairs(_NUM_PAIRS)]
+  lines = [f"{src}\t{tgt}\n" for src, tgt in word_pairs.make_pairs(_NUM_PAIRS)]
   lines.insert(100, "a line without a tab\n")
   (root / "pairs.tsv").write_text("".join(lines), encoding="utf-8")
   (root / "eval.tsv").write_text("".join(lines[:120]), encoding="utf-8")
@@ -112,11 +108,11 @@ def test_train_batches_are_on_the_grid(corpus, tokenizer):
   for batch in datasets.make_dataset(config, tokenizer, "train").take(60).as_numpy_iterator():
     source, target = batch["source"], batch["target"]
     assert source.shape == target.shape and source.dtype == target.dtype == "int32"
-    assert source.shape[0] == 8 and source.shape[1] in _GRID
+    assert source.shape[0] == 8 and source.shape[1] in word_pairs.GRID
     assert (target[:, 0] == tokenizer_lib.BOS_ID).all()
     for row in unpadded_rows(batch):
       assert row[-1] == tokenizer_lib.EOS_ID and tokenizer_lib.BOS_ID not in row
-    shorter = [length for length in _GRID if length < source.shape[1]]
+    shorter = [length for length in word_pairs.GRID if length < source.shape[1]]
     # Each pair is padded to the smallest grid length L that fits it.
     for src, tgt in zip(unpadded_rows(batch), unpadded_rows(batch, "target")):
       assert max(shorter, default=0) < max(len(src), len(tgt)) <= source.shape[1]
@@ -144,9 +140,9 @@ def test_eval_split_keeps_every_pair_and_its_text(corpus, tokenizer):
   batches = list(datasets.make_dataset(config, tokenizer, "eval").as_numpy_iterator())
   examples = prepared.load_manifest(corpus[1])["splits"]["eval"]["examples"]
   assert sum(b["source"].shape[0] for b in batches) == examples
-  assert all(b["source"].shape[1] in _GRID for b in batches)
+  assert all(b["source"].shape[1] in word_pairs.GRID for b in batches)
   pairs = list(datasets.read_pairs(config.data.eval, config.data))
-  assert len(pairs) == examples and pairs[0] == _make_pairs(_NUM_PAIRS)[0]
+  assert len(pairs) == examples and pairs[0] == word_pairs.make_pairs(_NUM_PAIRS)[0]
 
 
 def test_prepare_with_a_holdout_dev_set_stores_both_sides(corpus, tmp_path):
@@ -203,13 +199,13 @@ def test_the_replicas_of_a_step_share_a_length(corpus, tokenizer, through):
       server.stop()
   steps = [shapes[i:i + 4] for i in range(0, len(shapes), 4)]
   assert all(step == [(2, step[0][1])] * 4 for step in steps), steps
-  assert {step[0][1] for step in steps} == set(_GRID)
+  assert {step[0][1] for step in steps} == set(word_pairs.GRID)
 
 
 def test_resume_a_million_steps_in(corpus, tokenizer):
   config = _prepared_config(corpus)
   batch = next(iter(datasets.make_dataset(config, tokenizer, "train", start_step=10**6)))
-  assert batch["source"].shape[0] == 8 and batch["source"].shape[1] in _GRID
+  assert batch["source"].shape[0] == 8 and batch["source"].shape[1] in word_pairs.GRID
 
 
 def test_raw_source_resume_skips_one_batch_per_replica(corpus, tokenizer):
@@ -240,7 +236,7 @@ def test_shard_corrupted_after_the_check_is_a_clear_error(corpus, tokenizer, tmp
 
 
 def test_prepare_enforces_max_skip_fraction(tmp_path):
-  lines = [f"{s}\t{t}\n" for s, t in _make_pairs(100)] + ["no tab\n"] * 5
+  lines = [f"{s}\t{t}\n" for s, t in word_pairs.make_pairs(100)] + ["no tab\n"] * 5
   (tmp_path / "bad.tsv").write_text("".join(lines), encoding="utf-8")
   config = word_pairs.pipeline_config(f"tsv:{tmp_path / 'bad.tsv'}")
   with pytest.raises(datasets.CorpusError, match=r"bad.tsv: 5 of 105 lines skipped .*"
@@ -356,7 +352,7 @@ def test_other_config_than_prepared_names_the_key(corpus, tokenizer, key, value)
 
 def test_workdir_with_another_tokenizer_is_refused(corpus, tmp_path):
   config = _prepared_config(corpus)
-  pairs = [(s + " extra", t + " words") for s, t in _make_pairs(300, seed=5)]
+  pairs = [(s + " extra", t + " words") for s, t in word_pairs.make_pairs(300, seed=5)]
   other = tokenizer_lib.load_or_train(config.tokenizer, str(tmp_path), lambda: iter(pairs))
   with pytest.raises(prepared.PreparedDataError, match="another tokenizer than the run's"):
     datasets.make_dataset(config, other, "train")
