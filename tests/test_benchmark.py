@@ -1,4 +1,6 @@
 """Tests for input_pipeline/benchmark.py on a small generated tsv corpus."""
+import pytest
+
 from configs import tiny
 from input_pipeline import benchmark
 
@@ -16,8 +18,10 @@ def test_run_reports_rates_and_grid_shapes(tmp_path):
 
   result = benchmark.run(config, str(tmp_path / "workdir"), num_batches=5, warmup_batches=1)
 
-  assert result["num_batches"] == 5 and result["seconds"] > 0
-  assert result["examples_per_sec"] > 0 and result["target_tokens_per_sec"] > 0
-  assert 0.0 <= result["padding_fraction"] < 1.0
+  assert result["num_batches"] == 5
+  # Rates over the timed seconds: 5 batches of 8 pairs; a target is 2+ tokens (words, EOS).
+  assert result["examples_per_sec"] * result["seconds"] == pytest.approx(5 * 8)
+  assert result["target_tokens_per_sec"] >= 2 * result["examples_per_sec"]
+  assert 0.0 < result["padding_fraction"] < 1.0  # 0 would mean padding counted as tokens.
   assert result["distinct_batch_shapes"] == len(result["batch_shapes"]) >= 1
   assert all(b == 8 and length in (12, 16, 24) for b, length in result["batch_shapes"])
