@@ -31,7 +31,12 @@ setuptools.setup(
         "numpy>=1.26",
         "importlib_resources>=6",  # tensorflow-datasets needs it to prepare builders; etils 1.15 no longer pulls it in
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
+    extras_require={
+        # nmt-prepare --runner=direct|DataflowRunner|...: prepare on Apache Beam workers.
+        "beam": ["apache-beam>=2.77,<3"],
+        # The Beam tests run in CI too (tests/test_prepare_beam.py), never skipped.
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "apache-beam>=2.77,<3"],
+    },
     entry_points={
         "console_scripts": [
             "nmt-train=trainer.main:run_train",
@@ -40,6 +45,7 @@ setuptools.setup(
             "nmt-export=trainer.main:run_export",
             "nmt-bench=trainer.main:run_bench",
             "nmt-prepare=trainer.main:run_prepare",
+            "nmt-score=trainer.main:run_score",
         ],
     },
 )

@@ -8,7 +8,7 @@ import tensorflow as tf
 from configs import tiny
 from input_pipeline.tokenizer import BOS_ID, EOS_ID, UNK_ID
 from trainer import decode
-from trainer import evaluate
+from trainer import translate
 from trainer import model as model_lib
 
 VOCAB = 30
@@ -142,11 +142,11 @@ def test_translate_fn_uses_beam_search_unless_beam_size_is_one():
       B: {EOS_ID: 0.9, C: 0.1}, C: {EOS_ID: 1.0}, D: {EOS_ID: 1.0}})
   config = tiny.get_config()
   source = tf.constant([[A, EOS_ID], [B, EOS_ID]])
-  beam_ids, beam_weights = evaluate.make_translate_fn(model, config, beam_size=2)(source)
-  greedy_ids, _ = evaluate.make_translate_fn(model, config, beam_size=1)(source)
-  assert beam_ids.numpy().tolist() == [[B, EOS_ID]] * 2  # Trimmed to the longest.
-  assert beam_weights.shape == (2, 2, 2)
-  assert [_tokens(row) for row in greedy_ids] == [[A, C, EOS_ID]] * 2
+  beam_ids, beam_weights, _ = translate.make_translate_fn(model, config, beam_size=2)(source)
+  greedy_ids, _, _ = translate.make_translate_fn(model, config, beam_size=1)(source)
+  assert beam_ids.numpy().tolist() == [[[B, EOS_ID]]] * 2  # [B, N, T], trimmed.
+  assert beam_weights.shape == (2, 1, 2, 2)
+  assert [_tokens(row[0]) for row in greedy_ids] == [[A, C, EOS_ID]] * 2
 
 
 def test_bad_beam_size_says_which_setting():
@@ -156,7 +156,7 @@ def test_bad_beam_size_says_which_setting():
   config = tiny.get_config()
   config.eval.beam_size = -2
   with pytest.raises(ValueError, match="config.eval.beam_size"):
-    evaluate.make_translate_fn(model, config)
+    translate.make_translate_fn(model, config)
 
 
 def _random_source(lengths, width, seed=0):

@@ -12,10 +12,10 @@ import tensorflow as tf
 
 from configs import tiny
 from trainer import checkpoints
-from trainer import evaluate
 from trainer import export
 from trainer import model as model_lib
 from trainer import train
+from trainer import translate
 from conftest import cli
 import word_pairs  # tests/word_pairs.py
 
@@ -48,8 +48,8 @@ def workdir(tmp_path_factory):
 
 def _translate_in_process(workdir):
   loaded = checkpoints.load_for_inference(workdir, for_export=True)
-  translate_ids = evaluate.make_translate_fn(loaded.model, loaded.config)
-  hyps = evaluate.translate(translate_ids, loaded.tokenizer, SENTENCES, loaded.config)[0]
+  translate_ids = translate.make_translate_fn(loaded.model, loaded.config)
+  hyps = translate.translate(translate_ids, loaded.tokenizer, SENTENCES, loaded.config)[0]
   return loaded, hyps
 
 
@@ -82,7 +82,9 @@ def test_export_reloads_with_only_tensorflow_text_and_translates_the_same(workdi
     if not sentence:
       assert sources == targets == []
       continue
-    assert sources[-1] == "</s>" and len(sources) <= loaded.config.data.max_source_length
+    assert sources[-1] == "</s>"
+    if sentence == LONG:
+      assert len(sources) > loaded.config.data.max_source_length  # Not cut.
     for row in out["attention_weights"][b][:len(targets)]:
       assert sum(row[:len(sources)]) == pytest.approx(1.0, abs=1e-4)
 
@@ -99,8 +101,8 @@ def test_translate_cli_round_trip_with_attention_pngs(workdir, tmp_path):
   with open(attention_dir / "000001.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert result.stderr.count("Empty input lines (the first is line 2)") == 1
-  assert re.search(r"line 6: \d+ tokens \+ EOS is longer than data.max_source_length=24",
-                   result.stderr)
+  assert re.search(r"line 6: \d+ tokens \+ EOS is longer than the data.max_source_length=24 "
+                   r"this model was trained with; translated whole", result.stderr)
 
 
 def test_eval_cli_prints_one_json_line(workdir):
@@ -149,8 +151,62 @@ def test_translator_with_a_compiled_step_decodes_on_the_grid_as_without(workdir)
   assert tuple(translator.grid) == (12, 16, 24)
   out = translator.serve(tf.constant(SENTENCES))
   # The same model, sources not padded.
-  translate_ids = evaluate.make_translate_fn(model, loaded.config)
-  expected = evaluate.translate(translate_ids, loaded.tokenizer, SENTENCES, loaded.config)
+  translate_ids = translate.make_translate_fn(model, loaded.config)
+  expected = translate.translate(translate_ids, loaded.tokenizer, SENTENCES, loaded.config)
   assert [t.decode() for t in out["translations"].numpy()] == expected[0]
   assert out["attention_weights"].shape[-1] == out["source_tokens"].shape[-1] == max(
       len(source) for source in expected[3])
+
+
+def test_translate_cli_n_best_with_scores_and_alignments(workdir):
+  """--n_best=2 --alignments: Moses n-best lines "LINE ||| TEXT ||| SCORE ||| LINKS", two
+  per input line, best first; the first is the plain translation; links are Pharaoh pairs
+  of source and target word positions."""
+  _, expected = _translate_in_process(workdir)
+  inputs = SENTENCES[:4]
+  result = cli("run_translate", f"--workdir={workdir}", "--n_best=2", "--alignments",
+               stdin="\n".join(inputs) + "\n")
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = [line.split(" ||| ") for line in result.stdout.splitlines()]
+  assert [int(fields[0]) for fields in lines] == [0, 0, 1, 1, 2, 2, 3, 3]
+  for number, sentence in enumerate(inputs):
+    best, second = lines[2 * number], lines[2 * number + 1]
+    if not sentence:
+      assert best[1:] == second[1:] == ["", "nan", ""]
+      continue
+    assert best[1] == expected[number] and second[1] != best[1]
+    assert float(best[2]) >= float(second[2])
+    for fields in (best, second):
+      links = [tuple(map(int, link.split("-"))) for link in fields[3].split()]
+      assert links and all(0 <= i < len(sentence.split()) and 0 <= j < len(fields[1].split())
+                           for i, j in links), fields
+  too_many = cli("run_translate", f"--workdir={workdir}", "--n_best=3", stdin="one\n")
+  assert too_many.returncode == 1
+  assert "error: --n_best=3 needs --beam_size >= 3 (the beam size is 2)" in too_many.stderr
+
+
+def test_score_file_ranks_the_models_translation_above_a_wrong_one(workdir, tmp_path):
+  """nmt-score's log P(target | source): the model's own beam output is likelier than a
+  wrong target; per token is log P / tokens; a line that is not a pair scores nan, in
+  place, and is counted."""
+  loaded, hyps = _translate_in_process(workdir)
+  pairs = [("one two", hyps[0]), ("one two", "blau haus"), ("no tab here", None),
+           ("red cat", hyps[2])]
+  path = tmp_path / "pairs.tsv"
+  path.write_text("".join(f"{s}\t{t}\n" if t is not None else f"{s}\n" for s, t in pairs),
+                  encoding="utf-8")
+  output = tmp_path / "scores.txt"
+  counts = translate.score_file(translate.make_score_fn(loaded.model), loaded.tokenizer,
+                                loaded.config, str(path), str(output))
+  assert counts == {"scored": 3, "unscorable": 1}
+  rows = [line.split("\t") for line in output.read_text(encoding="utf-8").splitlines()]
+  assert len(rows) == 4 and rows[2] == ["nan", "nan", "0"]
+  (own, own_per_token, own_tokens), (wrong, _, _) = [
+      (float(a), float(b), int(c)) for a, b, c in (rows[0], rows[1])]
+  assert own > wrong and own < 0
+  assert own_per_token == pytest.approx(own / own_tokens, abs=1e-3)
+  # The translation's beam score is the same log P divided by its length penalty.
+  lp = float(translate.decode.length_penalty(own_tokens, loaded.config.eval.length_penalty))
+  ids, _, scores = translate.make_translate_fn(loaded.model, loaded.config)(
+      translate.encode_sources(loaded.tokenizer, ["one two"]))
+  assert float(scores[0, 0]) == pytest.approx(own / lp, abs=1e-3)

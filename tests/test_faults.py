@@ -26,6 +26,7 @@ from trainer import checkpoints
 from trainer import evaluate
 from trainer import main
 from trainer import train
+from trainer import translate
 from conftest import cli, REPO
 import word_pairs  # tests/word_pairs.py
 
@@ -385,16 +386,16 @@ def test_corrupt_tokenizer_model_is_one_line(copy):
 
 def test_translate_warns_about_bad_bytes_and_keeps_one_line_per_line(run, tmp_path, caplog):
   loaded = checkpoints.load_for_inference(run[1])
-  translate_ids = evaluate.make_translate_fn(loaded.model, loaded.config, 1)
+  translate_ids = translate.make_translate_fn(loaded.model, loaded.config, 1)
   source = tmp_path / "in.txt"
   source.write_bytes(b"one two\ncaf\xe9 red\nred\x00cat\n\ndog\n")
   caplog.set_level(logging.WARNING, logger="absl")
   output = str(tmp_path / "out.txt")
-  evaluate.translate_file(translate_ids, loaded.tokenizer, loaded.config, str(source), output)
+  translate.translate_file(translate_ids, loaded.tokenizer, loaded.config, str(source), output)
   with open(output, encoding="utf-8") as f:
     assert len(f.read().split("\n")) == 5 + 1
   assert "input line 2: invalid UTF-8 at byte 3" in caplog.text
   assert "input line 3: NUL bytes" in caplog.text
   with pytest.raises(ValueError, match=rf"--output={tmp_path} is a directory"):
-    evaluate.translate_file(translate_ids, loaded.tokenizer, loaded.config, str(source),
-                            str(tmp_path))
+    translate.translate_file(translate_ids, loaded.tokenizer, loaded.config, str(source),
+                             str(tmp_path))

@@ -206,8 +206,8 @@ def test_sigterm_during_an_evaluation_stops_without_finishing_it(embedded_data_d
   before saving (it did: the signal was looked at only after the evaluation)."""
   import os
   import signal
-  from trainer import evaluate
-  batches, translate = [], evaluate.translate
+  from trainer import translate as translate_lib
+  batches, translate = [], translate_lib.translate
 
   def translate_then_signal(*args, **kwargs):
     batches.append(len(args[2]))
@@ -217,7 +217,7 @@ def test_sigterm_during_an_evaluation_stops_without_finishing_it(embedded_data_d
 
   config = _config(embedded_data_dir, 20)
   config.data.eval_examples, config.eval.batch_size = 64, 8  # 8 decoding batches.
-  monkeypatch.setattr(evaluate, "translate", translate_then_signal)
+  monkeypatch.setattr(translate_lib, "translate", translate_then_signal)
   summary = train.train_and_evaluate(config, str(tmp_path), _one())
   assert summary["interrupted"] == "SIGTERM" and summary["step"] == 10
   assert batches == [8], batches  # Abandoned after the batch under way.

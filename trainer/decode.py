@@ -41,7 +41,7 @@ def grid_length(length: tf.Tensor, grid: Sequence[int]) -> tf.Tensor:
 
 
 def on_grid(search: Callable, source: tf.Tensor, grid: Sequence[int]):
-  """search(source [B,S]) -> (ids, weights [B,T,S], ...) run on `source` 0-padded to
+  """search(source [B,S]) -> (ids, weights [..., S], ...) run on `source` 0-padded to
   `grid_length(S, grid)`; weights are cut back to S. Padding is masked in the encoder and
   in the attention, so results equal search(source). An empty grid runs search(source).
   """
@@ -50,7 +50,7 @@ def on_grid(search: Callable, source: tf.Tensor, grid: Sequence[int]):
   width = tf.shape(source)[1]
   padded = tf.pad(source, [[0, 0], [0, grid_length(width, grid) - width]])
   ids, weights, *rest = search(padded)
-  return (ids, weights[:, :, :width], *rest)
+  return (ids, weights[..., :width], *rest)
 
 
 def greedy(model: Seq2Seq, source: tf.Tensor, max_length: tf.Tensor):

@@ -14,7 +14,7 @@ import ml_collections
 import tensorflow as tf
 
 from trainer import decode
-from trainer import evaluate
+from trainer import translate as translate_lib
 
 
 class Translator(tf.Module):
@@ -26,8 +26,7 @@ class Translator(tf.Module):
     self.tokenizer = tokenizer
     self.model = model
     # Plain Python numbers, baked into the graph when `serve` is traced.
-    self.beam_size = evaluate.resolve_beam_size(config, beam_size)
-    self.max_source_length = int(config.data.max_source_length)
+    self.beam_size = translate_lib.resolve_beam_size(config, beam_size)
     self.max_length_ratio = float(config.eval.max_length_ratio)
     self.length_penalty = float(config.eval.length_penalty)
     self.grid = decode.source_grid(model, config)  # Empty unless the step is compiled.
@@ -42,11 +41,12 @@ class Translator(tf.Module):
     """
     # One extra empty sentence, dropped below, keeps an empty request from reaching the
     # encoder GRU with zero time steps (which fails) and costs little.
-    source = evaluate.encode_sources(self.tokenizer, tf.concat([sources, [""]], 0),
-                                     self.max_source_length)
+    # Sources are translated whole, as by nmt-translate (longer ones than the model was
+    # trained on too).
+    source = translate_lib.encode_sources(self.tokenizer, tf.concat([sources, [""]], 0))
     ids, weights = decode.on_grid(
-        lambda padded: evaluate.decode_ids(self.model, padded, self.beam_size,
-                                           self.max_length_ratio, self.length_penalty),
+        lambda padded: translate_lib.decode_ids(self.model, padded, self.beam_size,
+                                                self.max_length_ratio, self.length_penalty),
         source, self.grid)
     source = source[:-1]
     ids, weights = decode.trim(ids[:-1], weights[:-1])

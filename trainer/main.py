@@ -1,5 +1,5 @@
 """Console entry points (nmt-train, nmt-eval, nmt-translate, nmt-export, nmt-bench,
-nmt-prepare).
+nmt-prepare, nmt-score).
 
 The only module that reads absl FLAGS: each command parses flags, loads the config and
 calls one function.
@@ -223,8 +223,11 @@ def _prepare_main(argv) -> None:
   from input_pipeline import prepare
   from input_pipeline import prepared
   try:
-    manifest = prepare.prepare(FLAGS.config, FLAGS.output_dir,
-                               shard_examples=FLAGS.shard_examples)
+    manifest = prepare.prepare(
+        FLAGS.config, FLAGS.output_dir, shard_examples=FLAGS.shard_examples,
+        runner=FLAGS.runner or prepare.default_runner(),
+        beam_options=prepare.beam_args(FLAGS.direct_num_workers or os.cpu_count() or 1,
+                                       FLAGS.beam_pipeline_options))
   except (ValueError, OSError) as e:  # CorpusError and PreparedDataError are ValueErrors.
     _fail(str(e))
   print(json.dumps(dict(output_dir=FLAGS.output_dir, **prepared.summary(manifest))))
@@ -234,7 +237,17 @@ def run_prepare() -> None:
   config_flags.DEFINE_config_file("config", None, "Config file; data.train and data.eval "
                                   "are prepared with its tokenizer.* and data.* lengths.")
   flags.DEFINE_string("output_dir", None, "Directory to write (or, if finished, verify).")
-  flags.DEFINE_integer("shard_examples", 20000, "Examples per shard file.")
+  flags.DEFINE_integer("shard_examples", 20000, "Examples per train shard (about: each "
+                       "holds ~examples/K of K shards) and per eval shard.", lower_bound=1)
+  flags.DEFINE_string("runner", "", "single_process, or an Apache Beam runner: direct "
+                      "(worker processes here), DataflowRunner, FlinkRunner, SparkRunner, "
+                      "...; default: direct if Beam is installed (pip install -e "
+                      "'.[beam]'), else single_process. docs/prepared.md.")
+  flags.DEFINE_integer("direct_num_workers", 0, "--runner=direct: worker processes; 0 = "
+                       "one per CPU.", lower_bound=0)
+  flags.DEFINE_string("beam_pipeline_options", "", "Comma-separated KEY=VALUE Beam "
+                      "pipeline options for a cluster runner, e.g. project=P,region=R,"
+                      "temp_location=gs://B/tmp,setup_file=./setup.py.")
   flags.mark_flags_as_required(["config", "output_dir"])
   _run(_prepare_main)
 
@@ -244,17 +257,22 @@ def _fail(message: str) -> None:
   sys.exit(f"error: {message}")
 
 
-def _define_inference_flags() -> None:
+def _define_model_flags() -> None:
+  """The flags naming the trained model: --workdir, --checkpoint, --average_last."""
   flags.DEFINE_string("workdir", None, "Run directory written by nmt-train (config.json, "
                       "tokenizer, checkpoints).")
   flags.DEFINE_string("checkpoint", None, "Checkpoint prefix or directory; default: the "
                       "workdir's latest.")
-  flags.DEFINE_integer("beam_size", None, "Beam width (1 = greedy); default: the run's "
-                       "config.eval.beam_size.")
   flags.DEFINE_integer("average_last", 0, "Use the mean weights of the K newest checkpoints "
                        "of --checkpoint's directory (default the workdir's); 0 = no "
                        "averaging.", lower_bound=0)
   flags.mark_flags_as_required(["workdir"])
+
+
+def _define_inference_flags() -> None:
+  _define_model_flags()
+  flags.DEFINE_integer("beam_size", None, "Beam width (1 = greedy); default: the run's "
+                       "config.eval.beam_size.")
 
 
 def _eval_main(argv) -> None:
@@ -283,14 +301,19 @@ def run_eval() -> None:
 
 def _translate_main(argv) -> None:
   del argv
-  from trainer import checkpoints, evaluate
+  from trainer import checkpoints, translate
   try:
     loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint,
                                             average_last=FLAGS.average_last)
-    translate_ids = evaluate.make_translate_fn(loaded.model, loaded.config,
-                                               FLAGS.beam_size)
-    evaluate.translate_file(translate_ids, loaded.tokenizer, loaded.config, FLAGS.input,
-                            FLAGS.output, FLAGS.attention_dir)
+    beam_size = translate.resolve_beam_size(loaded.config, FLAGS.beam_size)
+    if FLAGS.n_best > beam_size:
+      raise ValueError(f"--n_best={FLAGS.n_best} needs --beam_size >= {FLAGS.n_best} "
+                       f"(the beam size is {beam_size}).")
+    translate_ids = translate.make_translate_fn(loaded.model, loaded.config, beam_size,
+                                                n_best=FLAGS.n_best)
+    translate.translate_file(translate_ids, loaded.tokenizer, loaded.config, FLAGS.input,
+                             FLAGS.output, FLAGS.attention_dir, n_best=FLAGS.n_best,
+                             with_scores=FLAGS.with_scores, alignments=FLAGS.alignments)
   except (ValueError, OSError) as e:
     _fail(str(e))
 
@@ -300,7 +323,35 @@ def run_translate() -> None:
   flags.DEFINE_string("input", None, "Text file, one sentence per line; default: stdin.")
   flags.DEFINE_string("output", None, "Where to write translations; default: stdout.")
   flags.DEFINE_string("attention_dir", None, "Write line N's attention as DIR/00000N.png.")
+  flags.DEFINE_integer("n_best", 1, "Hypotheses per input line, best first (<= the beam "
+                       "size); above 1, lines are Moses n-best: 'LINE ||| TEXT ||| SCORE'.",
+                       lower_bound=1)
+  flags.DEFINE_bool("with_scores", False, "Write 'LINE ||| TEXT ||| SCORE' lines (score: "
+                    "log P / length penalty) also for --n_best=1.")
+  flags.DEFINE_bool("alignments", False, "Append ' ||| i-j ...' to each line: Pharaoh "
+                    "source-target word links from the attention weights.")
   _run(_translate_main)
+
+
+def _score_main(argv) -> None:
+  del argv
+  from trainer import checkpoints, translate
+  try:
+    loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint,
+                                            average_last=FLAGS.average_last)
+    counts = translate.score_file(translate.make_score_fn(loaded.model), loaded.tokenizer,
+                                  loaded.config, FLAGS.input, FLAGS.output)
+  except (ValueError, OSError) as e:
+    _fail(str(e))
+  absl_logging.info("nmt-score: %s", counts)
+
+
+def run_score() -> None:
+  _define_model_flags()
+  flags.DEFINE_string("input", None, "SOURCE<TAB>TARGET lines; default: stdin.")
+  flags.DEFINE_string("output", None, "Where to write 'LOG_PROB<TAB>PER_TOKEN<TAB>TOKENS' "
+                      "lines, one per input line; default: stdout.")
+  _run(_score_main)
 
 
 def _export_main(argv) -> None:
