@@ -12,14 +12,13 @@ surface_corpus_errors and the uniform sample of a pairs dataset.
 import collections
 import contextlib
 import dataclasses
-import functools
 import gzip
 import io
 import itertools
 import os
 import re
 import threading
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 import zlib
 
 from absl import logging
@@ -36,9 +35,14 @@ MAX_SIDE_BYTES = 10_000
 _MAX_LINE_BYTES = 1 << 20
 _READ_BYTES = 1 << 18  # Must not exceed _MAX_LINE_BYTES (see _lines).
 _UTF8_BOM = b"\xef\xbb\xbf"
-_CHUNK_PAIRS = 2048  # Pairs per from_generator element: amortizes its per-call cost.
+CHUNK_PAIRS = 2048  # Pairs per from_generator element: amortizes its per-call cost.
 _CHUNK_SIGNATURE = (tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.string))
 _LOGGED_SKIPS_PER_FILE = 10
+# A pair's position in its corpus: (unit index << LINE_BITS) | line number (from 1), where a
+# unit is one file (tsv:) or aligned file pair (text:) in sorted order, or a TFDS split
+# (unit 0, record number). Sorting by it gives corpus order; nmt-prepare derives each
+# example's shard from it, so that the result does not depend on the order of reading.
+LINE_BITS = 40
 _END = object()  # Marks the end of the shorter file of an aligned pair.
 # NAME may carry a TFDS version (mnist:3.0.1) and SPLIT a slice (train[:10%]).
 _TFDS_SOURCE = re.compile(r"(?P<name>[^:\[]+(?::\d+\.[\d*]+\.[\d*]+)?)(?::(?P<split>.+))?")
@@ -98,11 +102,39 @@ class SkipStats:
   def __init__(self):
     self._lock = threading.Lock()
     self._files: dict[str, tuple[int, collections.Counter]] = {}
+    self._first: dict[str, tuple[int, str]] = {}
 
-  def add(self, name: str, read: int, skipped: dict[str, int]) -> None:
+  def add(self, name: str, read: int, skipped: dict[str, int],
+          first_skip: tuple[int, str] | None = None) -> None:
+    """Adds one reader's counts for file `name`; `first_skip` = (line, "path:line: why")
+    of its first skipped line (the earliest line of all the file's readers is kept)."""
+    first_skip = tuple(first_skip) if first_skip else None
     with self._lock:
       old_read, old_skipped = self._files.get(name, (0, collections.Counter()))
       self._files[name] = (old_read + read, old_skipped + collections.Counter(skipped))
+      if first_skip and (name not in self._first or first_skip < self._first[name]):
+        self._first[name] = first_skip
+
+  def first_skips(self) -> dict[str, tuple[int, str]]:
+    """{file: (line, "path:line: why")} of the first skipped line of each file with one."""
+    with self._lock:
+      return dict(self._first)
+
+  def merge(self, other: "SkipStats") -> None:
+    first = other.first_skips()
+    for name, (read, skipped) in other.per_file().items():
+      self.add(name, read, skipped, first.get(name))
+
+  def error(self, max_skip_fraction: float) -> "CorpusError | None":
+    """The CorpusError of the first file (by name) with more than max_skip_fraction of its
+    lines skipped, else None: for readers of parts of a file, which cannot tell alone."""
+    first = self.first_skips()
+    for name, (read, skipped) in sorted(self.per_file().items()):
+      error = skip_error(name, read, skipped, first.get(name, (0, ""))[1],
+                         max_skip_fraction)
+      if error:
+        return error
+    return None
 
   def per_file(self) -> dict[str, tuple[int, dict[str, int]]]:
     """{file (or "src,tgt" pair): (pairs read, {reason: lines skipped})}."""
@@ -170,37 +202,37 @@ def parse_tfds(source: str, rest: str) -> SourceSpec:
 
 
 def read_embedded(spec: SourceSpec, data_config: ml_collections.ConfigDict, shard: Shard,
-                  shuffle_files: bool, seed: int,
-                  stats: SkipStats | None) -> tf.data.Dataset:
+                  shuffle_files: bool, seed: int, stats: SkipStats | None,
+                  numbered: bool = False) -> tf.data.Dataset:
   """The shipped files of embedded:deu-eng are read as tsv:, the generated corpus by TFDS."""
   if spec.paths:
     return read_files(dataclasses.replace(spec, kind="tsv"), data_config, shard,
-                      shuffle_files, seed, stats)
-  return read_tfds(spec, data_config, shard, shuffle_files, seed, stats)
+                      shuffle_files, seed, stats, numbered)
+  return read_tfds(spec, data_config, shard, shuffle_files, seed, stats, numbered)
 
 
-def uniform_sample(pairs: tf.data.Dataset, size: int, *, seed: int = 0,
+def uniform_sample(numbered_pairs: tf.data.Dataset, size: int, *, seed: int = 0,
                    name: str = "") -> Iterator[tuple[str, str]]:
-  """Yields `size` (source, target) pairs of a pairs dataset drawn uniformly (all of them
-  when fewer), in its order: those whose seeded hash of the pair's text is smallest.
+  """Yields `size` (source, target) pairs of a dataset of (position, source, target) drawn
+  uniformly (all of them when fewer), in corpus order (by position): those whose seeded
+  hash of the pair's text (`pair_hashes`) is smallest, ties broken by position.
 
   One pass over the dataset, run when the iterator is first advanced (hashing in-graph;
-  memory O(size)); the same seed and pairs give the same sample, in any file order.
+  memory O(size)); the same seed and pairs give the same sample, in any reading order (so
+  nmt-prepare's Beam path, which keeps the same smallest hashes, draws the same one).
   """
   if not isinstance(size, int) or isinstance(size, bool) or size < 1:
     raise ValueError(f"sample_pairs: size = {size!r} is invalid: it must be an int >= 1")
-  key = [seed & _MASK64, 0x6e6d745f73616d70]  # Any fixed second half ("nmt_samp").
-  hashed = pairs.batch(1 << 14).map(
-      lambda src, tgt: (src, tgt, tf.strings.to_hash_bucket_strong(
-          tf.strings.join([src, tgt], "\t"), _HASH_BUCKETS, key)))
+  hashed = numbered_pairs.batch(1 << 14).map(
+      lambda position, src, tgt: (pair_hashes(src, tgt, seed), position, src, tgt))
 
   def sample() -> Iterator[tuple[str, str]]:
     logging.info("Sampling %d pairs uniformly from %s: one pass over the corpus.", size,
                  name)
-    kept = _Sample(size)
+    kept = Sample(size)
     with surface_corpus_errors():
-      for src, tgt, hashes in hashed.as_numpy_iterator():
-        kept.add(hashes, src, tgt)
+      for hashes, positions, src, tgt in hashed.as_numpy_iterator():
+        kept.add(hashes, positions, src, tgt)
     logging.info("Sampled %d of the %d pairs of %s.", len(kept.hashes), kept.seen, name)
     for src, tgt in zip(*kept.in_corpus_order()):
       yield src.decode("utf-8"), tgt.decode("utf-8")
@@ -212,21 +244,30 @@ _HASH_BUCKETS = (1 << 63) - 1
 _MASK64 = (1 << 64) - 1
 
 
-class _Sample:
-  """The `size` pairs with the smallest hashes seen so far, with their corpus positions."""
+def pair_hashes(sources, targets, seed: int) -> tf.Tensor:
+  """int64 [B]: a seeded hash (SipHash) of each pair's text; the tokenizer sample keeps the
+  pairs with the smallest ones (in-graph or eager)."""
+  key = [seed & _MASK64, 0x6e6d745f73616d70]  # Any fixed second half ("nmt_samp").
+  return tf.strings.to_hash_bucket_strong(tf.strings.join([sources, targets], "\t"),
+                                          _HASH_BUCKETS, key)
+
+
+class Sample:
+  """The `size` pairs with the smallest (hash, position) seen so far; `merge` adds another
+  Sample's (a Beam combiner's partial results)."""
 
   def __init__(self, size: int):
     self.size, self.seen = size, 0
     self.hashes, self.positions = np.zeros([0], np.int64), np.zeros([0], np.int64)
     self.sources, self.targets = np.zeros([0], object), np.zeros([0], object)
 
-  def add(self, hashes: np.ndarray, sources: np.ndarray, targets: np.ndarray) -> None:
-    positions = np.arange(self.seen, self.seen + len(hashes))
-    self.seen += len(hashes)
-    if len(self.hashes) == self.size:  # Full: only smaller hashes can get in.
-      take = hashes < self.hashes.max()
-      hashes, sources, targets, positions = (
-          hashes[take], sources[take], targets[take], positions[take])
+  def add(self, hashes: np.ndarray, positions: np.ndarray, sources: np.ndarray,
+          targets: np.ndarray, seen: int | None = None) -> None:
+    self.seen += len(hashes) if seen is None else seen
+    if len(self.hashes) == self.size:  # Full: only hashes up to the largest can get in.
+      take = hashes <= self.hashes.max()
+      hashes, positions, sources, targets = (
+          hashes[take], positions[take], sources[take], targets[take])
     if not len(hashes):
       return
     self.hashes = np.concatenate([self.hashes, hashes])
@@ -234,12 +275,15 @@ class _Sample:
     self.sources = np.concatenate([self.sources, sources])
     self.targets = np.concatenate([self.targets, targets])
     if len(self.hashes) > self.size:
-      keep = np.argpartition(self.hashes, self.size - 1)[:self.size]
+      keep = np.lexsort((self.positions, self.hashes))[:self.size]
       self.hashes, self.positions = self.hashes[keep], self.positions[keep]
       self.sources, self.targets = self.sources[keep], self.targets[keep]
 
+  def merge(self, other: "Sample") -> None:
+    self.add(other.hashes, other.positions, other.sources, other.targets, other.seen)
+
   def in_corpus_order(self) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(self.positions)
+    order = np.argsort(self.positions, kind="stable")
     return self.sources[order], self.targets[order]
 
 
@@ -291,9 +335,11 @@ def _tfds_builder(spec: SourceSpec, data_config: ml_collections.ConfigDict):
 
 
 def read_tfds(spec: SourceSpec, data_config: ml_collections.ConfigDict, shard: Shard,
-              shuffle_files: bool, seed: int, stats: SkipStats | None) -> tf.data.Dataset:
+              shuffle_files: bool, seed: int, stats: SkipStats | None,
+              numbered: bool = False) -> tf.data.Dataset:
   """Reads an embedded or tfds: source, preparing it first (generating, for embedded).
-  TFDS records have no lines to skip, so `stats` stays unused."""
+  TFDS records have no lines to skip, so `stats` stays unused. With `numbered`, the
+  position of a record is its number in the split (from 1) as read (unit 0)."""
   del stats
   import tensorflow_datasets as tfds  # Here, not at the top: it takes seconds to import.
   builder = _tfds_builder(spec, data_config)
@@ -309,9 +355,12 @@ def read_tfds(spec: SourceSpec, data_config: ml_collections.ConfigDict, shard: S
   shuffle_files = shuffle_files and not builder.info.disable_shuffling
   examples = builder.as_dataset(split=split, shuffle_files=shuffle_files,
                                 read_config=read_config)
-  return examples.map(lambda example: (example[src_key], example[tgt_key]),
-                      num_parallel_calls=tf.data.AUTOTUNE,
-                      deterministic=data_config.deterministic)
+  pairs = examples.map(lambda example: (example[src_key], example[tgt_key]),
+                       num_parallel_calls=tf.data.AUTOTUNE,
+                       deterministic=data_config.deterministic)
+  if numbered:
+    return pairs.enumerate(start=1).map(lambda position, pair: (position, *pair))
+  return pairs
 
 
 def _feature_keys(spec: SourceSpec, available: list[str],
@@ -336,34 +385,81 @@ def _feature_keys(spec: SourceSpec, available: list[str],
 
 
 def read_files(spec: SourceSpec, data_config: ml_collections.ConfigDict, shard: Shard,
-                shuffle_files: bool, seed: int, stats: SkipStats | None) -> tf.data.Dataset:
-  """Reads a tsv: or text: source: one Python reader per file (pair), interleaved.
+               shuffle_files: bool, seed: int, stats: SkipStats | None,
+               numbered: bool = False) -> tf.data.Dataset:
+  """Reads a tsv: or text: source: one Python reader per file (pair), interleaved; with
+  `numbered`, (position, source, target) triples (LINE_BITS).
 
-  Each reader is a from_generator over the file's bytes, not a chain of tf.data text ops,
-  because skipping needs the file and line number in the log and per-file counts, which
-  in-graph ops cannot report; reading in chunks of _CHUNK_PAIRS pairs keeps it fast.
+  Each reader is a from_generator over the file's bytes (`unit_chunks`), not a chain of
+  tf.data text ops, because skipping needs the file and line number in the log and
+  per-file counts, which in-graph ops cannot report; reading in chunks of CHUNK_PAIRS
+  pairs keeps it fast.
   """
-  units = _nonempty(spec, _find_units(spec))  # A unit: (path,) for tsv, (src, tgt) for text.
+  units = list(enumerate(file_units(spec)))  # (index, (path,) or (src, tgt)).
   record_shard = shard
   if len(units) >= shard.count:  # By file: file i goes to pipeline i % N.
     units, record_shard = units[shard.index::shard.count], Shard()
   if spec.kind == "text":
-    for src, tgt in units:  # Up front: the reader would only notice at the end of an epoch.
-      error = _alignment_error(src, tgt)
-      if error:
-        raise error
-    pairs_fn = functools.partial(_text_pairs, shard=record_shard)
-  else:
-    pairs_fn = functools.partial(_tsv_pairs, columns=spec.columns, shard=record_shard)
-  reader = _make_reader(pairs_fn, data_config.max_skip_fraction, stats)
-  files = tf.data.Dataset.from_tensor_slices(tuple(list(paths) for paths in zip(*units)))
+    for _, paths in units:  # Up front: the reader would only notice at the end of an epoch.
+      check_aligned(paths)
+
+  def reader(index, *paths: bytes) -> Iterator[tuple[np.ndarray, ...]]:
+    chunks = unit_chunks(spec, int(index), [path.decode("utf-8") for path in paths],
+                         data_config.max_skip_fraction, stats, record_shard)
+    for positions, sources, targets in chunks:
+      yield (positions, sources, targets) if numbered else (sources, targets)
+
+  signature = (tf.TensorSpec([None], tf.int64),) * numbered + _CHUNK_SIGNATURE
+  files = tf.data.Dataset.from_tensor_slices(
+      (tf.constant([index for index, _ in units], tf.int64),
+       *(list(paths) for paths in zip(*(paths for _, paths in units)))))
   if shuffle_files:
     files = files.shuffle(len(units), seed=seed)
   chunks = files.interleave(
-      lambda *paths: tf.data.Dataset.from_generator(
-          reader, args=paths, output_signature=_CHUNK_SIGNATURE),
+      lambda index, *paths: tf.data.Dataset.from_generator(
+          reader, args=(index, *paths), output_signature=signature),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=data_config.deterministic)
   return chunks.unbatch()
+
+
+def file_units(spec: SourceSpec) -> list[tuple[str, ...]]:
+  """The units of a tsv:, text: or shipped embedded source in corpus order: (path,) per tsv
+  file, (src, tgt) per aligned text pair; empty files are dropped with a warning."""
+  if spec.kind == "embedded":
+    spec = dataclasses.replace(spec, kind="tsv")
+  return _nonempty(spec, _find_units(spec))
+
+
+def unit_chunks(spec: SourceSpec, index: int, paths: list[str] | tuple[str, ...],
+                max_skip_fraction: float, stats: SkipStats | None,
+                shard: Shard = Shard()) -> Iterator[tuple[np.ndarray, ...]]:
+  """(positions int64, sources, targets) arrays of up to CHUNK_PAIRS good pairs of unit
+  `index` of `file_units(spec)` (its lines i with i % shard.count == shard.index, counted
+  from 0), skipping and counting bad lines into `stats` at the end of the unit.
+
+  The one reader of tsv:/text: lines: read_files (training) and nmt-prepare, in one process
+  or in Beam workers, all read through it. max_skip_fraction is enforced per call, so a
+  caller reading a file in parts passes inf and checks SkipStats.error over all parts.
+  """
+  tally = _Tally(",".join(paths), max_skip_fraction, stats)
+  if spec.kind == "text":
+    pairs = _text_pairs(list(paths), tally, shard=shard)
+  else:
+    pairs = _tsv_pairs(list(paths), tally, columns=spec.columns, shard=shard)
+  base = index << LINE_BITS
+  while chunk := list(itertools.islice(pairs, CHUNK_PAIRS)):
+    tally.read += len(chunk)
+    linenos, sources, targets = zip(*chunk)
+    yield (np.array(linenos, np.int64) + base, np.array(sources, dtype=object),
+           np.array(targets, dtype=object))
+  tally.finish()
+
+
+def check_aligned(paths: tuple[str, ...] | list[str]) -> None:
+  """CorpusError naming both files of a text: unit if their line counts differ."""
+  error = _alignment_error(*paths)
+  if error:
+    raise error
 
 
 def _find_units(spec: SourceSpec) -> list[tuple[str, ...]]:
@@ -400,27 +496,10 @@ def _nonempty(spec: SourceSpec, units: list[tuple[str, ...]]) -> list[tuple[str,
   return [unit for unit in units if unit not in empty]
 
 
-def _make_reader(pairs_fn: Callable[[list[str], "_Tally"], Iterable[tuple[str, str]]],
-                 max_skip_fraction: float,
-                 stats: SkipStats | None) -> Callable[..., Iterator[tuple[np.ndarray, ...]]]:
-  """The from_generator callable reading one file (pair): yields chunks of pairs as arrays."""
-
-  def reader(*paths: bytes) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    paths = [path.decode("utf-8") for path in paths]
-    tally = _Tally(",".join(paths), max_skip_fraction, stats)
-    pairs = pairs_fn(paths, tally)
-    while chunk := list(itertools.islice(pairs, _CHUNK_PAIRS)):
-      tally.read += len(chunk)
-      sources, targets = zip(*chunk)
-      yield np.array(sources, dtype=object), np.array(targets, dtype=object)
-    tally.finish()
-
-  return reader
-
-
 def _tsv_pairs(paths: list[str], tally: "_Tally", *, columns: tuple[int, int],
-               shard: Shard) -> Iterator[tuple[str, str]]:
-  """Yields the pairs of the good lines of one TSV file (this shard's lines); tallies the bad."""
+               shard: Shard) -> Iterator[tuple[int, str, str]]:
+  """Yields (line number, source, target) of the good lines of one TSV file (this shard's
+  lines); tallies the bad."""
   (path,) = paths
   src_col, tgt_col = columns
   needed = max(columns) + 1
@@ -435,16 +514,17 @@ def _tsv_pairs(paths: list[str], tally: "_Tally", *, columns: tuple[int, int],
           raise _Skip("too few columns",
                       f"{len(fields)} tab-separated columns, need at least {needed} "
                       f"(columns {src_col}:{tgt_col}, counted from 0)")
-        pair = _pair(fields[src_col], fields[tgt_col])
+        src, tgt = _pair(fields[src_col], fields[tgt_col])
       except _Skip as skip:
         tally.skip(path, lineno, skip)
         continue
-      yield pair
+      yield lineno, src, tgt
 
 
 def _text_pairs(paths: list[str], tally: "_Tally", *,
-                shard: Shard) -> Iterator[tuple[str, str]]:
-  """Yields the pairs of the good lines of two aligned text files; tallies the bad."""
+                shard: Shard) -> Iterator[tuple[int, str, str]]:
+  """Yields (line number, source, target) of the good lines of two aligned text files (this
+  shard's lines); tallies the bad."""
   src_path, tgt_path = paths
   with _open(src_path) as src_file, _open(tgt_path) as tgt_file:
     lines = _aligned(src_path, tgt_path, _lines(src_file, src_path), _lines(tgt_file, tgt_path))
@@ -455,7 +535,7 @@ def _text_pairs(paths: list[str], tally: "_Tally", *,
       except _Skip as skip:
         tally.skip(tgt_path if skip.side == "target" else src_path, lineno, skip)
         continue
-      yield pair
+      yield lineno, pair[0], pair[1]
 
 
 def _aligned(src_path: str, tgt_path: str, src_lines: Iterator, tgt_lines: Iterator
@@ -507,13 +587,13 @@ class _Tally:
     self.name, self.max_skip_fraction, self.stats = name, max_skip_fraction, stats
     self.read = 0
     self.skipped = collections.Counter()
-    self.first_skip = ""
+    self.first_skip: tuple[int, str] | None = None  # (line, "path:line: why")
 
   def skip(self, path: str, lineno: int, skip: _Skip) -> None:
     self.skipped[skip.reason] += 1
     total = self.skipped.total()
     if total == 1:
-      self.first_skip = f"{path}:{lineno}: {skip.detail}"
+      self.first_skip = (lineno, f"{path}:{lineno}: {skip.detail}")
     if total <= _LOGGED_SKIPS_PER_FILE:
       logging.warning("%s:%d: skipped line: %s", path, lineno, skip.detail)
     if total == _LOGGED_SKIPS_PER_FILE + 1:
@@ -521,19 +601,30 @@ class _Tally:
                       "summary has the totals", self.name)
 
   def finish(self) -> None:
-    skipped = self.skipped.total()
     reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
-    logging.info("%s: %d read, %d skipped%s", self.name, self.read, skipped,
+    logging.info("%s: %d read, %d skipped%s", self.name, self.read, self.skipped.total(),
                  f" ({reasons})" if reasons else "")
     if self.stats is not None:
-      self.stats.add(self.name, self.read, self.skipped)
-    seen = self.read + skipped
-    if seen and skipped / seen > self.max_skip_fraction:
-      message = (f"{self.name}: {skipped} of {seen} lines skipped as malformed ({reasons}), "
-                 f"more than data.max_skip_fraction = {self.max_skip_fraction}; the first: "
-                 f"{self.first_skip}. Fix the file (the log names the first bad lines) or "
-                 "raise data.max_skip_fraction")
-      raise CorpusError(message)  # Not logged too: the caller prints it once.
+      self.stats.add(self.name, self.read, self.skipped, self.first_skip)
+    error = skip_error(self.name, self.read, self.skipped,
+                       self.first_skip[1] if self.first_skip else "", self.max_skip_fraction)
+    if error:
+      raise error  # Not logged too: the caller prints it once.
+
+
+def skip_error(name: str, read: int, skipped: dict[str, int], first_skip: str,
+               max_skip_fraction: float) -> CorpusError | None:
+  """The CorpusError for a file with more than max_skip_fraction of its lines skipped
+  (naming it, the counts by reason and the first bad line), else None."""
+  skipped = collections.Counter(skipped)
+  seen = read + skipped.total()
+  if not seen or skipped.total() / seen <= max_skip_fraction:
+    return None
+  reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
+  return CorpusError(
+      f"{name}: {skipped.total()} of {seen} lines skipped as malformed ({reasons}), more "
+      f"than data.max_skip_fraction = {max_skip_fraction}; the first: {first_skip}. Fix "
+      "the file (the log names the first bad lines) or raise data.max_skip_fraction")
 
 
 @contextlib.contextmanager

@@ -50,9 +50,9 @@ def _parse_holdout(source: str, rest: str) -> SourceSpec:
 
 def _read_holdout(spec: SourceSpec, data_config: ml_collections.ConfigDict,
                   shard: corpora.Shard, shuffle_files: bool, seed: int,
-                  stats: SkipStats | None) -> tf.data.Dataset:
+                  stats: SkipStats | None, numbered: bool = False) -> tf.data.Dataset:
   del spec, shard, shuffle_files, seed  # One pipeline reads the whole dev set, in order.
-  return _holdout_pairs(data_config, stats)
+  return _holdout_pairs(data_config, stats, numbered)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,20 +61,27 @@ class SourceKind:
   form: str  # Its syntax, for error messages.
   # (the whole source string, REST) -> SourceSpec; raises CorpusError saying what is wrong.
   parse: Callable[[str, str], SourceSpec]
-  # (spec, data_config, shard, shuffle_files, seed, stats) -> (source, target) tf.string
-  # pairs, one epoch; `shard` says which part this input pipeline reads.
+  # (spec, data_config, shard, shuffle_files, seed, stats, numbered) -> (source, target)
+  # tf.string pairs, one epoch; `shard` says which part this input pipeline reads;
+  # `numbered` puts each pair's int64 position first (corpora.LINE_BITS).
   read: Callable[..., tf.data.Dataset]
   keys: tuple[str, ...] = ("train", "eval", "test")  # The data.* keys that accept it.
   # For kinds stored as token ids: the batched stream (prepared.make_dataset's signature),
   # instead of read + tokenize + bucket.
   batches: Callable[..., tf.data.Dataset] | None = None
+  # For kinds read from lines of files: spec -> its units (corpora.file_units), which
+  # nmt-prepare's Beam workers read in parallel; other kinds are read whole by one worker.
+  units: Callable[[SourceSpec], list[tuple[str, ...]]] | None = None
 
 
 SOURCE_KINDS: dict[str, SourceKind] = {
     "embedded": SourceKind("embedded:deu-eng[:train|dev|test], embedded[:cldr_numbers][:SPLIT]",
-                           corpora.parse_embedded, corpora.read_embedded),
-    "tsv": SourceKind("tsv:PATH[:SRC_COL:TGT_COL]", corpora.parse_tsv, corpora.read_files),
-    "text": SourceKind("text:SRC_GLOB,TGT_GLOB", corpora.parse_text, corpora.read_files),
+                           corpora.parse_embedded, corpora.read_embedded,
+                           units=lambda spec: corpora.file_units(spec) if spec.paths else None),
+    "tsv": SourceKind("tsv:PATH[:SRC_COL:TGT_COL]", corpora.parse_tsv, corpora.read_files,
+                      units=corpora.file_units),
+    "text": SourceKind("text:SRC_GLOB,TGT_GLOB", corpora.parse_text, corpora.read_files,
+                       units=corpora.file_units),
     "tfds": SourceKind("tfds:NAME[:SPLIT]", corpora.parse_tfds, corpora.read_tfds),
     "prepared": SourceKind("prepared:DIR[:train|eval]", prepared.parse, prepared.read_text,
                            batches=prepared.make_dataset),
@@ -131,8 +138,12 @@ def check_sources(config: ml_collections.ConfigDict) -> None:
 def read(source: str, data_config: ml_collections.ConfigDict, *,
          input_context: tf.distribute.InputContext | None = None,
          shuffle_files: bool = False, seed: int = 0,
-         stats: SkipStats | None = None, _holdout: bool = True) -> tf.data.Dataset:
+         stats: SkipStats | None = None, numbered: bool = False,
+         _holdout: bool = True) -> tf.data.Dataset:
   """Dataset of (source, target) scalar tf.string pairs from one source string; finite (one epoch).
+
+  `numbered` puts each pair's int64 position in the corpus first, (position, source,
+  target): its file and line (corpora.LINE_BITS), or its record number for TFDS.
 
   With data.eval=holdout:N, reading data.train leaves out the dev set, and reading
   holdout:N gives it (see holdout_threshold).
@@ -144,10 +155,10 @@ def read(source: str, data_config: ml_collections.ConfigDict, *,
   """
   spec = parse_source(source)
   dataset = SOURCE_KINDS[spec.kind].read(spec, data_config, corpora.Shard.of(input_context),
-                                         shuffle_files, seed, stats)
-  if _holdout and source == data_config.train and _holdout_count(data_config):
+                                         shuffle_files, seed, stats, numbered)
+  if _holdout and source == data_config.train and holdout_count(data_config):
     threshold = holdout_threshold(data_config)  # Training reads data.train without the dev set.
-    dataset = dataset.filter(lambda src, _: _source_hash(src) > threshold)
+    dataset = dataset.filter(lambda *pair: _source_hash(pair[-2]) > threshold)
   return dataset
 
 
@@ -185,8 +196,8 @@ def sample_pairs(source: str, data_config: ml_collections.ConfigDict, size: int,
   """
   if not isinstance(size, int) or isinstance(size, bool) or size < 1:
     raise ValueError(f"sample_pairs: size = {size!r} is invalid: it must be an int >= 1")
-  return corpora.uniform_sample(read(source, data_config, stats=stats), size, seed=seed,
-                                name=source)
+  return corpora.uniform_sample(read(source, data_config, stats=stats, numbered=True), size,
+                                seed=seed, name=source)
 
 
 def tokenizer_sample(config: ml_collections.ConfigDict):
@@ -263,24 +274,29 @@ _thresholds: dict[tuple, int] = {}
 _HASH_BUCKETS = (1 << 63) - 1
 
 
-def _holdout_pairs(data_config: ml_collections.ConfigDict,
-                   stats: SkipStats | None) -> tf.data.Dataset:
+def _holdout_pairs(data_config: ml_collections.ConfigDict, stats: SkipStats | None,
+                   numbered: bool = False) -> tf.data.Dataset:
   """The dev set of data.eval=holdout:N, in corpus order; kept in memory (N pairs) after the
   first call, so the evaluations during training do not rescan data.train."""
   key = _holdout_key(data_config)
   if key not in _dev_sets:
     threshold = holdout_threshold(data_config)
-    dataset = read(data_config.train, data_config, stats=stats, _holdout=False)
-    dev = dataset.filter(lambda src, _: _source_hash(src) <= threshold).batch(1 << 14)
-    sources, targets = [np.zeros([0], object)], [np.zeros([0], object)]
+    dataset = read(data_config.train, data_config, stats=stats, numbered=True,
+                   _holdout=False)
+    dev = dataset.filter(lambda _, src, tgt: _source_hash(src) <= threshold).batch(1 << 14)
+    columns = [[np.zeros([0], np.int64)], [np.zeros([0], object)], [np.zeros([0], object)]]
     with surface_corpus_errors():
-      for src, tgt in dev.as_numpy_iterator():
-        sources.append(src)
-        targets.append(tgt)
-    _dev_sets[key] = np.concatenate(sources), np.concatenate(targets)
-  sources, targets = _dev_sets[key]
-  return tf.data.Dataset.from_tensor_slices((tf.constant(sources, tf.string),
-                                             tf.constant(targets, tf.string)))
+      for batch in dev.as_numpy_iterator():
+        for column, values in zip(columns, batch):
+          column.append(values)
+    positions, sources, targets = (np.concatenate(column) for column in columns)
+    order = np.argsort(positions, kind="stable")
+    _dev_sets[key] = positions[order], sources[order], targets[order]
+  positions, sources, targets = _dev_sets[key]
+  pairs = (tf.constant(sources, tf.string), tf.constant(targets, tf.string))
+  if numbered:
+    pairs = (tf.constant(positions, tf.int64),) + pairs
+  return tf.data.Dataset.from_tensor_slices(pairs)
 
 
 def _holdout_key(data_config: ml_collections.ConfigDict) -> tuple:
@@ -289,7 +305,7 @@ def _holdout_key(data_config: ml_collections.ConfigDict) -> tuple:
           data_config.max_skip_fraction)
 
 
-def _holdout_count(data_config: ml_collections.ConfigDict) -> int:
+def holdout_count(data_config: ml_collections.ConfigDict) -> int:
   """N of data.eval=holdout:N, else 0."""
   spec = parse_source(data_config.eval)
   return spec.count if spec.kind == "holdout" else 0
@@ -312,7 +328,7 @@ def holdout_threshold(data_config: ml_collections.ConfigDict) -> int:
   O(lines) time, O(N) memory; about 1 s per 10^5 pairs here, so ~15 min at 10^8); for
   such corpora run nmt-prepare with data.eval=holdout:N once, which stores both sides.
   """
-  count = _holdout_count(data_config)
+  count = holdout_count(data_config)
   if parse_source(data_config.train).kind in ("prepared", "holdout"):
     raise CorpusError(
         f"data.eval={data_config.eval!r} carves its pairs out of a raw data.train, not "
@@ -329,12 +345,81 @@ def holdout_threshold(data_config: ml_collections.ConfigDict) -> int:
       for chunk in hashes.as_numpy_iterator():
         pairs += len(chunk)
         smallest = np.sort(np.concatenate([smallest, chunk]))[:count]
-    if pairs <= count:
-      raise CorpusError(f"data.eval={data_config.eval!r} asks for {count} held-out "
-                        f"pairs but data.train={data_config.train!r} has only {pairs}, "
-                        f"which would leave nothing to train on")
-    _thresholds[key] = int(smallest[-1])
+    _thresholds[key] = threshold_of(smallest, pairs, data_config)
     logging.info("data.eval=%s: dev set = the pairs of %s whose source hashes <= %d; "
                  "training skips them.", data_config.eval, data_config.train,
                  _thresholds[key])
   return _thresholds[key]
+
+
+def threshold_of(smallest: np.ndarray, pairs: int,
+                 data_config: ml_collections.ConfigDict) -> int:
+  """holdout_threshold from the N smallest source hashes of data.train (repeats included)
+  and its number of pairs; CorpusError if that leaves nothing to train on."""
+  count = holdout_count(data_config)
+  if pairs <= count:
+    raise CorpusError(f"data.eval={data_config.eval!r} asks for {count} held-out "
+                      f"pairs but data.train={data_config.train!r} has only {pairs}, "
+                      f"which would leave nothing to train on")
+  return int(np.sort(smallest)[count - 1])
+
+
+def source_hashes(sources: np.ndarray) -> np.ndarray:
+  """The holdout hashes (`_source_hash`) of a batch of source strings, eagerly."""
+  return _source_hash(tf.constant(sources, tf.string)).numpy()
+
+
+# ------------------------------------------------- reading in parts (nmt-prepare on Beam)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadUnit:
+  """A part of a source that one worker reads: the lines i % parts == part of unit `index`
+  of the source's units (`paths`: a file, or an aligned pair); paths=() for a source read
+  whole by one worker (tfds:, the generated embedded corpus)."""
+  source: str
+  index: int = 0
+  paths: tuple[str, ...] = ()
+  part: int = 0
+  parts: int = 1
+
+
+def holdout_side(source: str, data_config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(the source to read, the side of data.eval=holdout:N to keep: "dev", "train" or "")
+  for the source of one split: holdout:N reads data.train's dev side, and data.train its
+  train side when data.eval is holdout:N."""
+  if parse_source(source).kind == "holdout":
+    return data_config.train, "dev"
+  if source == data_config.train and holdout_count(data_config):
+    return source, "train"
+  return source, ""
+
+
+def read_units(source: str, parts: int = 1) -> list[ReadUnit]:
+  """The units of a raw source (not holdout:), each in `parts` parts of interleaved lines
+  (a source without units is one part). CorpusError if no file matches or all are empty."""
+  spec = parse_source(source)
+  units = SOURCE_KINDS[spec.kind].units
+  paths = units(spec) if units else None
+  if paths is None:
+    return [ReadUnit(source)]
+  return [ReadUnit(source, index, unit, part, parts)
+          for index, unit in enumerate(paths) for part in range(parts)]
+
+
+def read_unit(unit: ReadUnit, data_config: ml_collections.ConfigDict,
+              stats: SkipStats | None, max_skip_fraction: float
+              ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """(positions, sources, targets) numpy chunks of one ReadUnit, in its order, bad lines
+  skipped and counted into `stats` (max_skip_fraction checked per call, see
+  corpora.unit_chunks). The same positions as read(..., numbered=True)."""
+  spec = parse_source(unit.source)
+  if not unit.paths:
+    pairs = read(unit.source, data_config, numbered=True, _holdout=False)
+    with surface_corpus_errors():
+      yield from pairs.batch(corpora.CHUNK_PAIRS).as_numpy_iterator()
+    return
+  if spec.kind == "text":
+    corpora.check_aligned(unit.paths)
+  yield from corpora.unit_chunks(spec, unit.index, unit.paths, max_skip_fraction, stats,
+                                 corpora.Shard(unit.parts, unit.part))

@@ -2,29 +2,33 @@
 
 `prepare(config, output_dir)` reads data.train and data.eval through the input front door
 (input_pipeline/datasets.py: the same skipping, file:line logs and data.max_skip_fraction),
-trains or reuses the tokenizer on a uniform sample of data.train, tokenizes and
-length-filters once (data.max_*_length, data.length_policy), and writes the directory whose
-layout prepared.py's docstring lists.
+trains or reuses the tokenizer on a uniform sample of data.train (datasets.tokenizer_sample),
+tokenizes and length-filters once (data.max_*_length, data.length_policy), and writes the
+directory whose layout prepared.py's docstring lists. Which shard each example goes to, and
+in which order, is shard_layout.py's: train shards are key ranges of keys spread from the
+examples' file and line (each of K shards holds ~1/K of every stretch of every file), eval
+shards keep corpus order. Here it runs in this process (runner=SINGLE_PROCESS); with a Beam
+runner, prepare_beam.py runs it on workers and writes the same directory, byte for byte.
 Shards are written under a .tmp name and renamed when complete; the manifest is written
-last, so a directory without one is unfinished and is refused. Train shards are cut from
-the examples in a seeded spread order (`_spread_keys`): each of K shards holds ~1/K of every
-stretch of the corpus (at most twice that of any 1% of it at 1000-example shards, tested),
-so no replica trains on one file or domain for many steps. The order comes from an external
-sort: sorted runs of _RUN_BYTES of examples in `.tmp` files, then a k-way merge. Memory is
-bounded by one run, one shard and the tokenizer's training sample, not by the corpus; the
-runs need as much disk as the train shards, until the merge deletes them.
+last, so a directory without one is unfinished and is refused.
 
+In this process the examples are put in key order by an external sort: sorted runs of
+_RUN_BYTES of examples in `.tmp` files, then a k-way merge. Memory is bounded by one run,
+one shard and the tokenizer's training sample, not by the corpus; the runs need as much
+disk as the shards, until the merge deletes them.
 
-Cost (design note): nmt-prepare holds one run (128 MiB of examples), one shard and the
+Cost (design note): this process holds one run (128 MiB of examples), one shard and the
 tokenizer's sample, not the corpus: 10^8 examples are ~140 runs, merged in one pass (up to
-_MERGE_RUNS open at once); it runs at the raw readers' speed in one process. docs/prepared.md
-has these sizes and times extrapolated from a measured 1M-pair run.
+_MERGE_RUNS open at once); it runs at one core's speed (reading and serializing are Python).
+At 10^8 lines that is hours: --runner=direct uses every core here, a cluster runner many
+machines (prepare_beam.py); docs/prepared.md has the measured figures and the extrapolation.
 """
 import heapq
+import importlib.util
 import json
 import os
 import time
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 from absl import logging
 import ml_collections
@@ -35,24 +39,50 @@ from input_pipeline import corpora
 from input_pipeline import datasets
 from input_pipeline import pipeline
 from input_pipeline import prepared
+from input_pipeline import shard_layout
 from input_pipeline import tokenizer as tokenizer_lib
 
 SHARD_EXAMPLES = 20000  # Default examples per shard written by nmt-prepare.
-# The external sort of the train split (_spread): serialized examples sorted in memory per
-# run, runs merged at once (open files, each with a read buffer), key bits.
+SINGLE_PROCESS = "single_process"  # The runner that needs no Apache Beam.
+BEAM_EXTRA = "pip install -e '.[beam]'"
+# The external sort of a split (_sorted): serialized examples sorted in memory per run,
+# runs merged at once (open files, each with a read buffer).
 _RUN_BYTES = 1 << 27
 _MERGE_RUNS = 256
 _RUN_READ_BYTES = 1 << 18
-_KEY_BITS = 48  # Orders up to 2^48 examples.
-_MASK64 = (1 << 64) - 1
+
+
+def default_runner() -> str:
+  """"direct" (Beam's DirectRunner, one worker process per CPU) if Apache Beam is
+  installed, else SINGLE_PROCESS (logging how to get the parallel one)."""
+  if importlib.util.find_spec("apache_beam"):
+    return "direct"
+  logging.info("Apache Beam is not installed: preparing in one process. For parallel "
+               "workers (--runner=direct) or a cluster runner: %s", BEAM_EXTRA)
+  return SINGLE_PROCESS
+
+
+def beam_args(direct_num_workers: int, options: str) -> list[str]:
+  """Beam PipelineOptions flags from nmt-prepare's --direct_num_workers and the
+  comma-separated KEY=VALUE list of --beam_pipeline_options (as TFDS takes it)."""
+  args = [f"--direct_num_workers={direct_num_workers}"]
+  for option in filter(None, (o.strip() for o in options.split(","))):
+    if "=" not in option:
+      raise ValueError(f"--beam_pipeline_options: {option!r} is not KEY=VALUE (e.g. "
+                       f"project=my-project,region=europe-west1)")
+    args.append("--" + option.removeprefix("--"))
+  return args
 
 
 def prepare(config: ml_collections.ConfigDict, output_dir: str, *,
-            shard_examples: int = SHARD_EXAMPLES) -> dict:
+            shard_examples: int = SHARD_EXAMPLES, runner: str = SINGLE_PROCESS,
+            beam_options: Sequence[str] = ()) -> dict:
   """Writes data.train and data.eval of `config` to `output_dir`; returns the manifest.
 
-  A directory with a manifest is verified (checksums, config) instead and returned as it is.
-  A directory without one (an interrupted run) is written again from the start.
+  runner: SINGLE_PROCESS (this process), or a Beam runner ("direct", "DataflowRunner",
+  ...; prepare_beam.py) with `beam_options` (PipelineOptions flags, see `beam_args`): the
+  same directory either way. A directory with a manifest is verified (checksums, config)
+  instead and returned as it is. One without (an interrupted run) is written again.
   """
   if not isinstance(shard_examples, int) or shard_examples < 1:
     raise ValueError(f"shard_examples={shard_examples!r} is invalid: it must be an "
@@ -68,22 +98,46 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, *,
       prepared.verify_shards(output_dir, manifest, split)
     logging.info("%s is complete and verified; nothing to do.", output_dir)
     return manifest
+  job = _beam_job(config, output_dir, runner, beam_options)
   tf.io.gfile.makedirs(output_dir)
   _remove_unfinished(output_dir)
-  tokenizer = tokenizer_lib.load_or_train(config.tokenizer, output_dir,
-                                          datasets.tokenizer_sample(config))
+  if job:  # Trains the tokenizer too, unless one is stored (checked against the config).
+    stored = tf.io.gfile.exists(os.path.join(output_dir, "tokenizer",
+                                             tokenizer_lib.CONFIG_FILE))
+    tokenizer = (tokenizer_lib.load_or_train(config.tokenizer, output_dir, None)
+                 if stored else None)
+    splits = job.run(shard_examples, tokenizer.fingerprint if tokenizer else None)
+    tokenizer = tokenizer or tokenizer_lib.load_or_train(config.tokenizer, output_dir, None)
+  else:
+    tokenizer = tokenizer_lib.load_or_train(config.tokenizer, output_dir,
+                                            datasets.tokenizer_sample(config))
+    splits = {split: _write_split(config, tokenizer, split, output_dir, shard_examples)
+              for split in prepared.SPLITS}
   manifest = {
       "format_version": prepared.FORMAT_VERSION,
       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
       "data": {key: prepared.plain(config.data[key]) for key in prepared.DATA_KEYS},
       "tokenizer": _tokenizer_description(output_dir, tokenizer),
-      "splits": {split: _write_split(config, tokenizer, split, output_dir, shard_examples)
-                 for split in prepared.SPLITS},
+      "splits": splits,
   }
   _write_atomically(os.path.join(output_dir, prepared.MANIFEST),
                     json.dumps(manifest, indent=1, sort_keys=True).encode())
   logging.info("Prepared %s: %s", output_dir, prepared.summary(manifest))
   return manifest
+
+
+def _beam_job(config, output_dir: str, runner: str, beam_options: Sequence[str]):
+  """prepare_beam.Job for a Beam runner, None for SINGLE_PROCESS."""
+  if runner == SINGLE_PROCESS:
+    return None
+  if not importlib.util.find_spec("apache_beam"):
+    raise ValueError(f"--runner={runner} needs Apache Beam, which is not installed: "
+                     f"{BEAM_EXTRA}, or prepare in one process with "
+                     f"--runner={SINGLE_PROCESS}")
+  # Imported here, not at the top, only to keep Apache Beam an optional dependency.
+  from input_pipeline import prepare_beam
+  logging.info("Preparing with Apache Beam's %s (options %s).", runner, list(beam_options))
+  return prepare_beam.Job(config, output_dir, runner, beam_options)
 
 
 def _remove_unfinished(output_dir: str) -> None:
@@ -103,37 +157,66 @@ def _tokenizer_description(output_dir: str, tokenizer: tokenizer_lib.Tokenizer) 
 
 def _write_split(config, tokenizer: tokenizer_lib.Tokenizer, split: str, output_dir: str,
                  shard_examples: int) -> dict:
-  """Tokenizes one split and writes it shard by shard; returns its manifest entry.
-
-  Train shards are consecutive chunks of the examples in spread order (`_spread`): each a
-  stratified sample of the whole corpus, so no replica reads one stretch of it (one file,
-  one domain) for many steps. Eval shards keep corpus order (eval_examples: the first ones).
-  """
+  """Tokenizes one split in this process and writes its shards (shard_layout: which shard
+  each example goes to, in which order); returns its manifest entry."""
   source = config.data[split]
   stats, length_stats = corpora.SkipStats(), pipeline.LengthStats(f"prepare_{split}")
   keep_text = split == "eval"
-  rng = np.random.default_rng(config.seed)
+  pairs = datasets.read(source, config.data, stats=stats, numbered=True)
   grid = pipeline.padded_shapes(config)
   shards = []
   with corpora.surface_corpus_errors():
-    examples = (example for batch in _tokenized_batches(config, tokenizer, source, stats,
-                                                         length_stats, keep_text)
-                for example in _examples(batch, keep_text))
-    if not keep_text:
-      examples = _spread(examples, output_dir, split, config.seed)
-    for chunk in _chunks(examples, shard_examples):
-      shards.append(_write_shard(output_dir, split, len(shards), chunk, rng, grid,
-                                 by_bucket=not keep_text))
-  if not shards:
-    raise corpora.CorpusError(f"data.{split}={source!r}: no pair is left after the length "
-                              f"filter ({length_stats.result()}); nothing to prepare")
+    records = (record for batch in shard_layout.tokenized_batches(
+                   pairs, config, tokenizer, length_stats, keep_text)
+               for record in _run_records(*shard_layout.examples(batch, keep_text,
+                                                                 config.seed)))
+    total, ordered = _sorted(records, output_dir, split)
+    if keep_text:  # Consecutive runs of shard_examples in corpus order.
+      groups = enumerate(_chunks(ordered, shard_examples))
+    else:
+      groups = _key_ranges(ordered, shard_layout.num_shards(total, shard_examples))
+    for index, group in groups:
+      shards.append(shard_layout.write_shard(
+          output_dir, split, index, [_example(r) for r in group],
+          [_length(r) for r in group], grid))
   length_stats.log()
-  return {"source": source, "examples": sum(s["examples"] for s in shards),
-          "read": stats.read, "skipped": stats.skipped,
-          "length_filter": length_stats.result(),
-          "per_file": {name: {"read": read, "skipped": skipped}
-                       for name, (read, skipped) in stats.per_file().items()},
-          "shards": shards}
+  return shard_layout.split_entry(split, source, stats, length_stats.result(), shards)
+
+
+def _run_records(keys: np.ndarray, lengths: np.ndarray,
+                 records: list[bytes]) -> Iterator[bytes]:
+  """Records of the external sort: the 8-byte big-endian key (so records compare as their
+  keys), the 2-byte length class, the serialized example."""
+  for key, length, record in zip(keys.tolist(), lengths.tolist(), records):
+    yield key.to_bytes(8, "big") + length.to_bytes(2, "big") + record
+
+
+def _key(record: bytes) -> int:
+  return int.from_bytes(record[:8], "big")
+
+
+def _length(record: bytes) -> int:
+  return int.from_bytes(record[8:10], "big")
+
+
+def _example(record: bytes) -> bytes:
+  return record[10:]
+
+
+def _key_ranges(records: Iterator[bytes], shards: int) -> Iterator[tuple[int, list[bytes]]]:
+  """(shard, its records) of key-sorted records: shard_layout.shard_of's key ranges; empty
+  ones are left out."""
+  width = -(-(1 << 64) // shards)
+  index, group = 0, []
+  for record in records:
+    shard = _key(record) // width
+    if shard != index and group:
+      yield index, group
+      group = []
+    index = shard
+    group.append(record)
+  if group:
+    yield index, group
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -148,30 +231,27 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
     yield chunk
 
 
-def _spread(examples: Iterable[tuple[bytes, int]], output_dir: str, split: str,
-            seed: int) -> Iterator[tuple[bytes, int]]:
-  """`examples` sorted by `_spread_keys` of their positions, by an external sort: sorted
-  runs of _RUN_BYTES go to `<split>-runL-NNNNN.tmp` files, then one k-way merge (a first
-  merge pass above _MERGE_RUNS runs). Memory: one run and the merge's read buffers, not
-  the corpus; disk: the runs take as much as the shards, until the merge deletes them.
-  A split that fits in one run is sorted in memory and writes no run."""
-  runs, buffer, size, start = [], [], 0, 0
-  for example in examples:
-    buffer.append(example)
-    size += len(example[0])
+def _sorted(records: Iterable[bytes], output_dir: str,
+            split: str) -> tuple[int, Iterator[bytes]]:
+  """(count, the records in key order), by an external sort: sorted runs of _RUN_BYTES go
+  to `<split>-runL-NNNNN.tmp` files, then one k-way merge (a first merge pass above
+  _MERGE_RUNS runs). Memory: one run and the merge's read buffers, not the corpus; disk:
+  the runs take as much as the shards, until the merge deletes them. A split that fits in
+  one run is sorted in memory and writes no run."""
+  runs, buffer, size, total = [], [], 0, 0
+  for record in records:
+    buffer.append(record)
+    size += len(record)
+    total += 1
     if size >= _RUN_BYTES:
-      runs.append(_write_run(output_dir, f"{split}-run0-{len(runs):05d}.tmp",
-                             _sorted_records(buffer, start, seed)))
-      start, buffer, size = start + len(buffer), [], 0
+      buffer.sort()
+      runs.append(_write_run(output_dir, f"{split}-run0-{len(runs):05d}.tmp", buffer))
+      buffer, size = [], 0
+  buffer.sort()
   if not runs:
-    for index in np.argsort(_spread_keys(np.arange(len(buffer)), seed)):
-      yield buffer[index]
-    return
-  total = start + len(buffer)
+    return total, iter(buffer)
   if buffer:
-    runs.append(_write_run(output_dir, f"{split}-run0-{len(runs):05d}.tmp",
-                           _sorted_records(buffer, start, seed)))
-  buffer = []
+    runs.append(_write_run(output_dir, f"{split}-run0-{len(runs):05d}.tmp", buffer))
   logging.info("%s: %d examples in %d sorted runs of up to %d MiB; merging them.", split,
                total, len(runs), _RUN_BYTES >> 20)
   level = 0
@@ -180,49 +260,7 @@ def _spread(examples: Iterable[tuple[bytes, int]], output_dir: str, split: str,
     runs = [_write_run(output_dir, f"{split}-run{level}-{i // _MERGE_RUNS:05d}.tmp",
                        _merged(runs[i:i + _MERGE_RUNS]))
             for i in range(0, len(runs), _MERGE_RUNS)]
-  for record in _merged(runs):
-    yield record[10:], int.from_bytes(record[8:10], "big")
-
-
-def _spread_keys(positions: np.ndarray, seed: int) -> np.ndarray:
-  """uint64 sort keys of corpus positions: sorted by them, any run of consecutive examples
-  is a stratified random sample of the corpus.
-
-  Bit b of a key (from the top) splits each aligned block of 2^(b+1) positions, among the
-  positions already sharing the key's higher bits, one per half, at random (seeded by
-  the seed, b, the block and those bits). So the positions with given top m bits are
-  exactly one per aligned block of 2^m positions, at a random place in it: a shard of S of
-  T examples holds about S/T of any stretch of the corpus (a uniform random split would
-  leave some shards with twice their share of a stretch when the share is ~10 examples).
-  A bijection of the positions < 2^_KEY_BITS: keys never tie.
-  """
-  positions = positions.astype(np.uint64)
-  keys = np.zeros_like(positions)
-  one = np.uint64(1)
-  for bit in range(_KEY_BITS):
-    salt = _mix64(np.array([(seed * _KEY_BITS + bit) & _MASK64], np.uint64))
-    block = positions >> np.uint64(bit + 1)
-    flip = _mix64(block ^ _mix64(keys ^ salt)) >> np.uint64(63)
-    keys = (keys << one) | (((positions >> np.uint64(bit)) & one) ^ flip)
-  return keys
-
-
-def _mix64(values: np.ndarray) -> np.ndarray:
-  """SplitMix64's finalizer: a bijection of uint64 whose output bits all depend on every
-  input bit (numpy's uint64 arithmetic wraps, as it needs to)."""
-  values = (values ^ (values >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-  values = (values ^ (values >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-  return values ^ (values >> np.uint64(31))
-
-
-def _sorted_records(examples: list[tuple[bytes, int]], start: int,
-                    seed: int) -> Iterator[bytes]:
-  """Run records of examples at positions start, start + 1, ... in key order: the 8-byte
-  big-endian key (so records compare as their keys), the length class, the example."""
-  keys = _spread_keys(np.arange(start, start + len(examples)), seed)
-  for index in np.argsort(keys):
-    serialized, length = examples[index]
-    yield int(keys[index]).to_bytes(8, "big") + length.to_bytes(2, "big") + serialized
+  return total, _merged(runs)
 
 
 def _write_run(output_dir: str, name: str, records: Iterable[bytes]) -> str:
@@ -257,94 +295,6 @@ def _read_run(path: str) -> Iterator[bytes]:
     raise prepared.PreparedDataError(f"{path} ends in a partial record: a temporary file of "
                             f"nmt-prepare changed while it ran; run it again")
   tf.io.gfile.remove(path)
-
-
-def _tokenized_batches(config, tokenizer, source: str, stats: corpora.SkipStats,
-                       length_stats: pipeline.LengthStats,
-                       keep_text: bool) -> Iterator[dict]:
-  """Batches of {"source", "target"} (values, row_splits) numpy pairs, in corpus order,
-  with special tokens added and over-long pairs dropped or truncated as in training."""
-  pairs = datasets.read(source, config.data, stats=stats).batch(pipeline.TOKENIZE_BATCH)
-
-  def tokenize(src, tgt):
-    features = {"source": tokenizer.tokenize_source(src),
-                "target": tokenizer.tokenize_target(tgt)}
-    if keep_text:
-      features.update(source_text=src, target_text=tgt)
-    return features
-
-  batches = pairs.map(tokenize, num_parallel_calls=tf.data.AUTOTUNE)
-  batches = pipeline.add_special_tokens(
-      pipeline.filter_length(batches, config.data, length_stats))
-
-  def flat(features):
-    out = {k: v for k, v in features.items() if k.endswith("_text")}
-    for key in ("source", "target"):
-      out[key] = (features[key].flat_values, features[key].row_splits)
-    return out
-
-  return batches.map(flat).prefetch(2).as_numpy_iterator()
-
-
-def _examples(batch: dict, keep_text: bool) -> list[tuple[bytes, int]]:
-  """(serialized tf.train.Example, length class) of each pair of a batch."""
-  sources = np.split(batch["source"][0], batch["source"][1][1:-1])
-  targets = np.split(batch["target"][0], batch["target"][1][1:-1])
-  examples = []
-  for i, (source, target) in enumerate(zip(sources, targets)):
-    feature = {"source": _int64s(source), "target": _int64s(target)}
-    if keep_text:
-      feature["source_text"] = _bytes(batch["source_text"][i])
-      feature["target_text"] = _bytes(batch["target_text"][i])
-    example = tf.train.Example(features=tf.train.Features(feature=feature))
-    examples.append((example.SerializeToString(), max(len(source), len(target))))
-  return examples
-
-
-def _int64s(ids: np.ndarray) -> tf.train.Feature:
-  return tf.train.Feature(int64_list=tf.train.Int64List(value=ids.tolist()))
-
-
-def _bytes(value: bytes) -> tf.train.Feature:
-  return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-
-def _write_shard(output_dir: str, split: str, index: int, examples: list,
-                 rng: np.random.Generator, grid: list[int], by_bucket: bool) -> dict:
-  """Writes one shard (consecutive examples of the spread order for train, of the corpus
-  for eval) and returns its manifest entry.
-
-  Train shards are one file per grid length L (`train-00012-L016.tfrecord`), shuffled, so a
-  reader batches each length from its own files without looking at single examples. Eval
-  shards are one file in corpus order (eval_examples takes the first ones for BLEU). Each
-  file is written under a .tmp name and renamed when complete.
-  """
-  lengths = np.array([length for _, length in examples])
-  values, numbers = np.unique(lengths, return_counts=True)
-  entry = {"examples": len(examples), "files": [],
-           "lengths": {str(length): int(n) for length, n in zip(values, numbers)}}
-  if not by_bucket:
-    entry["files"].append(_write_file(output_dir, f"{split}-{index:05d}.tfrecord",
-                                      [serialized for serialized, _ in examples]))
-    return entry
-  buckets = np.searchsorted(grid, lengths)
-  for b, length in enumerate(grid):
-    members = np.flatnonzero(buckets == b)
-    if len(members):
-      name = f"{split}-{index:05d}-L{length:03d}.tfrecord"
-      entry["files"].append(dict(length=length, **_write_file(
-          output_dir, name, [examples[i][0] for i in rng.permutation(members)])))
-  return entry
-
-
-def _write_file(output_dir: str, name: str, records: list[bytes]) -> dict:
-  path = os.path.join(output_dir, name)
-  with tf.io.TFRecordWriter(path + ".tmp") as writer:
-    for record in records:
-      writer.write(record)
-  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
-  return {"file": name, "examples": len(records), "bytes": tf.io.gfile.stat(path).length,
-          "sha256": prepared.sha256(path)}
 
 
 def _write_atomically(path: str, data: bytes) -> None:

@@ -410,14 +410,18 @@ def _through_service(plan: Plan, start_step: int, address: str) -> tf.data.Datas
 
 def read_text(spec: corpora.SourceSpec, data_config=None,
               shard: corpora.Shard = corpora.Shard(), shuffle_files: bool = False, seed: int = 0,
-              stats: corpora.SkipStats | None = None) -> tf.data.Dataset:
+              stats: corpora.SkipStats | None = None, numbered: bool = False) -> tf.data.Dataset:
   """(source, target) tf.string pairs of a prepared eval split, in corpus order (the reader
   of the prepared kind, for BLEU references: `shuffle_files`, `seed` and `stats` do not
   apply to text already cleaned by nmt-prepare).
 
-  Only eval shards keep the text (for BLEU references); train shards hold ids only.
+  Only eval shards keep the text (for BLEU references); train shards hold ids only. They
+  have no positions (`numbered`): nmt-prepare reads raw corpora only.
   """
   del data_config, shuffle_files, seed, stats
+  if numbered:
+    raise PreparedDataError(f"{spec.source}: a prepared corpus has no line positions; "
+                            f"nmt-prepare reads a raw corpus")
   directory, part = spec.paths[0], spec.split or "eval"
   manifest = load_manifest(directory)
   if part != "eval":

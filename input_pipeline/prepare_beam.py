@@ -1,0 +1,423 @@
+"""nmt-prepare on Apache Beam: the same prepared directory as prepare.py's single process,
+built by worker processes on this machine (--runner=direct) or by a cluster (Dataflow,
+Flink, Spark: any Beam runner).
+
+prepare.py calls `Job.run` for a runner other than single_process and writes the manifest
+itself. One Beam job, its stages waiting for their side inputs:
+  threshold   (data.eval=holdout:N) the N smallest source hashes of data.train;
+  tokenizer   unless one is stored: the tokenizer.sample_size pairs of data.train with the
+              smallest seeded hashes (corpora.Sample: the single-process sample exactly),
+              SentencePiece trained on them in one worker and stored in the output dir;
+  examples    read -> tokenize -> length-filter -> serialize, each worker a part of the
+              files (shard_layout.tokenized_batches, as in one process);
+  shards      K from the count of train examples; each example grouped with its shard
+              (shard_layout.shard_of) and each shard's files written in key order.
+Workers read files through corpora.unit_chunks (its skipping, file:line logs and counts);
+when there are fewer files than workers, a file is read in `parts` interleaved parts
+(every parts-th line), each part scanning the whole file. Skip counts come back per file
+and part; data.max_skip_fraction is checked on their sums (a file read in one part fails
+its worker at once). The job hands its results back through a file in the output dir;
+the manifest is written by the caller after the job succeeded, so a failed job leaves a
+directory that is refused, and prepared again from the start by the next run.
+
+"direct" is Beam's FnApiRunner, the DirectRunner's engine for batch jobs, with one worker
+process per --direct_num_workers (named, because Beam 2.77's DirectRunner first tries to
+download its Prism runner). Cost (design note): a worker holds what the single process
+holds (TensorFlow, the tokenizer, a batch in flight, one shard while writing) whatever
+the corpus size; the direct runner keeps the examples between stages and its shuffle in
+the launching process's memory (about twice the serialized examples), which Dataflow,
+Flink and Spark keep on their workers' disks. docs/prepared.md has the measured figures
+and the cost at 10^8 lines.
+"""
+import collections
+import contextlib
+import json
+import math
+import os
+import re
+import time
+from typing import Iterator, Sequence
+
+import apache_beam as beam
+from apache_beam.options import pipeline_options
+from apache_beam.transforms import window
+from apache_beam.utils import windowed_value
+from absl import logging
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from input_pipeline import corpora
+from input_pipeline import datasets
+from input_pipeline import pipeline
+from input_pipeline import prepared
+from input_pipeline import shard_layout
+from input_pipeline import tokenizer as tokenizer_lib
+
+# Short names for Beam's runners; any other name is passed to Beam as it is.
+RUNNERS = {"direct": "FnApiRunner", "directrunner": "FnApiRunner",
+           "dataflow": "DataflowRunner", "flink": "FlinkRunner", "spark": "SparkRunner",
+           "portable": "PortableRunner"}
+# A worker's buffer of examples before it sends them on to their shards: bounds its memory
+# whatever the number of shards, while keeping the elements Beam moves large.
+_FLUSH_BYTES = 1 << 26
+_FLUSH_EXAMPLES = 4096  # Per shard.
+_RESULT = "beam-result.tmp"  # In the output dir; prepare.py removes *.tmp files.
+
+
+class Job:
+  """The Beam jobs of one nmt-prepare run (module docstring): `runner` is a Beam runner
+  name or a RUNNERS key, `args` further PipelineOptions flags (--direct_num_workers=2,
+  --project=..., as Beam spells them)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, output_dir: str, runner: str,
+               args: Sequence[str] = ()):
+    self.config, self.output_dir = config, output_dir
+    self.options = pipeline_options.PipelineOptions(
+        [f"--runner={RUNNERS.get(runner.lower(), runner)}"] + list(args))
+    direct = self.options.view_as(pipeline_options.DirectOptions)
+    if (self.options.view_as(pipeline_options.StandardOptions).runner == "FnApiRunner"
+        and (direct.direct_num_workers or 1) > 1 and direct.direct_running_mode == "in_memory"):
+      direct.direct_running_mode = "multi_processing"  # Workers as processes, not threads.
+    for source in (config.data.train, config.data.eval):  # Generated once, here.
+      if datasets.parse_source(source).kind != "holdout":
+        datasets.prepare_source(source, config.data)
+
+  def parallelism(self) -> int:
+    """The workers the runner is asked for (1 if it decides alone, e.g. autoscaling)."""
+    values = self.options.get_all_options()
+    names = (("direct_num_workers",)
+             if values.get("runner") == "FnApiRunner" else
+             ("num_workers", "max_num_workers", "parallelism"))
+    return max([1] + [int(values[name]) for name in names if values.get(name)])
+
+  def units(self, source: str) -> list[datasets.ReadUnit]:
+    """The ReadUnits of a raw source, in enough parts to give every worker one."""
+    files = len(datasets.read_units(source))
+    return datasets.read_units(source, max(1, math.ceil(self.parallelism() / files)))
+
+  def run(self, shard_examples: int, fingerprint: str | None) -> dict:
+    """Writes the train and eval shards, training the tokenizer first unless one with
+    `fingerprint` is stored; returns the manifest's "splits". One Beam job: its stages wait
+    for their side inputs (the holdout threshold, then the tokenizer)."""
+    config, data = self.config, _data(self.config)
+    train, train_side = datasets.holdout_side(config.data.train, config.data)
+    with _surfaced(), self._pipeline("nmt-prepare") as p:
+      if datasets.holdout_count(config.data):
+        count = datasets.holdout_count(config.data)
+        threshold = (p | "Units to hash" >> beam.Create(self.units(train))
+                     | "Hash sources" >> beam.ParDo(_SourceHashes(data, count))
+                     | "Smallest hashes" >> beam.CombineGlobally(_Smallest(count))
+                     | "Threshold" >> beam.Map(_threshold, data))
+      else:
+        threshold = p | "No holdout" >> beam.Create([0])
+      threshold = beam.pvalue.AsSingleton(threshold)
+      if fingerprint is None:
+        size = config.tokenizer.sample_size
+        tokenizer = (p | "Units to sample" >> beam.Create(self.units(train))
+                     | "Hash pairs" >> beam.ParDo(_PairHashes(data, train_side, size),
+                                                  threshold)
+                     | "Sample" >> beam.CombineGlobally(_SampleCombine(size))
+                     | "Train tokenizer" >> beam.Map(_train_tokenizer, data, self.output_dir))
+      else:
+        tokenizer = p | "Stored tokenizer" >> beam.Create([fingerprint])
+      items = [(split, side, unit) for split in prepared.SPLITS
+               for source, side in [datasets.holdout_side(config.data[split], config.data)]
+               for unit in self.units(source)]
+      tokenized = (p | "Units" >> beam.Create(items)
+                   | "Read and tokenize" >> beam.ParDo(
+                       _Tokenize(data, self.output_dir), threshold,
+                       beam.pvalue.AsSingleton(tokenizer)).with_outputs(
+                           "stats", main="examples"))
+      shards = (tokenized.examples
+                | beam.Map(lambda batch: len(batch[1]) if batch[0] == "train" else 0)
+                | "Count" >> beam.CombineGlobally(sum)
+                | beam.Map(shard_layout.num_shards, shard_examples))
+      entries = (tokenized.examples
+                 | "To shards" >> beam.ParDo(_ToShards(), beam.pvalue.AsSingleton(shards))
+                 | beam.GroupByKey()
+                 | "Write shards" >> beam.ParDo(_WriteShards(data, self.output_dir,
+                                                             shard_examples)))
+      _ = ((entries, tokenized.stats) | beam.Flatten()
+           | beam.combiners.ToList()
+           | beam.Map(_write_result, self._result()))
+    return self._splits(_read_result(self._result()))
+
+  def _splits(self, results: list) -> dict:
+    """The manifest's "splits" from the shard entries and per-part counts of write_splits."""
+    stats = {split: corpora.SkipStats() for split in prepared.SPLITS}
+    lengths = {split: collections.Counter() for split in prepared.SPLITS}
+    shards = {split: [] for split in prepared.SPLITS}
+    for result in results:
+      if result[0] == "shard":
+        _, split, index, entry = result
+        shards[split].append((index, entry))
+      else:
+        _, split, per_file, first_skips, length_filter = result
+        for name, (read, skipped) in per_file.items():
+          stats[split].add(name, read, skipped, first_skips.get(name))
+        lengths[split].update(length_filter)
+    splits = {}
+    for split in prepared.SPLITS:
+      error = stats[split].error(self.config.data.max_skip_fraction)
+      if error:
+        raise error
+      length_filter = {key: lengths[split][key] for key in ("seen", "dropped", "truncated")}
+      logging.info("prepare_%s: %s", split, length_filter)
+      splits[split] = shard_layout.split_entry(
+          split, self.config.data[split], stats[split], length_filter,
+          [entry for _, entry in sorted(shards[split], key=lambda s: s[0])])
+    return splits
+
+  @contextlib.contextmanager
+  def _pipeline(self, name: str) -> Iterator[beam.Pipeline]:
+    """A Beam pipeline, run at the end of the block; its time is logged."""
+    start = time.perf_counter()
+    with beam.Pipeline(options=self.options) as p:
+      yield p
+    logging.info("Beam job %s took %.1f s.", name, time.perf_counter() - start)
+
+  def _result(self) -> str:
+    return os.path.join(self.output_dir, _RESULT)
+
+
+def _data(config: ml_collections.ConfigDict) -> dict:
+  """What the workers need of the config, as plain values (pickled to them)."""
+  return {"data": config.data.to_dict(), "tokenizer": config.tokenizer.to_dict(),
+          "seed": config.seed}
+
+
+def _config(data: dict) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(data)
+
+
+class _surfaced:
+  """Re-raises a failed job's CorpusError (raised in a worker, reported by the runner
+  inside its own exception and traceback) as itself: one message naming file and line."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, traceback):
+    if error is None or isinstance(error, KeyboardInterrupt):
+      return False
+    if isinstance(error, corpora.CorpusError):
+      message = str(error)
+    else:
+      found = re.findall(r"(?:CorpusError|PreparedDataError): (.+)", str(error))
+      if not found:
+        return False
+      message = found[-1]
+    raise corpora.CorpusError(re.sub(r" \[while running '[^']*'\]$", "", message.strip()))
+
+
+def _write_result(value, path: str) -> None:
+  with tf.io.gfile.GFile(path, "w") as f:
+    f.write(json.dumps(value))
+
+
+def _read_result(path: str):
+  with tf.io.gfile.GFile(path, "r") as f:
+    value = json.loads(f.read())
+  tf.io.gfile.remove(path)
+  return value
+
+
+def _chunks(unit: datasets.ReadUnit, data_config, stats: corpora.SkipStats | None
+            ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """The numbered chunks of a ReadUnit; a file read whole enforces max_skip_fraction at its
+  end, one read in parts leaves that to the sums (Job._splits)."""
+  limit = data_config.max_skip_fraction if unit.parts == 1 else math.inf
+  return datasets.read_unit(unit, data_config, stats, limit)
+
+
+def _side(sources: np.ndarray, side: str, threshold: int) -> np.ndarray:
+  """The mask of the pairs on `side` of data.eval=holdout:N (all for side "")."""
+  if not side:
+    return np.ones(len(sources), bool)
+  hashes = datasets.source_hashes(sources)
+  return hashes <= threshold if side == "dev" else hashes > threshold
+
+
+class _SourceHashes(beam.DoFn):
+  """ReadUnit -> (the `count` smallest source hashes of its pairs, its number of pairs)."""
+
+  def __init__(self, data: dict, count: int):
+    self.data, self.count = data, count
+
+  def process(self, unit: datasets.ReadUnit):
+    config = _config(self.data)
+    smallest, pairs = np.zeros([0], np.int64), 0
+    for _, sources, _ in _chunks(unit, config.data, None):
+      pairs += len(sources)
+      smallest = np.sort(np.concatenate([smallest, datasets.source_hashes(sources)]))
+      smallest = smallest[:self.count]
+    yield smallest, pairs
+
+
+class _Smallest(beam.CombineFn):
+  """The `count` smallest values (repeats included) and the number of pairs, as lists."""
+
+  def __init__(self, count: int):
+    self.count = count
+
+  def create_accumulator(self):
+    return np.zeros([0], np.int64), 0
+
+  def add_input(self, accumulator, element):
+    return self.merge_accumulators([accumulator, element])
+
+  def merge_accumulators(self, accumulators):
+    values = np.concatenate([values for values, _ in accumulators])
+    return np.sort(values)[:self.count], sum(pairs for _, pairs in accumulators)
+
+  def extract_output(self, accumulator):
+    return accumulator[0].tolist(), accumulator[1]
+
+
+def _threshold(smallest_and_pairs, data: dict) -> int:
+  smallest, pairs = smallest_and_pairs
+  return datasets.threshold_of(np.array(smallest, np.int64), pairs, _config(data).data)
+
+
+class _PairHashes(beam.DoFn):
+  """ReadUnit -> a corpora.Sample of `size` of its pairs on data.train's side."""
+
+  def __init__(self, data: dict, side: str, size: int):
+    self.data, self.side, self.size = data, side, size
+
+  def process(self, unit: datasets.ReadUnit, threshold: int):
+    config = _config(self.data)
+    sample = corpora.Sample(self.size)
+    for positions, sources, targets in _chunks(unit, config.data, None):
+      keep = _side(sources, self.side, threshold)
+      positions, sources, targets = positions[keep], sources[keep], targets[keep]
+      hashes = corpora.pair_hashes(sources, targets, 0).numpy()
+      sample.add(hashes, positions, sources, targets)
+    yield sample
+
+
+class _SampleCombine(beam.CombineFn):
+  """corpora.Samples -> their merged sample's (source, target) pairs in corpus order."""
+
+  def __init__(self, size: int):
+    self.size = size
+
+  def create_accumulator(self):
+    return corpora.Sample(self.size)
+
+  def add_input(self, accumulator, sample):
+    accumulator.merge(sample)
+    return accumulator
+
+  def merge_accumulators(self, accumulators):
+    merged = self.create_accumulator()
+    for accumulator in accumulators:
+      merged.merge(accumulator)
+    return merged
+
+  def extract_output(self, accumulator):
+    return [[_text(src), _text(tgt)] for src, tgt in zip(*accumulator.in_corpus_order())]
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _train_tokenizer(pairs: list, data: dict, output_dir: str) -> str:
+  """Trains and stores the tokenizer on the sample (in one worker); its fingerprint."""
+  tokenizer = tokenizer_lib.load_or_train(_config(data).tokenizer, output_dir,
+                                          lambda: iter(pairs))
+  return tokenizer.fingerprint
+
+
+class _Tokenize(beam.DoFn):
+  """(split, side, ReadUnit) -> batches (split, keys, lengths, serialized examples), and
+  to the "stats" output (split, per-file counts, first skips, length-filter counts): the
+  single process's reading and tokenizing (shard_layout.tokenized_batches) on a part of
+  the corpus."""
+
+  def __init__(self, data: dict, output_dir: str):
+    self.data, self.output_dir = data, output_dir
+    self.tokenizer = None
+
+  def process(self, item, threshold: int, fingerprint: str):
+    if self.tokenizer is None:  # Stored by now: this stage waits for the fingerprint.
+      self.config = _config(self.data)
+      self.tokenizer = tokenizer_lib.load_or_train(self.config.tokenizer,
+                                                   self.output_dir, None)
+    if self.tokenizer.fingerprint != fingerprint:
+      raise prepared.PreparedDataError(
+          f"{self.output_dir}/tokenizer changed while nmt-prepare ran; run it again")
+    split, side, unit = item
+    stats, length_stats = corpora.SkipStats(), pipeline.LengthStats(f"prepare_{split}")
+    keep_text = split == "eval"
+
+    def chunks():
+      for positions, sources, targets in _chunks(unit, self.config.data, stats):
+        keep = _side(sources, side, threshold)
+        yield positions[keep], sources[keep], targets[keep]
+
+    signature = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.string),
+                 tf.TensorSpec([None], tf.string))
+    pairs = tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
+    with corpora.surface_corpus_errors():
+      for batch in shard_layout.tokenized_batches(pairs, self.config, self.tokenizer,
+                                                  length_stats, keep_text):
+        keys, lengths, records = shard_layout.examples(batch, keep_text, self.config.seed)
+        yield split, keys, lengths, records
+    yield beam.pvalue.TaggedOutput("stats", (
+        "stats", split, stats.per_file(), stats.first_skips(), length_stats.result()))
+
+
+class _ToShards(beam.DoFn):
+  """Batches (split, keys, lengths, records) -> ((split, shard), batch of that shard's
+  examples): train by key range (shard_layout.shard_of), eval all to one writer (corpus
+  order). Buffers per shard, up to _FLUSH_EXAMPLES per shard and _FLUSH_BYTES in all, so
+  that Beam moves few large elements whatever the number of shards."""
+
+  def start_bundle(self):
+    self.buffers, self.size = collections.defaultdict(list), 0
+
+  def process(self, batch, shards: int):
+    split, keys, lengths, records = batch
+    targets = (shard_layout.shard_of(keys, shards) if split == "train"
+               else np.zeros(len(keys), np.int64))
+    for shard in np.unique(targets):
+      members = np.flatnonzero(targets == shard)
+      buffer = self.buffers[(split, int(shard))]
+      buffer += [(int(keys[i]), int(lengths[i]), records[i]) for i in members]
+      self.size += sum(len(records[i]) for i in members)
+      if len(buffer) >= _FLUSH_EXAMPLES:
+        yield (split, int(shard)), self.buffers.pop((split, int(shard)))
+    if self.size >= _FLUSH_BYTES:
+      yield from self.buffers.items()
+      self.buffers, self.size = collections.defaultdict(list), 0
+
+  def finish_bundle(self):
+    for key, buffer in self.buffers.items():
+      yield windowed_value.WindowedValue((key, buffer), 0, [window.GlobalWindow()])
+    self.buffers = collections.defaultdict(list)
+
+
+class _WriteShards(beam.DoFn):
+  """((split, shard), batches of its examples) -> ("shard", split, index, manifest entry):
+  a train shard's files in key order; for eval, its shards in corpus order."""
+
+  def __init__(self, data: dict, output_dir: str, shard_examples: int):
+    self.data, self.output_dir, self.shard_examples = data, output_dir, shard_examples
+
+  def process(self, element):
+    (split, shard), batches = element
+    examples = sorted(example for batch in batches for example in batch)  # By key.
+    grid = pipeline.padded_shapes(_config(self.data))
+    if split == "train":
+      groups = [(shard, examples)]
+    else:
+      groups = enumerate(examples[i:i + self.shard_examples]
+                         for i in range(0, len(examples), self.shard_examples))
+    for index, group in groups:
+      entry = shard_layout.write_shard(self.output_dir, split, index,
+                                       [record for _, _, record in group],
+                                       [length for _, length, _ in group], grid)
+      yield "shard", split, index, entry
