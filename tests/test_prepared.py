@@ -18,7 +18,7 @@ from input_pipeline import datasets
 from input_pipeline import prepare
 from input_pipeline import prepared
 from input_pipeline import tokenizer as tokenizer_lib
-from conftest import unpadded_rows
+from conftest import cli, unpadded_rows
 import word_pairs  # tests/word_pairs.py
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -362,21 +362,18 @@ def test_nmt_prepare_cli_verifies_and_reports_a_corrupted_shard(corpus, tmp_path
   copy = str(tmp_path / "data")
   shutil.copytree(corpus[1], copy)
   config = corpus[0]
-  command = [sys.executable, "-c", "from trainer.main import run_prepare; run_prepare()",
-             "--config=configs/tiny.py", f"--output_dir={copy}",
-             f"--config.data.train={config.data.train}",
-             f"--config.data.eval={config.data.eval}",
-             "--config.data.max_source_length=16", "--config.data.max_target_length=16",
-             "--config.data.bucket_boundaries=(6, 10, 16, 24)",
-             "--config.tokenizer.vocab_size=60"]
-  ok = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=_ROOT)
+  flags = ["--config=configs/tiny.py", f"--output_dir={copy}",
+           f"--config.data.train={config.data.train}", f"--config.data.eval={config.data.eval}",
+           "--config.data.max_source_length=16", "--config.data.max_target_length=16",
+           "--config.data.bucket_boundaries=(6, 10, 16, 24)", "--config.tokenizer.vocab_size=60"]
+  ok = cli("run_prepare", *flags)
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert json.loads(ok.stdout.strip().splitlines()[-1])["train"]["skipped"] == {
       "too few columns": 1}
   shard = _shard_files(copy, 1)[0]
   _corrupt(shard, truncate=False)
-  bad = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=_ROOT)
-  assert bad.returncode != 0 and "Traceback" not in bad.stderr
+  bad = cli("run_prepare", *flags)
+  assert bad.returncode == 1 and "Traceback" not in bad.stderr
   assert "error:" in bad.stderr and f"{shard} does not match" in bad.stderr
 
 
