@@ -183,7 +183,8 @@ def _warm_up(run: run_setup.Run, train_loop, config) -> Dict:
 def _time_steps(run: run_setup.Run, train_loop, num_steps: int, steps_per_loop: int) -> Dict:
   """Times `num_steps` steps of the real iterator in train_loop calls of steps_per_loop."""
   step_times, wall, wait = [], 0.0, 0.0
-  metrics = {k: [] for k in ("tokens", "examples", "length", "loss")}
+  metrics = {k: [] for k in ("tokens", "examples", "length", "loss", "real_tokens",
+                             "padded_tokens")}
   done = 0
   while done < num_steps:
     n = min(steps_per_loop, num_steps - done)
@@ -226,6 +227,7 @@ def run(config, workdir: str, num_steps: int = 30) -> Dict:
       target_tokens_per_sec=tokens / step_time, examples_per_sec=examples / step_time,
       step_time_s=step_time, median_step_time_s=float(np.median(timed["step_times"])),
       input_wait_fraction=timed["input_wait"] / timed["seconds"],
+      padding_fraction=1.0 - sum(timed["real_tokens"]) / max(sum(timed["padded_tokens"]), 1.0),
       tokens_per_step=float(tokens), examples_per_step=float(examples),
       compile_count=compiled["compile_count"], compile_seconds=compiled["compile_seconds"],
       traces=compiled["traces"], model_flops_per_step=flops,

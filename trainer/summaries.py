@@ -29,7 +29,7 @@ ATTENTION_TAG = "attention/{search}/probe_{index}"
 TAGS = {
     "train": ("loss", "perplexity", "grad_norm", "target_tokens_per_sec",
               "examples_per_sec", "step_time_s", "input_wait_fraction", "compiled_shapes",
-              "learning_rate", "data/over_long_fraction", "loss_scale",
+              "learning_rate", "data/over_long_fraction", "data/padding_fraction", "loss_scale",
               "eval_time_fraction", "elapsed_s"),
     "eval": EVAL_SCALARS + ("samples",),
     "test": TEST_SCALARS,
@@ -150,7 +150,8 @@ class ProgressWindow:
   """The metrics of the steps since the last progress line; `flush` logs one line and
   writes the scalars (train/ in TensorBoard)."""
 
-  STEP_KEYS = ("loss", "tokens", "examples", "grad_norm")  # Per-step, from train_loop.
+  # Per-step, from train_loop.
+  STEP_KEYS = ("loss", "tokens", "examples", "grad_norm", "real_tokens", "padded_tokens")
 
   def __init__(self, writer, start_step: int):
     self.writer, self.start_step = writer, start_step
@@ -186,13 +187,17 @@ class ProgressWindow:
         "input_wait_fraction": sum(window["input_wait"]) / elapsed,
         "compiled_shapes": len(self.compiled_lengths), "learning_rate": learning_rate,
         "data/over_long_fraction": over_long_fraction,
+        # The share of the batches' cells (source and target) that are padding.
+        "data/padding_fraction": 1.0 - sum(window["real_tokens"]) / max(
+            sum(window["padded_tokens"]), 1.0),
     }
     if loss_scale is not None:
       scalars["loss_scale"] = loss_scale
     eta = (total - step) * (now - self.run_start) / max(step - self.start_step, 1)
-    logging.info("step %d/%d  loss %.4f  %.0f tok/s  %.1f ex/s  %.3f s/step  ETA %s",
-                 step, total, loss, scalars["target_tokens_per_sec"],
-                 scalars["examples_per_sec"], scalars["step_time_s"], format_duration(eta))
+    logging.info("step %d/%d  loss %.4f  %.0f tok/s  %.1f ex/s  %.3f s/step  pad %.0f%%  "
+                 "ETA %s", step, total, loss, scalars["target_tokens_per_sec"],
+                 scalars["examples_per_sec"], scalars["step_time_s"],
+                 100 * scalars["data/padding_fraction"], format_duration(eta))
     if self.writer:
       _write_scalars(self.writer, step, scalars)
     self.reset()

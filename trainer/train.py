@@ -53,10 +53,12 @@ def dropout_seed(seed: int, step, replica, micro_batch: int = 0) -> tf.Tensor:
 def make_gradient_fn(model, config, scale_fn):
   """(per-replica batch, step) -> all-reduced gradients of the *global* mean token loss.
 
-  Returns (grads, loss_sum, tokens, examples, grad_norm, finite), all global and
+  Returns (grads, loss_sum, tokens, examples, grad_norm, finite, padding), all global and
   identical on every replica (so reporting them needs no collective of its own); `grads`
   are unscaled (fp16 loss scaling undone) and clipped by global norm; `finite` is False
-  when the global loss or gradient is not finite.
+  when the global loss or gradient is not finite; `padding` is [real tokens, padded cells]
+  of source and target together (1 - their ratio is the share of computation spent on
+  padding).
   """
   grad_fn = make_grad_fn(model, config)
   clip = float(config.train.clip_norm)
@@ -81,15 +83,21 @@ def make_gradient_fn(model, config, scale_fn):
       grads = [_add_gradients(g, m) for g, m in zip(grads, more)]
       loss_sum += more_loss
     examples = tf.cast(tf.add_n([tf.shape(b["source"])[0] for b in batches]), tf.float32)
-    # The loss sum and the example count ride along in the gradients' all-reduce.
-    *grads, global_loss, global_examples = ctx.all_reduce(
-        tf.distribute.ReduceOp.SUM, [g / scale for g in grads] + [loss_sum, examples])
+    sides = [x for b in batches for x in (b["source"], b["target"][:, 1:])]
+    padding = tf.stack([tf.add_n([tf.reduce_sum(tf.cast(x != 0, tf.float32)) for x in sides]),
+                        tf.add_n([tf.cast(tf.size(x), tf.float32) for x in sides])])
+    # The loss sum, the example count and the padding ride along in the gradients'
+    # all-reduce.
+    *grads, global_loss, global_examples, global_padding = ctx.all_reduce(
+        tf.distribute.ReduceOp.SUM,
+        [g / scale for g in grads] + [loss_sum, examples, padding])
     grad_norm = tf.linalg.global_norm(grads)
     # A huge learning rate can make the loss inf while clipped gradients stay finite.
     finite = tf.math.is_finite(grad_norm) & tf.math.is_finite(global_loss)
     if clip:
       grads, _ = tf.clip_by_global_norm(grads, clip, use_norm=grad_norm)
-    return grads, global_loss, global_tokens, global_examples, grad_norm, finite
+    return (grads, global_loss, global_tokens, global_examples, grad_norm, finite,
+            global_padding)
 
   return global_gradients
 
@@ -140,7 +148,8 @@ def make_replica_step(model, optimizer, config, strategy):
     tf.cond(finite, apply, lambda: None)
 
   def replica_step(batches, step=0):
-    grads, loss_sum, tokens, examples, grad_norm, finite = global_gradients(batches, step)
+    grads, loss_sum, tokens, examples, grad_norm, finite, padding = global_gradients(
+        batches, step)
     scale = scale_fn()
     grads = [g * (scale / n) for g in grads]
     if fp16:  # LossScaleOptimizer skips non-finite steps and lowers its scale itself; a
@@ -153,8 +162,16 @@ def make_replica_step(model, optimizer, config, strategy):
     batches = batches if isinstance(batches, (list, tuple)) else [batches]
     length = tf.reduce_max([tf.shape(b["source"])[1] for b in batches])
     return dict(loss_sum=loss_sum, tokens=tokens, examples=examples, grad_norm=grad_norm,
-                finite=tf.cast(finite, tf.float32), length=tf.cast(length, tf.float32))
+                finite=tf.cast(finite, tf.float32), length=tf.cast(length, tf.float32),
+                real_tokens=padding[0], padded_tokens=padding[1])
   return replica_step
+
+
+# What train_loop returns per step (global values): the mean token loss, real target
+# tokens, examples, gradient norm, 1.0 if finite, the longest padded length, and the real
+# tokens and padded cells of source and target together.
+_STEP_METRICS = ("loss", "tokens", "examples", "grad_norm", "finite", "length", "real_tokens",
+                 "padded_tokens")
 
 
 def make_train_loop(strategy, replica_step, timed: bool = True,
@@ -168,8 +185,7 @@ def make_train_loop(strategy, replica_step, timed: bool = True,
   """
   @tf.function
   def train_loop(iterator, num_steps, first_step=0):
-    arrays = {k: tf.TensorArray(tf.float32, size=num_steps)
-              for k in ("loss", "tokens", "examples", "grad_norm", "finite", "length")}
+    arrays = {k: tf.TensorArray(tf.float32, size=num_steps) for k in _STEP_METRICS}
     input_wait = tf.constant(0.0, tf.float64)
     for i in tf.range(num_steps):
       t0 = tf.timestamp() if timed else tf.constant(0.0, tf.float64)
@@ -183,8 +199,8 @@ def make_train_loop(strategy, replica_step, timed: bool = True,
       out = strategy.run(replica_step, args=(batch, step))
       # Global values, the same on every replica: the first one's, no collective.
       first = {k: strategy.experimental_local_results(v)[0] for k, v in out.items()}
-      values = dict(loss=first["loss_sum"] / tf.maximum(first["tokens"], 1.0), **{
-          k: first[k] for k in ("tokens", "examples", "grad_norm", "finite", "length")})
+      values = dict(loss=first["loss_sum"] / tf.maximum(first["tokens"], 1.0),
+                    **{k: first[k] for k in _STEP_METRICS if k != "loss"})
       arrays = {k: arrays[k].write(i, values[k]) for k in arrays}
     return {k: a.stack() for k, a in arrays.items()}, input_wait
 
