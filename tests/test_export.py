@@ -210,3 +210,17 @@ def test_score_file_ranks_the_models_translation_above_a_wrong_one(workdir, tmp_
   ids, _, scores = translate.make_translate_fn(loaded.model, loaded.config)(
       translate.encode_sources(loaded.tokenizer, ["one two"]))
   assert float(scores[0, 0]) == pytest.approx(own / lp, abs=1e-3)
+
+
+def test_bench_translate_prints_speed_and_latency(workdir, tmp_path):
+  source = tmp_path / "in.txt"
+  source.write_text("\n".join(SENTENCES * 6) + "\n", encoding="utf-8")
+  result = cli("run_bench", "translate", f"--workdir={workdir}", f"--input={source}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  speed = json.loads(result.stdout.strip().splitlines()[-1])
+  assert speed["sentences"] == 36 and speed["beam_size"] == 2
+  assert speed["sentences_per_sec"] == pytest.approx(36 / speed["file_seconds"])
+  for size, requests in ((1, 36), (32, 2)):
+    latency = speed["saved_model"][f"batch_{size}"]
+    assert latency["requests"] == requests
+    assert 0 < latency["p50_ms"] <= latency["p95_ms"]

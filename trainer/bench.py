@@ -1,5 +1,6 @@
-"""Training throughput: `nmt-bench train` times the real train loop and reports MFU;
-`nmt-bench doctor` trains a few steps in every mode combination the device allows.
+"""Speed: `nmt-bench train` times the real train loop and reports MFU; `nmt-bench doctor`
+trains a few steps in every mode combination the device allows; `nmt-bench translate`
+times a trained run translating a file, and its SavedModel's latency.
 
 `run` builds a run exactly as `nmt-train` does (run_setup.setup, make_replica_step,
 make_train_loop), compiles every batch shape of the bucket grid first, then times
@@ -19,9 +20,12 @@ import tensorflow as tf
 from configs import validate as validate_lib
 from input_pipeline import datasets
 from input_pipeline import pipeline
+from trainer import checkpoints
 from trainer import distribute
+from trainer import export
 from trainer import run_setup
 from trainer import train
+from trainer import translate
 
 # Words of the synthetic corpus: short, lowercase, ASCII, so the tutorial's preprocessing
 # keeps them unchanged and SentencePiece can hold each one as a single piece.
@@ -278,3 +282,49 @@ def doctor(config, workdir: str, num_steps: int = 3,
     yield dict(row, ran=True, **{k: result[k] for k in (
         "step_time_s", "median_step_time_s", "mfu", "peak_gflops_per_sec",
         "target_tokens_per_sec", "compile_seconds", "final_loss")})
+
+
+def translate_speed(workdir: str, input_path: str, batch_sizes: Sequence[int] = (1, 32),
+                    latency_sentences: int = 256) -> Dict:
+  """`nmt-bench translate`: how fast a trained run translates a file, one JSON-able dict.
+
+  file: nmt-translate's path in this process (load the checkpoint, compile, decode every
+  line in length-sorted batches; the process's own start-up, ~5 s of imports, not
+  included): sentences/s and real target tokens/s (EOS included). saved_model: the
+  exported SavedModel (as TF Serving runs it) on the first `latency_sentences` lines in
+  requests of each batch size, after one warm-up request: p50/p95 latency per request and
+  sentences/s.
+  """
+  with tf.io.gfile.GFile(input_path, "r") as f:
+    sentences = [line.rstrip("\r\n") for line in f]
+  if not sentences:
+    raise ValueError(f"--input={input_path} has no lines to translate")
+  start = time.perf_counter()
+  loaded = checkpoints.load_for_inference(workdir, for_export=True)
+  translate_ids = translate.make_translate_fn(loaded.model, loaded.config)
+  results = translate.translate_all(translate_ids, loaded.tokenizer, sentences,
+                                    loaded.config.eval.batch_size)
+  seconds = time.perf_counter() - start
+  tokens = sum(int(np.count_nonzero(r.ids[0])) for r in results if r.hypotheses)
+  result = dict(input=input_path, sentences=len(sentences), beam_size=
+                translate.resolve_beam_size(loaded.config), file_seconds=seconds,
+                sentences_per_sec=len(sentences) / seconds,
+                target_tokens_per_sec=tokens / seconds, saved_model={})
+  export_dir = os.path.join(workdir, "bench_export")
+  export.export(loaded.config, loaded.tokenizer, loaded.model, export_dir)
+  serve = tf.saved_model.load(export_dir).signatures["serving_default"]
+  requests = sentences[:latency_sentences]
+  for size in batch_sizes:
+    batches = [requests[i:i + size] for i in range(0, len(requests), size)]
+    serve(sources=tf.constant(batches[0]))  # Warm-up: traces and loads the kernels.
+    latencies = []
+    for batch in batches:
+      begin = time.perf_counter()
+      serve(sources=tf.constant(batch))["translations"].numpy()
+      latencies.append(time.perf_counter() - begin)
+    result["saved_model"][f"batch_{size}"] = dict(
+        p50_ms=1000 * float(np.percentile(latencies, 50)),
+        p95_ms=1000 * float(np.percentile(latencies, 95)),
+        sentences_per_sec=len(requests) / sum(latencies), requests=len(batches))
+  logging.info("Translate benchmark: %s", result)
+  return result

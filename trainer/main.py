@@ -178,8 +178,21 @@ def run_train() -> None:
 
 
 def _bench_main(argv) -> None:
-  if len(argv) != 2 or argv[1] not in ("input", "train", "doctor"):
-    raise app.UsageError("usage: nmt-bench input|train|doctor --config=... [--workdir=DIR]")
+  if len(argv) != 2 or argv[1] not in ("input", "train", "doctor", "translate"):
+    raise app.UsageError("usage: nmt-bench input|train|doctor --config=... [--workdir=DIR]"
+                         " | nmt-bench translate --workdir=RUN --input=FILE")
+  if argv[1] == "translate":
+    if not FLAGS.workdir or not FLAGS.input:
+      _fail("nmt-bench translate needs --workdir (a trained run) and --input (a text file)")
+    from trainer import bench
+    try:
+      result = bench.translate_speed(FLAGS.workdir, FLAGS.input)
+    except (ValueError, OSError) as e:
+      _fail(str(e))
+    print(json.dumps(result, default=float))
+    return
+  if FLAGS.config is None:
+    _fail(f"nmt-bench {argv[1]} needs --config")
   workdir = FLAGS.workdir or os.path.join("/tmp", "nmt_bench")
   _check_config(FLAGS.config, None if argv[1] == "input" else workdir)
   try:
@@ -213,7 +226,7 @@ def run_bench() -> None:
                     "doctor: train.xla values to try.")
   flags.DEFINE_list("recurrences", ["fused", "keras", "cudnn"],
                     "doctor: model.recurrence values to try.")
-  flags.mark_flags_as_required(["config"])
+  flags.DEFINE_string("input", None, "nmt-bench translate: the text file to translate.")
   _run(_bench_main)
 
 
