@@ -3,7 +3,7 @@
 Orchestration only: each measurement is `nmt-bench train` (trainer/bench.py) or the seed
 tutorial script in its own subprocess (a fresh TensorFlow runtime per variant), all started
 one after the other so that they measure under the same load; each prints one JSON line.
-`python -m benchmarks.compare compare|sweep|table` (README, Performance).
+`python -m benchmarks.compare compare|sweep|table` (docs/performance.md).
 """
 import argparse
 import itertools
@@ -133,7 +133,7 @@ def compare(tutorial: str, config_path: str, workdir: str, variants: Sequence[st
 
 
 def compare_table(result: Dict) -> str:
-  """A compare() result as the README's markdown table: one row per project variant."""
+  """A compare() result as docs/performance.md's markdown table: one row per project variant."""
   rows = ["| project variant | fixed: sentences/s | ratio | MFU | variable: sentences/s | "
           "ratio | MFU | variable: sentences/batch |", "|---" * 8 + "|"]
   fixed, variable = result["fixed"], result["variable"]

@@ -1,6 +1,6 @@
 """Full-size configuration: the seed tutorial's sizes (1024 GRU units, 256-d embeddings).
 
-Every hyperparameter lives here; every key has a one-line comment (the README's config
+Every hyperparameter lives here; every key has a one-line comment (docs/config.md's
 reference is checked against these comments by tests/test_configs.py).
 """
 import ml_collections

@@ -2,7 +2,7 @@
 on a 2-core CPU, from the Tatoeba corpus that ships with the package (`embedded:deu-eng`).
 
 The recipe of configs/tatoeba.py for a fixed number of steps (so every machine trains the
-same model; the README says how long it took where) with a cosine decay to the last one,
+same model; docs/real_corpora.md says how long it took where) with a cosine decay to the last one,
 and three evaluations.
 Full sizes are `--config=configs/default.py`; longer runs `--config=configs/tatoeba.py`.
 """

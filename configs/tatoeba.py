@@ -2,7 +2,7 @@
 
 Tuned on the dev split of the embedded Tatoeba German->English corpus (`embedded:deu-eng:dev`,
 the same pairs as `data.eval=holdout:2000` of its training file), never on its test file;
-the README's "Real corpora" section has the scores on the deu-eng and fra-eng test files.
+docs/real_corpora.md has the scores on the deu-eng and fra-eng test files.
 
 Your own Anki export: `--config.data.train=tsv:spa.txt:1:0 --config.data.eval=holdout:2000
 --config.data.test=""` (Anki files are English<TAB>other, hence the columns 1:0).
@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.tokenizer.sample_size = 200000
   config.model.units = 256
   config.model.embed_dim = 256
-  # Bidirectional encoder and label smoothing: chosen on the dev split (README, Real corpora).
+  # Bidirectional encoder and label smoothing: chosen on the dev split (docs/real_corpora.md).
   config.model.bidirectional = True
   config.train.batch_size = 128
   config.train.steps = 100000

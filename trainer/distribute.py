@@ -57,7 +57,7 @@ def cpu_has_fast_bfloat16() -> bool:
   Without bf16 units oneDNN converts bf16 to fp32 and back, slower than fp32; with only
   AVX512-BF16 dot products (Zen 4, Cooper Lake) a bf16 step was still slower than fp32: the
   small matmuls of a GRU step gain less than the casts cost. With AMX it is faster (outside
-  XLA). Measurements: README, Training, Precision; docs/amx.json. Non-Linux systems: False.
+  XLA). Measurements: docs/training.md (precision); docs/amx.json. Non-Linux systems: False.
   """
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:

@@ -5,14 +5,14 @@ gradient becomes T small matmuls of B rows, summed step by step. Here the backwa
 carries only the state gradient; weight gradients are formed after the loop as one matmul
 over all T*B rows, as cuDNN's RNN kernels do. Together with computing the input side of
 every step in one matmul before the loop, this roughly halves the train step on a CPU
-(README, Performance). Same math as the Keras layers in model.py; tests/test_fused_rnn.py
+(docs/performance.md). Same math as the Keras layers in model.py; tests/test_fused_rnn.py
 checks values and gradients against them.
 
 Inside the loops every per-step tensor is feature-major: the state is [U,B], not [B,U],
 and each step multiplies W^T [3U,U] x s [U,B]. With B = 64 that product runs at 127-136
 GFLOP/s on this 2-core CPU against 73-78 for s [B,U] x W [U,3U] (oneDNN picks a better
 blocking when the long dimension is the left operand's rows; `python -m benchmarks.compare`
-numbers in the README). Inputs and outputs keep the usual [T,B,...] / [B,S,U] layouts;
+numbers in docs/performance.md). Inputs and outputs keep the usual [T,B,...] / [B,S,U] layouts;
 the transposes happen once per call, outside the loops.
 
 GRU as in Keras (reset_after=True): x and h are the input-side and recurrent-side

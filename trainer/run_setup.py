@@ -177,7 +177,7 @@ def raw_input_warning(config: ml_collections.ConfigDict, multi_worker: bool,
   return (f"data.train={config.data.train} is a raw corpus: {'; '.join(costs)}. Prepare "
           "it once for constant-time resume and sharded reading: nmt-prepare "
           f"--config=<this config> --output_dir=DIR --config.data.train={config.data.train}"
-          ", then train with --config.data.train=prepared:DIR (README, Prepared corpora).")
+          ", then train with --config.data.train=prepared:DIR (docs/prepared.md).")
 
 
 class Clock:

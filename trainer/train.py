@@ -56,9 +56,7 @@ def make_gradient_fn(model, config, scale_fn):
   Returns (grads, loss_sum, tokens, examples, grad_norm, finite, padding), all global and
   identical on every replica (so reporting them needs no collective of its own); `grads`
   are unscaled (fp16 loss scaling undone) and clipped by global norm; `finite` is False
-  when the global loss or gradient is not finite; `padding` is [real tokens, padded cells]
-  of source and target together (1 - their ratio is the share of computation spent on
-  padding).
+  when the global loss or gradient is not finite; `padding`: [real tokens, padded cells].
   """
   grad_fn = make_grad_fn(model, config)
   clip = float(config.train.clip_norm)
@@ -86,8 +84,7 @@ def make_gradient_fn(model, config, scale_fn):
     sides = [x for b in batches for x in (b["source"], b["target"][:, 1:])]
     padding = tf.stack([tf.add_n([tf.reduce_sum(tf.cast(x != 0, tf.float32)) for x in sides]),
                         tf.add_n([tf.cast(tf.size(x), tf.float32) for x in sides])])
-    # The loss sum, the example count and the padding ride along in the gradients'
-    # all-reduce.
+    # The loss sum, the example count and the padding ride in the gradients' all-reduce.
     *grads, global_loss, global_examples, global_padding = ctx.all_reduce(
         tf.distribute.ReduceOp.SUM,
         [g / scale for g in grads] + [loss_sum, examples, padding])
@@ -167,9 +164,8 @@ def make_replica_step(model, optimizer, config, strategy):
   return replica_step
 
 
-# What train_loop returns per step (global values): the mean token loss, real target
-# tokens, examples, gradient norm, 1.0 if finite, the longest padded length, and the real
-# tokens and padded cells of source and target together.
+# Per step, global: mean token loss, real target tokens, examples, gradient norm, 1.0 if
+# finite, the longest padded length, real tokens and padded cells of source and target.
 _STEP_METRICS = ("loss", "tokens", "examples", "grad_norm", "finite", "length", "real_tokens",
                  "padded_tokens")
 
@@ -205,7 +201,6 @@ def make_train_loop(strategy, replica_step, timed: bool = True,
     return {k: a.stack() for k, a in arrays.items()}, input_wait
 
   return train_loop
-
 
 
 def _count_nonfinite(finite: List[float], in_a_row: int, step: int, limit: int) -> int:
