@@ -254,37 +254,72 @@ def pair_hashes(sources, targets, seed: int) -> tf.Tensor:
 
 class Sample:
   """The `size` pairs with the smallest (hash, position) seen so far; `merge` adds another
-  Sample's (a Beam combiner's partial results)."""
+  Sample's (a Beam combiner's partial results). Candidates are trimmed when twice `size`
+  are pending (O(n log size) in all); pickled compactly (the texts as one buffer)."""
 
   def __init__(self, size: int):
     self.size, self.seen = size, 0
-    self.hashes, self.positions = np.zeros([0], np.int64), np.zeros([0], np.int64)
-    self.sources, self.targets = np.zeros([0], object), np.zeros([0], object)
+    self._columns = [[np.zeros([0], np.int64)], [np.zeros([0], np.int64)],
+                     [np.zeros([0], object)], [np.zeros([0], object)]]
+    self._pending = 0
+    self._largest = None  # The largest kept hash once `size` are kept: a bound for new ones.
 
   def add(self, hashes: np.ndarray, positions: np.ndarray, sources: np.ndarray,
           targets: np.ndarray, seen: int | None = None) -> None:
     self.seen += len(hashes) if seen is None else seen
-    if len(self.hashes) == self.size:  # Full: only hashes up to the largest can get in.
-      take = hashes <= self.hashes.max()
+    if self._largest is not None:  # Only hashes up to the largest kept one can get in.
+      take = hashes <= self._largest
       hashes, positions, sources, targets = (
           hashes[take], positions[take], sources[take], targets[take])
-    if not len(hashes):
-      return
-    self.hashes = np.concatenate([self.hashes, hashes])
-    self.positions = np.concatenate([self.positions, positions])
-    self.sources = np.concatenate([self.sources, sources])
-    self.targets = np.concatenate([self.targets, targets])
-    if len(self.hashes) > self.size:
-      keep = np.lexsort((self.positions, self.hashes))[:self.size]
-      self.hashes, self.positions = self.hashes[keep], self.positions[keep]
-      self.sources, self.targets = self.sources[keep], self.targets[keep]
+    for column, values in zip(self._columns, (hashes, positions, sources, targets)):
+      column.append(values)
+    self._pending += len(hashes)
+    if self._pending > 2 * self.size:
+      self._trim()
+
+  def _trim(self) -> None:
+    hashes, positions, sources, targets = (np.concatenate(c) for c in self._columns)
+    if len(hashes) > self.size:
+      keep = np.lexsort((positions, hashes))[:self.size]
+      hashes, positions, sources, targets = (
+          hashes[keep], positions[keep], sources[keep], targets[keep])
+      self._largest = hashes[-1]
+    self._columns = [[hashes], [positions], [sources], [targets]]
+    self._pending = len(hashes)
+
+  @property
+  def hashes(self) -> np.ndarray:
+    self._trim()
+    return self._columns[0][0]
 
   def merge(self, other: "Sample") -> None:
-    self.add(other.hashes, other.positions, other.sources, other.targets, other.seen)
+    other._trim()
+    self.add(*(column[0] for column in other._columns), other.seen)
 
   def in_corpus_order(self) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(self.positions, kind="stable")
-    return self.sources[order], self.targets[order]
+    self._trim()
+    _, positions, sources, targets = (column[0] for column in self._columns)
+    order = np.argsort(positions, kind="stable")
+    return sources[order], targets[order]
+
+  def __getstate__(self) -> dict:
+    self._trim()
+    hashes, positions, sources, targets = (column[0] for column in self._columns)
+    texts = [t.encode("utf-8") if isinstance(t, str) else bytes(t)
+             for t in np.concatenate([sources, targets])]
+    return {"size": self.size, "seen": self.seen, "largest": self._largest,
+            "hashes": hashes, "positions": positions, "texts": b"".join(texts),
+            "lengths": np.array([len(t) for t in texts], np.int64)}
+
+  def __setstate__(self, state: dict) -> None:
+    self.size, self.seen, self._largest = state["size"], state["seen"], state["largest"]
+    ends = np.cumsum(state["lengths"]).tolist()
+    buffer = state["texts"]
+    texts = np.empty(len(ends), object)
+    texts[:] = [buffer[end - n:end] for end, n in zip(ends, state["lengths"].tolist())]
+    half = len(texts) // 2
+    self._columns = [[state["hashes"]], [state["positions"]], [texts[:half]], [texts[half:]]]
+    self._pending = len(state["hashes"])
 
 
 @contextlib.contextmanager

@@ -170,11 +170,12 @@ def _write_split(config, tokenizer: tokenizer_lib.Tokenizer, split: str, output_
                    pairs, config, tokenizer, length_stats, keep_text)
                for record in _run_records(*shard_layout.examples(batch, keep_text,
                                                                  config.seed)))
-    total, ordered = _sorted(records, output_dir, split)
+    ordered = _sorted(records, output_dir, split)
     if keep_text:  # Consecutive runs of shard_examples in corpus order.
       groups = enumerate(_chunks(ordered, shard_examples))
-    else:
-      groups = _key_ranges(ordered, shard_layout.num_shards(total, shard_examples))
+    else:  # K key ranges, K from the pairs that reached the length filter.
+      groups = _key_ranges(ordered, shard_layout.num_shards(length_stats.result()["seen"],
+                                                            shard_examples))
     for index, group in groups:
       shards.append(shard_layout.write_shard(
           output_dir, split, index, [_example(r) for r in group],
@@ -231,9 +232,8 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
     yield chunk
 
 
-def _sorted(records: Iterable[bytes], output_dir: str,
-            split: str) -> tuple[int, Iterator[bytes]]:
-  """(count, the records in key order), by an external sort: sorted runs of _RUN_BYTES go
+def _sorted(records: Iterable[bytes], output_dir: str, split: str) -> Iterator[bytes]:
+  """The records in key order (all read before this returns), by an external sort: sorted runs of _RUN_BYTES go
   to `<split>-runL-NNNNN.tmp` files, then one k-way merge (a first merge pass above
   _MERGE_RUNS runs). Memory: one run and the merge's read buffers, not the corpus; disk:
   the runs take as much as the shards, until the merge deletes them. A split that fits in
@@ -249,7 +249,7 @@ def _sorted(records: Iterable[bytes], output_dir: str,
       buffer, size = [], 0
   buffer.sort()
   if not runs:
-    return total, iter(buffer)
+    return iter(buffer)
   if buffer:
     runs.append(_write_run(output_dir, f"{split}-run0-{len(runs):05d}.tmp", buffer))
   logging.info("%s: %d examples in %d sorted runs of up to %d MiB; merging them.", split,
@@ -260,7 +260,7 @@ def _sorted(records: Iterable[bytes], output_dir: str,
     runs = [_write_run(output_dir, f"{split}-run{level}-{i // _MERGE_RUNS:05d}.tmp",
                        _merged(runs[i:i + _MERGE_RUNS]))
             for i in range(0, len(runs), _MERGE_RUNS)]
-  return total, _merged(runs)
+  return _merged(runs)
 
 
 def _write_run(output_dir: str, name: str, records: Iterable[bytes]) -> str:

@@ -99,7 +99,8 @@ class Job:
   def run(self, shard_examples: int, fingerprint: str | None) -> dict:
     """Writes the train and eval shards, training the tokenizer first unless one with
     `fingerprint` is stored; returns the manifest's "splits". One Beam job: its stages wait
-    for their side inputs (the holdout threshold, then the tokenizer)."""
+    for their side inputs (the holdout threshold; the tokenizer and the number of train
+    shards, from one pass over the train pairs)."""
     config, data = self.config, _data(self.config)
     train, train_side = datasets.holdout_side(config.data.train, config.data)
     with _surfaced(), self._pipeline("nmt-prepare") as p:
@@ -112,29 +113,28 @@ class Job:
       else:
         threshold = p | "No holdout" >> beam.Create([0])
       threshold = beam.pvalue.AsSingleton(threshold)
+      # One pass over the train pairs: K from their number; the tokenizer's sample.
+      size = config.tokenizer.sample_size if fingerprint is None else 0
+      sample = (p | "Train units" >> beam.Create(self.units(train))
+                | "Hash pairs" >> beam.ParDo(_PairHashes(data, train_side, size), threshold)
+                | "Sample" >> beam.CombineGlobally(_SampleCombine(size)))
       if fingerprint is None:
-        size = config.tokenizer.sample_size
-        tokenizer = (p | "Units to sample" >> beam.Create(self.units(train))
-                     | "Hash pairs" >> beam.ParDo(_PairHashes(data, train_side, size),
-                                                  threshold)
-                     | "Sample" >> beam.CombineGlobally(_SampleCombine(size))
-                     | "Train tokenizer" >> beam.Map(_train_tokenizer, data, self.output_dir))
+        tokenizer = sample | "Train tokenizer" >> beam.Map(_train_tokenizer, data,
+                                                           self.output_dir)
       else:
         tokenizer = p | "Stored tokenizer" >> beam.Create([fingerprint])
+      shards = sample | "Shards" >> beam.Map(
+          lambda sample_and_count: shard_layout.num_shards(sample_and_count[1],
+                                                           shard_examples))
       items = [(split, side, unit) for split in prepared.SPLITS
                for source, side in [datasets.holdout_side(config.data[split], config.data)]
                for unit in self.units(source)]
       tokenized = (p | "Units" >> beam.Create(items)
-                   | "Read and tokenize" >> beam.ParDo(
+                   | "Read, tokenize, assign" >> beam.ParDo(
                        _Tokenize(data, self.output_dir), threshold,
-                       beam.pvalue.AsSingleton(tokenizer)).with_outputs(
-                           "stats", main="examples"))
-      shards = (tokenized.examples
-                | beam.Map(lambda batch: len(batch[1]) if batch[0] == "train" else 0)
-                | "Count" >> beam.CombineGlobally(sum)
-                | beam.Map(shard_layout.num_shards, shard_examples))
-      entries = (tokenized.examples
-                 | "To shards" >> beam.ParDo(_ToShards(), beam.pvalue.AsSingleton(shards))
+                       beam.pvalue.AsSingleton(tokenizer),
+                       beam.pvalue.AsSingleton(shards)).with_outputs("stats", main="shards"))
+      entries = (tokenized.shards
                  | beam.GroupByKey()
                  | "Write shards" >> beam.ParDo(_WriteShards(data, self.output_dir,
                                                              shard_examples)))
@@ -231,6 +231,12 @@ def _chunks(unit: datasets.ReadUnit, data_config, stats: corpora.SkipStats | Non
   return datasets.read_unit(unit, data_config, stats, limit)
 
 
+def _name(unit: datasets.ReadUnit) -> str:
+  """A ReadUnit for the log: its files, and its part if it is one."""
+  name = ",".join(unit.paths) or unit.source
+  return f"{name} (part {unit.part + 1} of {unit.parts})" if unit.parts > 1 else name
+
+
 def _side(sources: np.ndarray, side: str, threshold: int) -> np.ndarray:
   """The mask of the pairs on `side` of data.eval=holdout:N (all for side "")."""
   if not side:
@@ -281,24 +287,31 @@ def _threshold(smallest_and_pairs, data: dict) -> int:
 
 
 class _PairHashes(beam.DoFn):
-  """ReadUnit -> a corpora.Sample of `size` of its pairs on data.train's side."""
+  """ReadUnit -> a corpora.Sample of `size` of its pairs on data.train's side (and their
+  number: Sample.seen)."""
 
   def __init__(self, data: dict, side: str, size: int):
     self.data, self.side, self.size = data, side, size
 
   def process(self, unit: datasets.ReadUnit, threshold: int):
-    config = _config(self.data)
+    start, config = time.perf_counter(), _config(self.data)
     sample = corpora.Sample(self.size)
     for positions, sources, targets in _chunks(unit, config.data, None):
       keep = _side(sources, self.side, threshold)
+      if not self.size:  # A stored tokenizer: only the pairs are counted.
+        sample.seen += int(keep.sum())
+        continue
       positions, sources, targets = positions[keep], sources[keep], targets[keep]
       hashes = corpora.pair_hashes(sources, targets, 0).numpy()
       sample.add(hashes, positions, sources, targets)
+    logging.info("Tokenizer sample: %s: %d pairs in %.1f s.", _name(unit), sample.seen,
+                 time.perf_counter() - start)
     yield sample
 
 
 class _SampleCombine(beam.CombineFn):
-  """corpora.Samples -> their merged sample's (source, target) pairs in corpus order."""
+  """corpora.Samples -> (their merged sample's [source, target] pairs in corpus order, the
+  number of pairs they saw)."""
 
   def __init__(self, size: int):
     self.size = size
@@ -317,31 +330,38 @@ class _SampleCombine(beam.CombineFn):
     return merged
 
   def extract_output(self, accumulator):
-    return [[_text(src), _text(tgt)] for src, tgt in zip(*accumulator.in_corpus_order())]
+    pairs = [[_text(src), _text(tgt)] for src, tgt in zip(*accumulator.in_corpus_order())]
+    return pairs, accumulator.seen
 
 
 def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
-def _train_tokenizer(pairs: list, data: dict, output_dir: str) -> str:
+def _train_tokenizer(sample_and_count: tuple, data: dict, output_dir: str) -> str:
   """Trains and stores the tokenizer on the sample (in one worker); its fingerprint."""
+  pairs, _ = sample_and_count
   tokenizer = tokenizer_lib.load_or_train(_config(data).tokenizer, output_dir,
                                           lambda: iter(pairs))
   return tokenizer.fingerprint
 
 
 class _Tokenize(beam.DoFn):
-  """(split, side, ReadUnit) -> batches (split, keys, lengths, serialized examples), and
-  to the "stats" output (split, per-file counts, first skips, length-filter counts): the
-  single process's reading and tokenizing (shard_layout.tokenized_batches) on a part of
-  the corpus."""
+  """(split, side, ReadUnit) -> ((split, shard), [(keys, lengths, serialized examples)]),
+  and to the "stats" output (split, per-file counts, first skips, length-filter counts):
+  the single process's reading and tokenizing (shard_layout.tokenized_batches) on a part
+  of the corpus, each example grouped with its train shard (shard_layout.shard_of) or
+  with the one eval writer. Buffers per shard, up to _FLUSH_EXAMPLES per shard and
+  _FLUSH_BYTES in all, so that Beam moves few large elements whatever the number of shards."""
 
   def __init__(self, data: dict, output_dir: str):
     self.data, self.output_dir = data, output_dir
     self.tokenizer = None
 
-  def process(self, item, threshold: int, fingerprint: str):
+  def start_bundle(self):
+    self.buffers, self.counts, self.size = collections.defaultdict(list), {}, 0
+
+  def process(self, item, threshold: int, fingerprint: str, shards: int):
     if self.tokenizer is None:  # Stored by now: this stage waits for the fingerprint.
       self.config = _config(self.data)
       self.tokenizer = tokenizer_lib.load_or_train(self.config.tokenizer,
@@ -350,6 +370,7 @@ class _Tokenize(beam.DoFn):
       raise prepared.PreparedDataError(
           f"{self.output_dir}/tokenizer changed while nmt-prepare ran; run it again")
     split, side, unit = item
+    start, examples = time.perf_counter(), 0
     stats, length_stats = corpora.SkipStats(), pipeline.LengthStats(f"prepare_{split}")
     keep_text = split == "eval"
 
@@ -365,59 +386,63 @@ class _Tokenize(beam.DoFn):
       for batch in shard_layout.tokenized_batches(pairs, self.config, self.tokenizer,
                                                   length_stats, keep_text):
         keys, lengths, records = shard_layout.examples(batch, keep_text, self.config.seed)
-        yield split, keys, lengths, records
+        examples += len(records)
+        yield from self._add(split, shards, keys, lengths, records)
+    logging.info("prepare_%s: %s: %d pairs read, %d examples in %.1f s.", split,
+                 _name(unit), stats.read, examples, time.perf_counter() - start)
     yield beam.pvalue.TaggedOutput("stats", (
         "stats", split, stats.per_file(), stats.first_skips(), length_stats.result()))
 
-
-class _ToShards(beam.DoFn):
-  """Batches (split, keys, lengths, records) -> ((split, shard), batch of that shard's
-  examples): train by key range (shard_layout.shard_of), eval all to one writer (corpus
-  order). Buffers per shard, up to _FLUSH_EXAMPLES per shard and _FLUSH_BYTES in all, so
-  that Beam moves few large elements whatever the number of shards."""
-
-  def start_bundle(self):
-    self.buffers, self.size = collections.defaultdict(list), 0
-
-  def process(self, batch, shards: int):
-    split, keys, lengths, records = batch
+  def _add(self, split: str, shards: int, keys: np.ndarray, lengths: np.ndarray,
+           records: list[bytes]):
+    """Buffers a batch's examples by shard; yields the buffers that are full."""
     targets = (shard_layout.shard_of(keys, shards) if split == "train"
                else np.zeros(len(keys), np.int64))
-    for shard in np.unique(targets):
-      members = np.flatnonzero(targets == shard)
-      buffer = self.buffers[(split, int(shard))]
-      buffer += [(int(keys[i]), int(lengths[i]), records[i]) for i in members]
-      self.size += sum(len(records[i]) for i in members)
-      if len(buffer) >= _FLUSH_EXAMPLES:
-        yield (split, int(shard)), self.buffers.pop((split, int(shard)))
+    order = np.argsort(targets, kind="stable")
+    for members in np.split(order, np.flatnonzero(np.diff(targets[order])) + 1):
+      if not len(members):
+        continue
+      key = (split, int(targets[members[0]]))
+      part_records = [records[i] for i in members]
+      self.buffers[key].append((keys[members], lengths[members], part_records))
+      self.counts[key] = self.counts.get(key, 0) + len(members)
+      self.size += sum(map(len, part_records))
+      if self.counts[key] >= _FLUSH_EXAMPLES:
+        del self.counts[key]
+        yield key, self.buffers.pop(key)
     if self.size >= _FLUSH_BYTES:
-      yield from self.buffers.items()
-      self.buffers, self.size = collections.defaultdict(list), 0
+      yield from self._flush()
+
+  def _flush(self) -> list:
+    buffers = self.buffers
+    self.buffers, self.counts, self.size = collections.defaultdict(list), {}, 0
+    return list(buffers.items())
 
   def finish_bundle(self):
-    for key, buffer in self.buffers.items():
+    for key, buffer in self._flush():
       yield windowed_value.WindowedValue((key, buffer), 0, [window.GlobalWindow()])
-    self.buffers = collections.defaultdict(list)
 
 
 class _WriteShards(beam.DoFn):
-  """((split, shard), batches of its examples) -> ("shard", split, index, manifest entry):
-  a train shard's files in key order; for eval, its shards in corpus order."""
+  """((split, shard), lists of (keys, lengths, records)) -> ("shard", split, index, manifest
+  entry): a train shard's files in key order; for eval, its shards in corpus order."""
 
   def __init__(self, data: dict, output_dir: str, shard_examples: int):
     self.data, self.output_dir, self.shard_examples = data, output_dir, shard_examples
 
   def process(self, element):
-    (split, shard), batches = element
-    examples = sorted(example for batch in batches for example in batch)  # By key.
+    (split, shard), buffers = element
+    parts = [part for buffer in buffers for part in buffer]
+    keys = np.concatenate([keys for keys, _, _ in parts])
+    lengths = np.concatenate([lengths for _, lengths, _ in parts])
+    records = [record for _, _, part_records in parts for record in part_records]
+    order = np.argsort(keys)  # Keys are distinct.
     grid = pipeline.padded_shapes(_config(self.data))
-    if split == "train":
-      groups = [(shard, examples)]
-    else:
-      groups = enumerate(examples[i:i + self.shard_examples]
-                         for i in range(0, len(examples), self.shard_examples))
-    for index, group in groups:
+    size = len(order) if split == "train" else self.shard_examples
+    for start in range(0, len(order), size):
+      members = order[start:start + size]
+      index = shard if split == "train" else start // size
       entry = shard_layout.write_shard(self.output_dir, split, index,
-                                       [record for _, _, record in group],
-                                       [length for _, length, _ in group], grid)
+                                       [records[i] for i in members], lengths[members], grid)
+      logging.info("Wrote %s shard %d: %d examples.", split, index, len(members))
       yield "shard", split, index, entry

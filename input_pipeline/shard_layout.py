@@ -5,15 +5,16 @@ both write the same shards, byte for byte. Everything here depends on an example
 and its position in the corpus (corpora.LINE_BITS: its file and line), never on the order
 in which it was read, so workers reading different files agree without global counts:
   train  key = spread(line of the unit; seed, unit) << UNIT_BITS | unit (`train_keys`);
-         K = ceil(examples / shard_examples) shards; shard j holds the keys in
-         [j * w, (j + 1) * w), w = ceil(2^64 / K) (`shard_of`), one file per grid length,
-         each in key order.
+         K = ceil(pairs / shard_examples) shards, counting the pairs that reach the length
+         filter (so K is known before tokenizing: Beam workers group examples by shard
+         as they make them); shard j holds the keys in [j * w, (j + 1) * w),
+         w = ceil(2^64 / K) (`shard_of`), one file per grid length, each in key order.
   eval   key = position; shards are consecutive runs of shard_examples in corpus order (so
          data.eval_examples takes the first pairs).
 Within a unit, the spread keys of any aligned block of 2^m lines have all 2^m distinct top-m
 bits (prepare.md: "Spread"), so a key range of width 2^64 / K takes ~1/K of every stretch
 of every file: each shard is a stratified sample of the corpus. Shard sizes are
-~examples / K (not exactly shard_examples: a key range gets ±1 of its share per block).
+~examples / K: shard_examples less the share of over-long pairs dropped, ±1 per block.
 """
 import os
 
@@ -27,6 +28,9 @@ from input_pipeline import prepared
 LINE_BITS = corpora.LINE_BITS  # Low bits of a position: the line in its unit.
 UNIT_BITS = 64 - LINE_BITS  # Low bits of a train key: the unit (ties between units).
 _MASK64 = (1 << 64) - 1
+# Pairs per tokenize call and per `examples` batch: larger than training's TOKENIZE_BATCH,
+# as the keys and the serialization cost a few numpy calls per batch (~40 for the keys).
+BATCH = 2048
 
 
 def train_keys(positions: np.ndarray, seed: int) -> np.ndarray:
@@ -61,9 +65,9 @@ def _mix64(values: np.ndarray) -> np.ndarray:
   return values ^ (values >> np.uint64(31))
 
 
-def num_shards(examples: int, shard_examples: int) -> int:
-  """K, the number of train shards (key ranges) for `examples` examples."""
-  return max(1, -(-examples // shard_examples))
+def num_shards(pairs: int, shard_examples: int) -> int:
+  """K, the number of train shards (key ranges), for `pairs` pairs before length filtering."""
+  return max(1, -(-pairs // shard_examples))
 
 
 def shard_of(keys: np.ndarray, shards: int) -> np.ndarray:
@@ -87,8 +91,7 @@ def tokenized_batches(pairs: tf.data.Dataset, config, tokenizer, length_stats,
       features.update(source_text=src, target_text=tgt)
     return features
 
-  batches = pairs.batch(pipeline.TOKENIZE_BATCH).map(
-      tokenize, num_parallel_calls=tf.data.AUTOTUNE)
+  batches = pairs.batch(BATCH).map(tokenize, num_parallel_calls=tf.data.AUTOTUNE)
   batches = pipeline.add_special_tokens(
       pipeline.filter_length(batches, config.data, length_stats))
 
