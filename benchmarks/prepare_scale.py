@@ -8,8 +8,9 @@ default 8000-piece tokenizer can be trained), then runs `nmt-prepare` (configs/d
 a new output dir each time) once per runner, the runners back to back for each size so
 that they see the same load from other jobs. While it runs, the RSS of its process tree
 is sampled every 0.2 s: the peak of the sum over all processes, and the peaks of the
-launching process and of the largest worker process (Beam's). A last line per size gives
-the throughput of each runner over the first one.
+launching process and of the largest worker process (Beam's); and the CPU seconds of the
+launching process and of all others (as last sampled, so a little short). A last line
+per size gives the throughput of each runner over the first one.
 """
 import argparse
 import json
@@ -56,6 +57,7 @@ class _PeakRss:
     self.root = psutil.Process(pid)
     self.total = self.launcher = self.worker = 0
     self.workers = 0
+    self.cpu = {}  # pid -> (user + system seconds, is the launcher), as last read.
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, daemon=True)
     self._thread.start()
@@ -64,7 +66,11 @@ class _PeakRss:
     while not self._stop.wait(0.2):
       try:
         launcher = self.root.memory_info().rss
-        children = [p.memory_info().rss for p in self.root.children(recursive=True)]
+        processes = self.root.children(recursive=True)
+        children = [p.memory_info().rss for p in processes]
+        for process in [self.root] + processes:
+          times = process.cpu_times()
+          self.cpu[process.pid] = (times.user + times.system, process is self.root)
       except psutil.Error:  # A process ended while being read.
         continue
       self.launcher = max(self.launcher, launcher)
@@ -104,6 +110,8 @@ def prepare(config: str, tsv: str, eval_tsv: str, output_dir: str, runner: str,
               pairs_per_sec=round(pairs / seconds), peak_rss_total_gib=round(rss.total / gib, 3),
               peak_rss_launcher_gib=round(rss.launcher / gib, 3),
               peak_rss_worker_gib=round(rss.worker / gib, 3), processes=1 + rss.workers,
+              cpu_s_launcher=round(sum(t for t, root in rss.cpu.values() if root), 1),
+              cpu_s_workers=round(sum(t for t, root in rss.cpu.values() if not root), 1),
               load_before=round(load_before, 2), load_after=round(os.getloadavg()[0], 2))
 
 

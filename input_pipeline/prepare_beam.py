@@ -444,5 +444,4 @@ class _WriteShards(beam.DoFn):
       index = shard if split == "train" else start // size
       entry = shard_layout.write_shard(self.output_dir, split, index,
                                        [records[i] for i in members], lengths[members], grid)
-      logging.info("Wrote %s shard %d: %d examples.", split, index, len(members))
       yield "shard", split, index, entry
