@@ -25,7 +25,7 @@ import numpy as np
 
 from configs import tiny
 from configs import validate
-from input_pipeline import pipeline
+from input_pipeline import datasets
 from trainer import bench
 from trainer import run_setup
 from trainer import train
@@ -47,7 +47,9 @@ def make_config(tsv: str, replicas: int):
 
 
 def _load(path: str):
-  """A pipeline.py from another commit, as its own module (it imports only the readers)."""
+  """A module file from another commit with make_dataset(config, tokenizer, split,
+  input_context=...) (input_pipeline/pipeline.py before 2026-12-03, datasets.py since;
+  the file's own imports must still resolve in this tree)."""
   spec = importlib.util.spec_from_file_location("pipeline_before", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -97,7 +99,8 @@ def compare(config, workdir: str, modules: Dict, rounds: int, steps: int) -> Dic
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--before", default="", help="An earlier input_pipeline/pipeline.py.")
+  parser.add_argument("--before", default="", help="An earlier module with make_dataset "
+                      "(input_pipeline/datasets.py, or pipeline.py before 2026-12-03).")
   parser.add_argument("--replicas", type=int, default=4)
   parser.add_argument("--rounds", type=int, default=8)
   parser.add_argument("--steps", type=int, default=10, help="Timed steps per round.")
@@ -110,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   bench.write_synthetic_tsv(tsv, args.pairs, min_words=2, max_words=60, vocab_words=300)
   config = make_config(tsv, args.replicas)
   validate.validate(config)
-  modules = {"after": pipeline}
+  modules = {"after": datasets}
   if args.before:
     modules = {"before": _load(args.before), **modules}
   load_before = os.getloadavg()[0]
