@@ -10,8 +10,11 @@ itself. One Beam job, its stages waiting for their side inputs:
               SentencePiece trained on them in one worker and stored in the output dir;
   examples    read -> tokenize -> length-filter -> serialize, each worker a part of the
               files (shard_layout.tokenized_batches, as in one process);
-  shards      K from the count of train examples; each example grouped with its shard
-              (shard_layout.shard_of) and each shard's files written in key order.
+  shards      K = ceil(train pairs / shard_examples) from the first pass, so each worker
+              knows an example's shard (shard_layout.shard_of) as it makes it, buffers
+              them and spills them to files grouped by shard (_SPILL_BYTES); Beam's
+              shuffle groups the file references by shard, and a worker reads each
+              shard's examples and writes its files in key order.
 Workers read files through corpora.unit_chunks (its skipping, file:line logs and counts);
 when there are fewer files than workers, a file is read in `parts` interleaved parts
 (every parts-th line), each part scanning the whole file. Skip counts come back per file
@@ -23,19 +26,21 @@ directory that is refused, and prepared again from the start by the next run.
 "direct" is Beam's FnApiRunner, the DirectRunner's engine for batch jobs, with one worker
 process per --direct_num_workers (named, because Beam 2.77's DirectRunner first tries to
 download its Prism runner). Cost (design note): a worker holds what the single process
-holds (TensorFlow, the tokenizer, a batch in flight, one shard while writing) whatever
-the corpus size; the direct runner keeps the examples between stages and its shuffle in
-the launching process's memory (about twice the serialized examples), which Dataflow,
-Flink and Spark keep on their workers' disks. docs/prepared.md has the measured figures
-and the cost at 10^8 lines.
+holds (TensorFlow, the tokenizer, a batch in flight, one shard while writing) plus one
+spill buffer, whatever the corpus size; the spill files take as much disk as the shards
+until the job ends. The launcher holds the references (one per shard and spill file: ~5x10^5
+at 10^8 pairs). docs/prepared.md has the measured figures and the cost at 10^8 lines.
 """
 import collections
+import concurrent.futures
 import contextlib
 import json
 import math
 import os
 import re
+import struct
 import time
+import uuid
 from typing import Iterator, Sequence
 
 import apache_beam as beam
@@ -58,15 +63,20 @@ from input_pipeline import tokenizer as tokenizer_lib
 RUNNERS = {"direct": "FnApiRunner", "directrunner": "FnApiRunner",
            "dataflow": "DataflowRunner", "flink": "FlinkRunner", "spark": "SparkRunner",
            "portable": "PortableRunner"}
-# A worker's buffer of examples before it sends them on to their shards: bounds its memory
-# whatever the number of shards, while keeping the elements Beam moves large.
-_FLUSH_BYTES = 1 << 26
-_FLUSH_EXAMPLES = 4096  # Per shard.
-_RESULT = "beam-result.tmp"  # In the output dir; prepare.py removes *.tmp files.
+# A worker buffers the examples it makes up to _SPILL_BYTES, then writes them to one spill
+# file, grouped by shard (segments of: key, length class, size, serialized example), and
+# Beam's shuffle groups the (file, offset, size) references by shard. Not the examples
+# themselves: the direct runner holds every shuffled element in the launching process's
+# memory, and its workers their whole share of a stage's input (both grow with the corpus:
+# docs/prepared.md has the measurement); the files keep every process's memory flat.
+_SPILL_BYTES = 1 << 27
+_SPILL_HEADER = struct.Struct(">QHI")
+_SPILL_PREFIX = "spill-"  # In the output dir, as *.tmp (prepare.py removes leftovers).
+_RESULT = "beam-result.tmp"
 
 
 class Job:
-  """The Beam jobs of one nmt-prepare run (module docstring): `runner` is a Beam runner
+  """The Beam job of one nmt-prepare run (module docstring): `runner` is a Beam runner
   name or a RUNNERS key, `args` further PipelineOptions flags (--direct_num_workers=2,
   --project=..., as Beam spells them)."""
 
@@ -141,10 +151,12 @@ class Job:
       _ = ((entries, tokenized.stats) | beam.Flatten()
            | beam.combiners.ToList()
            | beam.Map(_write_result, self._result()))
+    for path in tf.io.gfile.glob(os.path.join(self.output_dir, _SPILL_PREFIX + "*")):
+      tf.io.gfile.remove(path)
     return self._splits(_read_result(self._result()))
 
   def _splits(self, results: list) -> dict:
-    """The manifest's "splits" from the shard entries and per-part counts of write_splits."""
+    """The manifest's "splits" from the job's shard entries and per-part counts."""
     stats = {split: corpora.SkipStats() for split in prepared.SPLITS}
     lengths = {split: collections.Counter() for split in prepared.SPLITS}
     shards = {split: [] for split in prepared.SPLITS}
@@ -191,24 +203,24 @@ def _config(data: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(data)
 
 
-class _surfaced:
+@contextlib.contextmanager
+def _surfaced() -> Iterator[None]:
   """Re-raises a failed job's CorpusError (raised in a worker, reported by the runner
   inside its own exception and traceback) as itself: one message naming file and line."""
+  try:
+    yield
+  except corpora.CorpusError as e:
+    raise corpora.CorpusError(_without_step(str(e))) from None
+  except Exception as e:  # pylint: disable=broad-except  (re-raised unless it wraps ours)
+    found = re.findall(r"(?:CorpusError|PreparedDataError): (.+)", str(e))
+    if not found:
+      raise
+    raise corpora.CorpusError(_without_step(found[-1])) from None
 
-  def __enter__(self):
-    return self
 
-  def __exit__(self, kind, error, traceback):
-    if error is None or isinstance(error, KeyboardInterrupt):
-      return False
-    if isinstance(error, corpora.CorpusError):
-      message = str(error)
-    else:
-      found = re.findall(r"(?:CorpusError|PreparedDataError): (.+)", str(error))
-      if not found:
-        return False
-      message = found[-1]
-    raise corpora.CorpusError(re.sub(r" \[while running '[^']*'\]$", "", message.strip()))
+def _without_step(message: str) -> str:
+  """A worker's error message without the " [while running 'STEP']" Beam appends."""
+  return re.sub(r" \[while running '[^']*'\]$", "", message.strip())
 
 
 def _write_result(value, path: str) -> None:
@@ -347,19 +359,18 @@ def _train_tokenizer(sample_and_count: tuple, data: dict, output_dir: str) -> st
 
 
 class _Tokenize(beam.DoFn):
-  """(split, side, ReadUnit) -> ((split, shard), [(keys, lengths, serialized examples)]),
-  and to the "stats" output (split, per-file counts, first skips, length-filter counts):
-  the single process's reading and tokenizing (shard_layout.tokenized_batches) on a part
-  of the corpus, each example grouped with its train shard (shard_layout.shard_of) or
-  with the one eval writer. Buffers per shard, up to _FLUSH_EXAMPLES per shard and
-  _FLUSH_BYTES in all, so that Beam moves few large elements whatever the number of shards."""
+  """(split, side, ReadUnit) -> ((split, shard), spill reference), and to the "stats"
+  output (split, per-file counts, first skips, length-filter counts): the single process's
+  reading and tokenizing (shard_layout.tokenized_batches) on a part of the corpus, each
+  example grouped with its train shard (shard_layout.shard_of) or with the one eval
+  writer, in spill files (_SPILL_BYTES)."""
 
   def __init__(self, data: dict, output_dir: str):
     self.data, self.output_dir = data, output_dir
     self.tokenizer = None
 
   def start_bundle(self):
-    self.buffers, self.counts, self.size = collections.defaultdict(list), {}, 0
+    self.pending, self.size = [], 0
 
   def process(self, item, threshold: int, fingerprint: str, shards: int):
     if self.tokenizer is None:  # Stored by now: this stage waits for the fingerprint.
@@ -395,53 +406,75 @@ class _Tokenize(beam.DoFn):
 
   def _add(self, split: str, shards: int, keys: np.ndarray, lengths: np.ndarray,
            records: list[bytes]):
-    """Buffers a batch's examples by shard; yields the buffers that are full."""
+    """Buffers a batch's examples; spills the buffer when it holds _SPILL_BYTES."""
     targets = (shard_layout.shard_of(keys, shards) if split == "train"
                else np.zeros(len(keys), np.int64))
-    order = np.argsort(targets, kind="stable")
-    for members in np.split(order, np.flatnonzero(np.diff(targets[order])) + 1):
-      if not len(members):
-        continue
-      key = (split, int(targets[members[0]]))
-      part_records = [records[i] for i in members]
-      self.buffers[key].append((keys[members], lengths[members], part_records))
-      self.counts[key] = self.counts.get(key, 0) + len(members)
-      self.size += sum(map(len, part_records))
-      if self.counts[key] >= _FLUSH_EXAMPLES:
-        del self.counts[key]
-        yield key, self.buffers.pop(key)
-    if self.size >= _FLUSH_BYTES:
-      yield from self._flush()
+    self.pending.append((split, targets, keys, lengths, records))
+    self.size += sum(map(len, records))
+    if self.size >= _SPILL_BYTES:
+      yield from self._spill()
 
-  def _flush(self) -> list:
-    buffers = self.buffers
-    self.buffers, self.counts, self.size = collections.defaultdict(list), {}, 0
-    return list(buffers.items())
+  def _spill(self) -> list:
+    """Writes the buffered examples to one spill file, grouped by shard; returns a
+    ((split, shard), (path, offset, size)) reference per group."""
+    groups = collections.defaultdict(list)
+    for split, targets, keys, lengths, records in self.pending:
+      for target, key, length, record in zip(targets.tolist(), keys.tolist(),
+                                             lengths.tolist(), records):
+        groups[(split, target)].append(_SPILL_HEADER.pack(key, length, len(record)) + record)
+    self.pending, self.size = [], 0
+    if not groups:
+      return []
+    path = os.path.join(self.output_dir, f"{_SPILL_PREFIX}{uuid.uuid4().hex}.tmp")
+    references, offset = [], 0
+    with tf.io.gfile.GFile(path, "wb") as f:
+      for group, encoded in groups.items():
+        data = b"".join(encoded)
+        f.write(data)
+        references.append((group, (path, offset, len(data))))
+        offset += len(data)
+    return references
 
   def finish_bundle(self):
-    for key, buffer in self._flush():
-      yield windowed_value.WindowedValue((key, buffer), 0, [window.GlobalWindow()])
+    for group, reference in self._spill():
+      yield windowed_value.WindowedValue((group, reference), 0, [window.GlobalWindow()])
 
 
 class _WriteShards(beam.DoFn):
-  """((split, shard), lists of (keys, lengths, records)) -> ("shard", split, index, manifest
-  entry): a train shard's files in key order; for eval, its shards in corpus order."""
+  """((split, shard), its spill references) -> ("shard", split, index, manifest entry): a
+  train shard's files in key order; for eval, its shards in corpus order."""
 
   def __init__(self, data: dict, output_dir: str, shard_examples: int):
     self.data, self.output_dir, self.shard_examples = data, output_dir, shard_examples
 
   def process(self, element):
-    (split, shard), buffers = element
-    parts = [part for buffer in buffers for part in buffer]
-    keys = np.concatenate([keys for keys, _, _ in parts])
-    lengths = np.concatenate([lengths for _, lengths, _ in parts])
-    records = [record for _, _, part_records in parts for record in part_records]
-    order = np.argsort(keys)  # Keys are distinct.
+    (split, shard), references = element
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # Remote files: reads overlap.
+      segments = list(pool.map(_read_segment, references))
+    examples = sorted(example for segment in segments for example in _decoded(segment))
     grid = pipeline.padded_shapes(_config(self.data))
-    size = len(order) if split == "train" else self.shard_examples
-    for start in range(0, len(order), size):
-      members = order[start:start + size]
+    size = len(examples) if split == "train" else self.shard_examples
+    for start in range(0, len(examples), size):
+      group = examples[start:start + size]  # In key order (keys are distinct).
       index = shard if split == "train" else start // size
       entry = shard_layout.write_shard(self.output_dir, split, index,
-                                       [records[i] for i in members], lengths[members], grid)
+                                       [record for _, _, record in group],
+                                       [length for _, length, _ in group], grid)
       yield "shard", split, index, entry
+
+
+def _read_segment(reference: tuple[str, int, int]) -> bytes:
+  path, offset, size = reference
+  with tf.io.gfile.GFile(path, "rb") as f:
+    f.seek(offset)
+    return f.read(size)
+
+
+def _decoded(segment: bytes) -> Iterator[tuple[int, int, bytes]]:
+  """The (key, length class, serialized example) of a spill segment."""
+  offset = 0
+  while offset < len(segment):
+    key, length, size = _SPILL_HEADER.unpack_from(segment, offset)
+    offset += _SPILL_HEADER.size
+    yield key, length, segment[offset:offset + size]
+    offset += size
