@@ -45,7 +45,6 @@ from input_pipeline import tokenizer as tokenizer_lib
 SHARD_EXAMPLES = 20000  # Default examples per shard written by nmt-prepare.
 SINGLE_PROCESS = "single_process"  # The runner that needs no Apache Beam.
 BEAM_EXTRA = "pip install -e '.[beam]'"
-_SINGLE_PROCESS_CPUS = 2  # Up to this many CPUs, the default runner is SINGLE_PROCESS.
 # The external sort of a split (_sorted): serialized examples sorted in memory per run,
 # runs merged at once (open files, each with a read buffer).
 _RUN_BYTES = 1 << 27
@@ -53,21 +52,14 @@ _MERGE_RUNS = 256
 _RUN_READ_BYTES = 1 << 18
 
 
-def default_runner(cpus: int | None = None) -> str:
-  """"direct" (Beam worker processes, one per CPU) if Apache Beam is installed and there
-  are more than _SINGLE_PROCESS_CPUS CPUs, else SINGLE_PROCESS, logging why: one process
-  already keeps ~1.5 CPUs busy (tf.data tokenizes in parallel threads), so on 2 CPUs Beam's
-  workers only add their start-up (docs/prepared.md, "Apache Beam")."""
-  cpus = cpus or os.cpu_count() or 1
-  if not importlib.util.find_spec("apache_beam"):
-    logging.info("Apache Beam is not installed: preparing in one process. For parallel "
-                 "workers (--runner=direct) or a cluster runner: %s", BEAM_EXTRA)
-    return SINGLE_PROCESS
-  if cpus <= _SINGLE_PROCESS_CPUS:
-    logging.info("%d CPUs: preparing in one process, which uses them already "
-                 "(--runner=direct to use Beam's workers anyway).", cpus)
-    return SINGLE_PROCESS
-  return "direct"
+def default_runner() -> str:
+  """"direct" (Beam worker processes here, one per CPU) if Apache Beam is installed, else
+  SINGLE_PROCESS, logging how to get the parallel one."""
+  if importlib.util.find_spec("apache_beam"):
+    return "direct"
+  logging.info("Apache Beam is not installed: preparing in one process. For parallel "
+               "workers (--runner=direct) or a cluster runner: %s", BEAM_EXTRA)
+  return SINGLE_PROCESS
 
 
 def beam_args(direct_num_workers: int, options: str) -> list[str]:

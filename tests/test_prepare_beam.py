@@ -143,19 +143,12 @@ def test_without_beam_one_process_prepares_and_says_how_to_get_more(tmp_path, mo
                       else real_find_spec(name, *args))
   # The absl logger's own level: an earlier test's flag parsing may have raised it.
   caplog.set_level(logging.INFO, logger="absl")
-  assert prepare.default_runner(cpus=16) == prepare.SINGLE_PROCESS
+  assert prepare.default_runner() == prepare.SINGLE_PROCESS
   assert "pip install -e '.[beam]'" in caplog.text
   config = _write_corpus(tmp_path)
   with pytest.raises(ValueError, match=r"--runner=direct needs Apache Beam, which is not "
                                        r"installed: pip install -e '.\[beam\]'"):
     prepare.prepare(config, str(tmp_path / "out"), runner="direct")
-
-
-def test_the_default_runner_is_direct_above_two_cpus():
-  """One process already keeps ~1.5 CPUs busy: on 2, Beam's workers would only add their
-  start-up (docs/prepared.md)."""
-  assert prepare.default_runner(cpus=4) == "direct"
-  assert prepare.default_runner(cpus=2) == prepare.SINGLE_PROCESS
 
 
 def test_beam_pipeline_options_are_key_value_pairs():
