@@ -28,7 +28,7 @@ process per --direct_num_workers (named, because Beam 2.77's DirectRunner first 
 download its Prism runner). Cost (design note): a worker holds what the single process
 holds (TensorFlow, the tokenizer, a batch in flight, one shard while writing) plus one
 spill buffer, whatever the corpus size; the spill files take as much disk as the shards
-until the job ends. The launcher holds the references (one per shard and spill file: ~5x10^5
+until the job ends. The launcher holds the references (one per shard and spill file: ~7x10^5
 at 10^8 pairs). docs/prepared.md has the measured figures and the cost at 10^8 lines.
 """
 import collections
