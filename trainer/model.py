@@ -29,8 +29,10 @@ import tensorflow as tf
 from trainer import fused_rnn
 
 NEG_INF = -1e9  # Added to padded scores; exp() of it is exactly 0 in float32.
-# Fold-in salts giving each dropout site its own stream from one step seed.
+# Fold-in salts giving each dropout site its own stream from one step seed; the input of
+# decoder layer k > 1 (model.decoder_layers) uses _DECODER_BETWEEN_LAYERS + k.
 _ENCODER_EMBEDDING, _DECODER_EMBEDDING, _DECODER_OUTPUT = 1, 2, 3
+_DECODER_BETWEEN_LAYERS = 100
 
 
 def dropout(x: tf.Tensor, rate: float, seed, salt: int, training: bool) -> tf.Tensor:
@@ -163,39 +165,93 @@ class BahdanauAttention(keras.layers.Layer):
     return context, attention_weights
 
 
+class TiedProjection(keras.layers.Layer):
+  """logits = x @ E^T + b with E [V,E] the target embedding matrix, passed at call time
+  (tied embeddings, Press & Wolf 2017): only the vocabulary-sized bias b is its own."""
+
+  def __init__(self, units: int, **kwargs):
+    super().__init__(**kwargs)
+    self.units = units  # The vocabulary size, as a Dense(V) projection's (decode.py reads it).
+
+  def build(self, x_shape, embeddings_shape):
+    self.bias = self.add_weight(shape=(self.units,), initializer="zeros", name="bias")
+
+  def call(self, x: tf.Tensor, embeddings: tf.Tensor) -> tf.Tensor:
+    """x [..., E] -> [..., V] in x's dtype, as one [N,E] x [E,V] matmul."""
+    logits = tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), tf.cast(embeddings, x.dtype),
+                       transpose_b=True) + tf.cast(self.bias, x.dtype)
+    return tf.reshape(logits, tf.concat([tf.shape(x)[:-1], [self.units]], 0))
+
+
 class Decoder(keras.layers.Layer):
   """Embeds the previous token, concatenates it with the context, runs a GRU cell step.
 
   The cell receives its previous state (the seed tutorial's decoder dropped it,
   tensorflow/tensorflow#38248). The query of the attention is that previous state s_{i-1},
   as in the paper. The vocabulary projection is applied by the caller to all steps at once.
+
+  With `num_layers` L > 1 (model.decoder_layers) the cells are stacked: layer 1 takes
+  [context; embedded], layer k > 1 only layer k-1's new state (dropout on it in
+  training); the query is the top layer's previous state and the logits come from the top
+  layer. The state is one tensor [B, L*U] (layer 1 first), so decoding and beam search
+  treat it as with one layer. `tie_embeddings` projects to the vocabulary with the target
+  embedding matrix (through a units -> embed_dim Dense when they differ).
   """
 
   def __init__(self, vocab_size: int, embed_dim: int, units: int, dropout: float = 0.0,
-               **kwargs):
+               num_layers: int = 1, tie_embeddings: bool = False, **kwargs):
     super().__init__(**kwargs)
     policy = self.dtype_policy
-    self.units = units
+    self.units, self.num_layers = units, num_layers
     self.embedding = keras.layers.Embedding(vocab_size, embed_dim, dtype=policy,
                                             name="embedding")
     self.attention = BahdanauAttention(units, dtype=policy, name="attention")
     self.cell = keras.layers.GRUCell(units, recurrent_initializer="glorot_uniform",
                                      dtype=policy, name="gru_cell")
+    # Layers 2..L; their variables are new paths (gru_cell_1, ...), so L = 1 keeps today's.
+    self.upper_cells = [keras.layers.GRUCell(units, recurrent_initializer="glorot_uniform",
+                                             dtype=policy, name=f"gru_cell_{k}")
+                        for k in range(1, num_layers)]
     self.dropout_rate = dropout
-    self.projection = keras.layers.Dense(vocab_size, dtype=policy, name="projection")
+    self.output_to_embedding = None
+    if tie_embeddings:
+      if embed_dim != units:  # As OpenNMT and fairseq do; no bias (the logits have one).
+        self.output_to_embedding = keras.layers.Dense(
+            embed_dim, use_bias=False, dtype=policy, name="output_to_embedding")
+      self.projection = TiedProjection(vocab_size, dtype=policy, name="tied_projection")
+    else:
+      self.projection = keras.layers.Dense(vocab_size, dtype=policy, name="projection")
 
   def step(self, embedded: tf.Tensor, state: tf.Tensor, values: tf.Tensor,
-           keys: tf.Tensor, mask: tf.Tensor):
-    """One decoder step: embedded [B,E], state [B,U] -> new state [B,U], weights [B,S]."""
-    context, attention_weights = self.attention(state, values, keys, mask)
-    new_state, _ = self.cell(tf.concat([context, embedded], axis=-1), state)
+           keys: tf.Tensor, mask: tf.Tensor, layer_keep=None):
+    """One decoder step: embedded [B,E], state [B,L*U] -> new state [B,L*U], weights
+    [B,S]. layer_keep [L-1,B,U]: scaled dropout keep-masks of layers 2..L's inputs
+    (`layer_keep_masks`; None = no dropout)."""
+    states = tf.split(state, self.num_layers, axis=-1) if self.upper_cells else [state]
+    context, attention_weights = self.attention(states[-1], values, keys, mask)
+    x, _ = self.cell(tf.concat([context, embedded], axis=-1), states[0])
+    new_states = [x]
+    for k, (cell, previous) in enumerate(zip(self.upper_cells, states[1:])):
+      x, _ = cell(x if layer_keep is None else x * layer_keep[k], previous)
+      new_states.append(x)
+    new_state = tf.concat(new_states, axis=-1) if self.upper_cells else x
     return new_state, attention_weights
+
+  def layer_keep_masks(self, batch, time, dtype, training: bool, dropout_seed):
+    """[T,L-1,B,U] scaled keep-masks for the inputs of layers 2..L at every step: layer
+    k's is dropout of its [B,T,U] input with its own salt. None when none applies."""
+    if not self.upper_cells or not training or not self.dropout_rate:
+      return None
+    ones = tf.ones([batch, time, self.units], dtype)
+    masks = [dropout(ones, self.dropout_rate, dropout_seed, _DECODER_BETWEEN_LAYERS + k,
+                     training) for k in range(2, self.num_layers + 1)]
+    return tf.transpose(tf.stack(masks), [2, 0, 1, 3])
 
   def teacher_forcing(self, embedded: tf.Tensor, state: tf.Tensor, values: tf.Tensor,
                       keys: tf.Tensor, mask: tf.Tensor, jit_attention: bool = False):
-    """`step` over all T steps at once: embedded [B,T,E] -> states [B,T,U], weights
-    [B,T,S] f32. The embedded side of the GRU input is one matmul for all steps
-    (`_input_side`); the context side depends on the step."""
+    """`step` over all T steps at once (one layer only): embedded [B,T,E] -> states
+    [B,T,U], weights [B,T,S] f32. The embedded side of the GRU input is one matmul for
+    all steps (`_input_side`); the context side depends on the step."""
     dtype, units = embedded.dtype, self.units
     kernel, recurrent_kernel, bias, w1, v = (tf.cast(w, dtype) for w in (
         self.cell.kernel, self.cell.recurrent_kernel, self.cell.bias,
@@ -207,8 +263,14 @@ class Decoder(keras.layers.Layer):
 
   def logits(self, states: tf.Tensor, training: bool = False,
              dropout_seed=None) -> tf.Tensor:
-    """Decoder states [..., U] -> float32 logits [..., V]."""
+    """Decoder states [..., L*U] (the top layer's U are used) -> float32 logits [..., V]."""
+    if self.upper_cells:
+      states = states[..., -self.units:]
     states = dropout(states, self.dropout_rate, dropout_seed, _DECODER_OUTPUT, training)
+    if isinstance(self.projection, TiedProjection):
+      if self.output_to_embedding is not None:
+        states = self.output_to_embedding(states)
+      return tf.cast(self.projection(states, self.embedding.embeddings), tf.float32)
     return tf.cast(self.projection(states), tf.float32)
 
 
@@ -220,7 +282,8 @@ class Seq2Seq(keras.layers.Layer):
   def __init__(self, source_vocab_size: int, target_vocab_size: int, embed_dim: int,
                units: int, encoder_layers: int = 1, bidirectional: bool = False,
                dropout: float = 0.0, recurrence: str = "fused",
-               jit_decoder_step: bool = False, **kwargs):
+               jit_decoder_step: bool = False, decoder_layers: int = 1,
+               tie_embeddings: bool = False, **kwargs):
     super().__init__(**kwargs)
     if recurrence not in ("fused", "keras", "cudnn"):
       raise ValueError(f"recurrence={recurrence!r}: resolve config.model.recurrence first "
@@ -228,8 +291,8 @@ class Seq2Seq(keras.layers.Layer):
     policy = self.dtype_policy
     self.encoder = Encoder(source_vocab_size, embed_dim, units, encoder_layers,
                            bidirectional, dropout, recurrence, dtype=policy, name="encoder")
-    self.decoder = Decoder(target_vocab_size, embed_dim, units, dropout, dtype=policy,
-                           name="decoder")
+    self.decoder = Decoder(target_vocab_size, embed_dim, units, dropout, decoder_layers,
+                           tie_embeddings, dtype=policy, name="decoder")
     self.recurrence, self.jit_decoder_step = recurrence, jit_decoder_step
     self.step_fn: Callable = (tf.function(self.decoder.step, jit_compile=True)
                               if jit_decoder_step else self.decoder.step)
@@ -238,8 +301,11 @@ class Seq2Seq(keras.layers.Layer):
     """Sublayers build on the first call (see `create_model`)."""
 
   def encode(self, source: tf.Tensor, training: bool = False, dropout_seed=None):
-    """source [B,S] int -> (values [B,S,U], keys [B,S,U], mask [B,S], state [B,U])."""
+    """source [B,S] int -> (values [B,S,U], keys [B,S,U], mask [B,S], state [B,L*U]):
+    the decoder's initial state is the encoder's final state in each of its L layers."""
     values, state = self.encoder(source, training=training, dropout_seed=dropout_seed)
+    if self.decoder.upper_cells:
+      state = tf.tile(state, [1, self.decoder.num_layers])
     keys = self.decoder.attention.precompute_keys(values)
     return values, keys, tf.not_equal(source, 0), state
 
@@ -250,21 +316,30 @@ class Seq2Seq(keras.layers.Layer):
     values, keys, mask, state = self.encode(source, training, dropout_seed)
     embedded = dropout(self.decoder.embedding(target_in), self.decoder.dropout_rate,
                        dropout_seed, _DECODER_EMBEDDING, training)
-    if self.recurrence != "keras" and self.decoder.cell.built:
+    # fused_rnn's scan runs one cell: stacked decoder layers run step by step (autodiff).
+    if (self.recurrence != "keras" and self.decoder.cell.built
+        and not self.decoder.upper_cells):
       states, attention_weights = self.decoder.teacher_forcing(
           embedded, state, values, keys, mask, self.jit_decoder_step)
       return self.decoder.logits(states, training, dropout_seed), attention_weights
 
     # The first call (create_model) builds the cell's variables: not inside an XLA function.
     step_fn = self.step_fn if self.decoder.cell.built else self.decoder.step
+    layer_keep = self.decoder.layer_keep_masks(
+        tf.shape(target_in)[0], tf.shape(target_in)[1], embedded.dtype, training,
+        dropout_seed)
 
-    def body(carry, embedded_t):
+    def body(carry, inputs):
       state, _ = carry
-      return step_fn(embedded_t, state, values, keys, mask)
+      if layer_keep is None:
+        return step_fn(inputs, state, values, keys, mask)
+      return step_fn(inputs[0], state, values, keys, mask, inputs[1])
 
     init = (state, tf.zeros(tf.shape(source), tf.float32))
+    elems = tf.transpose(embedded, [1, 0, 2])
     # tf.scan keeps the time loop in-graph (one while loop), not Python-unrolled.
-    states, attention_weights = tf.scan(body, tf.transpose(embedded, [1, 0, 2]), init)
+    states, attention_weights = tf.scan(
+        body, elems if layer_keep is None else (elems, layer_keep), init)
     states = tf.transpose(states, [1, 0, 2])
     return (self.decoder.logits(states, training, dropout_seed),
             tf.transpose(attention_weights, [1, 0, 2]))
@@ -273,11 +348,15 @@ class Seq2Seq(keras.layers.Layer):
 def create_model(config, source_vocab_size: int, target_vocab_size: int,
                  policy: str = "float32") -> Seq2Seq:
   """Builds a Seq2Seq from `config.model` and `config.train.xla` (both resolved by
-  trainer.distribute.resolve_modes), creating its variables with a dummy batch."""
+  trainer.distribute.resolve_modes), creating its variables with a dummy batch. A run's
+  config.json from before model.decoder_layers / tie_embeddings existed gets their
+  defaults (1, False): today's variables and math."""
   m = config.model
   model = Seq2Seq(source_vocab_size, target_vocab_size, m.embed_dim, m.units,
                   m.encoder_layers, m.bidirectional, m.dropout, m.recurrence,
-                  jit_decoder_step=config.train.xla == "decoder_step", dtype=policy,
+                  jit_decoder_step=config.train.xla == "decoder_step",
+                  decoder_layers=m.get("decoder_layers", 1),
+                  tie_embeddings=m.get("tie_embeddings", False), dtype=policy,
                   name="seq2seq")
   # Variables must exist before the decoder step runs inside a while loop.
   dummy = tf.ones([1, 2], tf.int32)
