@@ -35,6 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
   tok.joint = True  # One model for both sides (True) or one per side (False).
   tok.sample_size = 200000  # Training-side sentences sampled to train SentencePiece.
   tok.character_coverage = 1.0  # SentencePiece character coverage.
+  tok.sampling_alpha = 0.0  # Subword regularisation of data.train (unigram only; 0 = off, 0.1-0.5 typical): P(segmentation) ~ exp(alpha * its log-probability), seeded, both sides (docs/data.md).
+  tok.sampling_nbest = 8  # Subword regularisation draws from this many best segmentations per sentence (>= 2; cost grows about linearly with it).
 
   config.model = model = ml_collections.ConfigDict()
   model.units = 1024  # GRU units (encoder and decoder) and attention units.

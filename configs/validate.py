@@ -179,6 +179,17 @@ def _tokenizer(config) -> None:
   _ints(config, 1, "tokenizer.sample_size")
   _number(config, "tokenizer.character_coverage", 0.9, 1.0)
 
+  _number(config, "tokenizer.sampling_alpha", 0.0)
+  nbest = config.tokenizer.sampling_nbest
+  if not _is_int(nbest) or nbest < 2:
+    raise invalid("tokenizer.sampling_nbest", nbest, "must be an integer >= 2 (SentencePiece's "
+                  "nbest_size=-1, sampling the whole lattice, cannot be seeded here)")
+  if config.tokenizer.sampling_alpha > 0 and config.tokenizer.model_type != "unigram":
+    raise ConfigError(
+        f"config.tokenizer.sampling_alpha={config.tokenizer.sampling_alpha!r} with "
+        f"config.tokenizer.model_type={config.tokenizer.model_type!r} is invalid: subword "
+        "sampling needs a unigram model (BPE-dropout cannot be seeded in tf_text); use "
+        "tokenizer.model_type='unigram' or tokenizer.sampling_alpha=0")
 
 def _model(config) -> None:
   _ints(config, 1, "model.units", "model.embed_dim", "model.encoder_layers")

@@ -133,6 +133,19 @@ def check_sources(config: ml_collections.ConfigDict) -> None:
         "data.eval", config.data.eval, "holdout:N carves the dev set out of a raw "
         "data.train; for a prepared corpus, run nmt-prepare with data.eval=holdout:N and "
         "use data.eval=prepared:DIR:eval")
+  _check_sampling(config, specs["train"])
+
+
+def _check_sampling(config: ml_collections.ConfigDict, train: SourceSpec) -> None:
+  """ConfigError for subword sampling on a data.train stored as token ids: a prepared
+  corpus holds one segmentation per sentence, not the text to sample others from."""
+  if config.tokenizer.sampling_alpha > 0 and SOURCE_KINDS[train.kind].batches:
+    raise validate_lib.ConfigError(
+        f"config.tokenizer.sampling_alpha={config.tokenizer.sampling_alpha!r} with "
+        f"config.data.train={config.data.train!r} is invalid: a prepared corpus stores "
+        "token ids (one segmentation per sentence), so subword sampling has no text to "
+        "sample from; train on the raw corpus (the data.train given to nmt-prepare) or set "
+        "tokenizer.sampling_alpha=0")
 
 
 def read(source: str, data_config: ml_collections.ConfigDict, *,
@@ -252,6 +265,8 @@ def make_dataset(config, tokenizer: tokenizer_lib.Tokenizer, split: str, *,
   logging.info("Input pipeline %s: %s, input context %s, repeat=%s, start step %d.", split,
                source, input_context, repeat, start_step)
   spec = parse_source(source)
+  if training:
+    _check_sampling(config, spec)
   if SOURCE_KINDS[spec.kind].batches:
     return SOURCE_KINDS[spec.kind].batches(spec, config, tokenizer, split,
                                            input_context=input_context, repeat=repeat,

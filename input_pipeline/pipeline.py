@@ -14,7 +14,7 @@ k consecutive ones per step) batches k x the per-replica batch and splits it (`b
 from absl import logging
 import tensorflow as tf
 
-from input_pipeline.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from input_pipeline.tokenizer import BOS_ID, EOS_ID, SubwordSampler, Tokenizer
 
 # Strings per SentencePiece call: one op call per batch is ~10x faster than one per
 # example (see benchmark.py and docs/data.md).
@@ -76,8 +76,14 @@ def batch_pairs(pairs: tf.data.Dataset, config, tokenizer: Tokenizer, *, trainin
                           reshuffle_each_iteration=True)
   if repeat:
     pairs = pairs.repeat()
+  sampler = None
+  if training and config.tokenizer.sampling_alpha > 0:
+    sampler = tokenizer.sampler(config.tokenizer.sampling_alpha,
+                                config.tokenizer.sampling_nbest)
+  pipeline_id = input_context.input_pipeline_id if input_context else 0
   dataset = tokenize(pairs.batch(TOKENIZE_BATCH), tokenizer,
-                     deterministic=config.data.deterministic)
+                     deterministic=config.data.deterministic, sampler=sampler,
+                     seed=(config.seed, pipeline_id))
   dataset = filter_length(dataset, config.data, length_stats)
   dataset = unbatch(add_special_tokens(dataset))
   dataset = bucket(dataset, config, input_context=input_context, drop_remainder=training)
@@ -87,13 +93,28 @@ def batch_pairs(pairs: tf.data.Dataset, config, tokenizer: Tokenizer, *, trainin
 
 
 def tokenize(dataset: tf.data.Dataset, tokenizer: Tokenizer, *,
-             deterministic: bool = True) -> tf.data.Dataset:
-  """Batches of (src, tgt) tf.string [B] -> {"source", "target"}: int32 ragged [B, (T)]."""
+             deterministic: bool = True, sampler: SubwordSampler | None = None,
+             seed: tuple[int, int] = (0, 0)) -> tf.data.Dataset:
+  """Batches of (src, tgt) tf.string [B] -> {"source", "target"}: int32 ragged [B, (T)].
+
+  With a `sampler` (subword regularisation, training only) both sides get sampled
+  segmentations, seeded by (`seed`, the batch's index in this stream): the same on every
+  replay of the stream (resume), different for each epoch's pass over a sentence.
+  """
 
   def tokenize_batch(src, tgt):
     return {"source": tokenizer.tokenize_source(src),
             "target": tokenizer.tokenize_target(tgt)}
 
+  def sample_batch(index, pair):
+    batch_seed = tf.random.experimental.stateless_fold_in(
+        tf.constant(seed, tf.int64), index)
+    return {"source": sampler.tokenize_source(pair[0], batch_seed),
+            "target": sampler.tokenize_target(pair[1], batch_seed)}
+
+  if sampler is not None:  # enumerate() numbers the batches before the parallel map.
+    return dataset.enumerate().map(sample_batch, num_parallel_calls=tf.data.AUTOTUNE,
+                                   deterministic=deterministic)
   return dataset.map(tokenize_batch, num_parallel_calls=tf.data.AUTOTUNE,
                      deterministic=deterministic)
 

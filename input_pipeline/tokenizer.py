@@ -38,6 +38,9 @@ class Tokenizer(tf.Module):
                     tf_text.SentencepieceTokenizer(model=target_model, out_type=tf.int32))
     self.source_vocab_size = _piece_size(source_model)
     self.target_vocab_size = _piece_size(target_model)
+    # Plain bytes, not tracked: SubwordSampler builds its own ops from them (training only,
+    # so an exported SavedModel does not carry them).
+    self._models = (source_model, target_model)
 
   def tokenize_source(self, strings) -> tf.RaggedTensor:
     """tf.string [B] -> int32 ids [B, (T)], without BOS/EOS."""
@@ -62,6 +65,10 @@ class Tokenizer(tf.Module):
     keep = before_eos & (ids != PAD_ID) & (ids != BOS_ID)
     return self._target.detokenize(tf.ragged.boolean_mask(ids, keep))
 
+  def sampler(self, alpha: float, nbest: int) -> "SubwordSampler":
+    """Subword regularisation for training batches (tokenizer.sampling_alpha/_nbest)."""
+    return SubwordSampler(*self._models, alpha=alpha, nbest=nbest)
+
   def source_pieces(self, ids) -> tf.Tensor:
     """int32 ids of any shape (dense or ragged) -> tf.string pieces, e.g. for plot labels."""
     return self._source.id_to_string(ids)
@@ -80,6 +87,102 @@ def _as_vector(strings) -> tf.Tensor:
   if strings.shape.rank != 1:
     raise ValueError(f"Tokenizer expects a vector of strings [B], got shape {strings.shape}.")
   return strings
+
+
+class SubwordSampler:
+  """Subword regularisation (Kudo, 2018) for training batches, seeded statelessly.
+
+  Each sentence's segmentation is drawn from its `nbest` best ones with P(seg) proportional
+  to exp(alpha * score(seg)), score = the sum of its pieces' log-probabilities, as
+  SentencePiece's SampleEncode(nbest_size, alpha) draws for unigram models. tf_text's own
+  sampling draws inside the op from an unseeded generator, so a resumed run would see other
+  segmentations; here the n-best op (deterministic) gives the candidates and
+  tf.random.stateless_categorical draws one, a pure function of the seed passed in. The whole
+  lattice (SentencePiece's nbest_size=-1) is not reachable this way: the op returns no lattice.
+  Cost: SentencePiece's n-best search, roughly linear in nbest (docs/data.md).
+  """
+
+  def __init__(self, source_model: bytes, target_model: bytes, *, alpha: float, nbest: int):
+    """Serialized unigram ModelProtos; ValueError for a model without n-best (BPE)."""
+    for model in {source_model, target_model}:
+      _check_nbest_available(model)
+    self.alpha, self.nbest = float(alpha), int(nbest)
+    with tf.init_scope():  # The ops' resources are made eagerly, also when built in a trace.
+      self._source = self._side(source_model)
+      self._target = (self._source if source_model == target_model
+                      else self._side(target_model))
+
+  def _side(self, model: bytes) -> tuple[tf_text.SentencepieceTokenizer, tf.Tensor]:
+    nbest = tf_text.SentencepieceTokenizer(model=model, out_type=tf.int32,
+                                           nbest_size=self.nbest, return_nbest=True)
+    return nbest, tf.constant(_piece_scores(model), tf.float32)
+
+  def tokenize_source(self, strings, seed) -> tf.RaggedTensor:
+    """tf.string [B], int seed [2] -> int32 ids [B, (T)]: one sampled segmentation each."""
+    return self._sample(self._source, strings, tf.random.experimental.stateless_fold_in(
+        seed, 0))
+
+  def tokenize_target(self, strings, seed) -> tf.RaggedTensor:
+    """tf.string [B], int seed [2] -> int32 ids [B, (T)]: one sampled segmentation each."""
+    return self._sample(self._target, strings, tf.random.experimental.stateless_fold_in(
+        seed, 1))
+
+  def _sample(self, side, strings, seed) -> tf.RaggedTensor:
+    nbest_op, scores = side
+    strings = _as_vector(strings)
+    # A sentence has 1 to nbest candidates and the op does not say how many: an empty string
+    # after each sentence gives exactly one empty row, which marks where they end.
+    marked = tf.reshape(tf.stack([strings, tf.fill(tf.shape(strings), "")], axis=1), [-1])
+    candidates = _group_candidates(nbest_op.tokenize(marked), tf.size(strings))
+    # UNK's score (0 in the model) differs from SentencePiece's penalty, but every candidate
+    # of a sentence has the same unknown characters, so the difference cancels out.
+    logits = self.alpha * tf.reduce_sum(tf.gather(scores, candidates), axis=-1)
+    logits = logits.to_tensor(default_value=float("-inf"), shape=[None, self.nbest])
+    choice = tf.random.stateless_categorical(logits, 1, seed, dtype=tf.int64)[:, 0]
+    return tf.gather(candidates.values, candidates.row_starts() + choice)
+
+
+def _group_candidates(rows: tf.RaggedTensor, batch: tf.Tensor) -> tf.RaggedTensor:
+  """The n-best op's rows for [s0, "", s1, "", ...] -> ids [B, (candidates), (T)].
+
+  Sentence i gives k_i >= 1 rows, none empty unless it normalizes to nothing (then exactly
+  one empty row); each "" gives one empty row, its marker. So in a run of empty rows the
+  markers sit at even offsets from the run's start, or odd ones in a run that opens the
+  batch (its first row is an empty sentence).
+  """
+  empty = rows.row_lengths() == 0
+  position = tf.range(tf.size(empty, out_type=tf.int64))
+  opens_run = empty & ~tf.concat([[False], empty[:-1]], axis=0)
+  run = tf.maximum(tf.cumsum(tf.cast(opens_run, tf.int64)) - 1, 0)
+  run_start = tf.gather(tf.concat([tf.boolean_mask(position, opens_run), [0]], 0), run)
+  opening = tf.cast(run_start == 0, tf.int64)  # Only the run at row 0 starts there.
+  marker = empty & ((position - run_start + opening) % 2 == 0)
+  markers = tf.reduce_sum(tf.cast(marker, tf.int32))
+  with tf.control_dependencies([tf.debugging.assert_equal(
+      markers, tf.cast(batch, tf.int32),
+      message="SubwordSampler: n-best rows do not line up with the sentences")]):
+    sentence = tf.cumsum(tf.cast(marker, tf.int64), exclusive=True)
+  keep = ~marker
+  return tf.RaggedTensor.from_value_rowids(tf.ragged.boolean_mask(rows, keep),
+                                           tf.boolean_mask(sentence, keep),
+                                           nrows=tf.cast(batch, tf.int64))
+
+
+def _piece_scores(model: bytes) -> list[float]:
+  """Each piece's score in the model (its log-probability, for unigram), by id."""
+  processor = spm.SentencePieceProcessor(model_proto=model)
+  return [processor.get_score(i) for i in range(processor.get_piece_size())]
+
+
+def _check_nbest_available(model: bytes) -> None:
+  try:
+    spm.SentencePieceProcessor(model_proto=model).nbest_encode_as_ids("a", 2)
+  except RuntimeError as e:  # "NBestEncode is not available for the current model."
+    raise ValueError(
+        "tokenizer.sampling_alpha > 0 needs tokenizer.model_type='unigram': this "
+        f"SentencePiece model has no n-best segmentations to sample from ({e}); a BPE "
+        "model's sampling (BPE-dropout) cannot be seeded in tf_text. Set "
+        "tokenizer.sampling_alpha=0.") from None
 
 
 class StoredTokenizer(NamedTuple):

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from configs import tiny
+from configs import validate
 from input_pipeline import datasets
 from input_pipeline import pipeline
 from input_pipeline import tokenizer as tokenizer_lib
@@ -216,3 +217,61 @@ def test_embedded_corpus_batches_on_the_tiny_grid(embedded_data_dir, tmp_path):
   for batch in datasets.make_dataset(config, tok, "train").take(20).as_numpy_iterator():
     assert batch["source"].shape[1] == batch["target"].shape[1]
     assert batch["source"].shape[1] in grid
+
+
+# ------------------------------------------------- subword regularisation (sampling_alpha)
+
+def _sources_and_targets(batches):
+  return [(b["source"].tolist(), b["target"].tolist()) for b in batches]
+
+
+def test_sampled_train_stream_resumes_exactly_and_leaves_eval_alone(config, tokenizer,
+                                                                     corpus):
+  """With tokenizer.sampling_alpha > 0 the train batches hold sampled segmentations that
+  spell the corpus's sentences; a stream started at step 7 is the straight one from step
+  7 on (exact resume); eval batches are the best segmentations, as without sampling."""
+  config.tokenizer.sampling_alpha = 0.2
+  context = tf.distribute.InputContext(1, 0, 2)  # Two replicas: resume counts in steps.
+  straight = list(datasets.make_dataset(config, tokenizer, "train", input_context=context)
+                  .take(2 * 15).as_numpy_iterator())
+  resumed = datasets.make_dataset(config, tokenizer, "train", input_context=context,
+                                  start_step=7)
+  assert (_sources_and_targets(resumed.take(2 * 8).as_numpy_iterator())
+          == _sources_and_targets(straight[2 * 7:]))
+  rows = [row for b in straight for row in unpadded_rows(b, "target")]
+  texts = tokenizer.detokenize_target(tf.ragged.constant(rows, tf.int32)).numpy()
+  assert set(texts) <= {p[1].encode() for p in corpus[0]}
+  best = _expected_sources(corpus[0], tokenizer)
+  sampled = collections.Counter(row for b in straight for row in unpadded_rows(b, "source"))
+  assert len(set(sampled) - set(best)) >= 10  # Not the best segmentations.
+  eval_rows = collections.Counter(row for b in _all_batches(config, tokenizer)
+                                  for row in unpadded_rows(b, "source"))
+  assert eval_rows == best
+
+
+def test_sampling_differs_per_batch_index_and_pipeline_seed(tokenizer, corpus):
+  """The same sentences met again (the next epoch: a later batch index) or by another input
+  pipeline (another seed) are segmented anew."""
+  pairs = corpus[0][:64]
+  batch = ([p[0] for p in pairs], [p[1] for p in pairs])
+  sampler = tokenizer.sampler(alpha=0.2, nbest=8)
+
+  def epochs(seed, count):
+    dataset = pipeline.tokenize(tf.data.Dataset.from_tensors(batch).repeat(count),
+                                tokenizer, sampler=sampler, seed=seed)
+    return [b["source"].to_list() for b in dataset]
+
+  first, second = epochs((0, 0), 2)
+  assert first != second and epochs((0, 1), 1)[0] != first
+  best = tokenizer.tokenize_source(batch[0]).to_list()
+  assert sum(a != b for a, b in zip(first, best)) >= 8
+
+
+def test_prepared_train_with_sampling_is_a_config_error(config):
+  config.data.train, config.data.eval = "prepared:/data/prep", "prepared:/data/prep:eval"
+  datasets.check_sources(config)
+  config.tokenizer.sampling_alpha = 0.1
+  with pytest.raises(validate.ConfigError, match=(
+      r"tokenizer.sampling_alpha=0.1 with config.data.train='prepared:/data/prep' is "
+      r"invalid: .*raw corpus.*sampling_alpha=0")):
+    datasets.check_sources(config)

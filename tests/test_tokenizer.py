@@ -2,9 +2,13 @@
 import os
 
 import ml_collections
+import numpy as np
 import pytest
+import sentencepiece as spm
 import tensorflow as tf
 
+from configs import tiny
+from configs import validate
 from input_pipeline import tokenizer as tokenizer_lib
 import word_pairs  # tests/word_pairs.py
 
@@ -28,9 +32,15 @@ def pairs():
 
 
 @pytest.fixture(scope="module")
-def joint_tokenizer(pairs, tmp_path_factory):
+def joint_workdir(pairs, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("joint"))
-  return tokenizer_lib.load_or_train(tok_config(), workdir, lambda: iter(pairs))
+  tokenizer_lib.load_or_train(tok_config(), workdir, lambda: iter(pairs))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def joint_tokenizer(joint_workdir):
+  return tokenizer_lib.load_or_train(tok_config(), joint_workdir, None)
 
 
 @pytest.mark.parametrize("model_type", ["unigram", "bpe"])
@@ -145,3 +155,62 @@ def test_saved_model_round_trip(joint_tokenizer, tmp_path):
   result = loaded.round_trip(tf.constant(["thirty one june"]))
   assert result["text"].numpy().tolist() == [b"thirty one june"]
   assert result["pieces"].numpy().tolist() == expected["pieces"].numpy().tolist()
+
+
+# ------------------------------------------------- subword regularisation (SubwordSampler)
+
+def _seed(*values):
+  return tf.constant(values, tf.int64)
+
+
+def test_sampled_segmentations_are_seeded_and_spell_the_text(joint_tokenizer):
+  tok = joint_tokenizer
+  sampler = tok.sampler(alpha=0.1, nbest=8)
+  # Empty and blank lines (one empty candidate each) among the sentences, also first.
+  texts = (["", "  ", "a"] + [p[0] for p in make_pairs(30, seed=3)] + ["", "b", " "]
+           + [p[1] for p in make_pairs(30, seed=4)])
+  first = sampler.tokenize_source(texts, _seed(0, 1))
+  assert tok.detokenize_target(first).numpy().tolist() == [
+      " ".join(t.split()).encode() for t in texts]
+  assert first.to_list() == sampler.tokenize_source(texts, _seed(0, 1)).to_list()
+  best = tok.tokenize_source(texts).to_list()
+  other = sampler.tokenize_source(texts, _seed(0, 2)).to_list()
+  assert sum(a != b for a, b in zip(first.to_list(), best)) >= 10
+  assert sum(a != b for a, b in zip(first.to_list(), other)) >= 10
+  assert sampler.tokenize_target(texts, _seed(0, 1)).to_list() != first.to_list()
+
+
+def test_sampling_draws_as_sentencepiece_does(joint_workdir, joint_tokenizer):
+  """P(a candidate) = softmax(alpha * its score) over SentencePiece's own n-best scores:
+  P(best) grows with alpha and matches it within 4 standard deviations (400 draws)."""
+  sentence, draws = "vingt-trois mai mille", 400
+  processor = spm.SentencePieceProcessor(
+      model_file=os.path.join(joint_workdir, "tokenizer", "joint.model"))
+  nbest = processor.nbest_encode_as_proto(sentence, 8).nbests
+  assert len(nbest) >= 4
+  scores = np.array([candidate.score for candidate in nbest])
+  best = [piece.id for piece in nbest[0].pieces]
+  frequencies = []
+  for alpha in (0.02, 0.1, 0.5):
+    sampler = joint_tokenizer.sampler(alpha=alpha, nbest=8)
+    rows = sampler.tokenize_source([sentence] * draws, _seed(7, 0)).to_list()
+    frequency = np.mean([row == best for row in rows])
+    expected = 1 / np.exp(alpha * (scores - scores[0])).sum()
+    assert abs(frequency - expected) < 4 * np.sqrt(expected * (1 - expected) / draws) + 0.01
+    frequencies.append(frequency)
+  assert frequencies[0] < frequencies[1] < frequencies[2]
+
+
+def test_bpe_models_cannot_sample(pairs, tmp_path):
+  tok = tokenizer_lib.load_or_train(tok_config(model_type="bpe"), str(tmp_path),
+                                    lambda: iter(pairs))
+  with pytest.raises(ValueError, match="tokenizer.model_type='unigram'"):
+    tok.sampler(alpha=0.1, nbest=8)
+  config = tiny.get_config()
+  config.tokenizer.model_type, config.tokenizer.sampling_alpha = "bpe", 0.1
+  with pytest.raises(validate.ConfigError, match="sampling_alpha=0.1 with config.tokenizer."
+                     "model_type='bpe'"):
+    validate.validate(config)
+  config.tokenizer.model_type, config.tokenizer.sampling_nbest = "unigram", -1
+  with pytest.raises(validate.ConfigError, match="sampling_nbest=-1 is invalid: .* >= 2"):
+    validate.validate(config)
