@@ -139,7 +139,7 @@ def check_sources(config: ml_collections.ConfigDict) -> None:
 def _check_sampling(config: ml_collections.ConfigDict, train: SourceSpec) -> None:
   """ConfigError for subword sampling on a data.train stored as token ids: a prepared
   corpus holds one segmentation per sentence, not the text to sample others from."""
-  if config.tokenizer.sampling_alpha > 0 and SOURCE_KINDS[train.kind].batches:
+  if config.tokenizer.get("sampling_alpha", 0) > 0 and SOURCE_KINDS[train.kind].batches:
     raise validate_lib.ConfigError(
         f"config.tokenizer.sampling_alpha={config.tokenizer.sampling_alpha!r} with "
         f"config.data.train={config.data.train!r} is invalid: a prepared corpus stores "

@@ -77,7 +77,7 @@ def batch_pairs(pairs: tf.data.Dataset, config, tokenizer: Tokenizer, *, trainin
   if repeat:
     pairs = pairs.repeat()
   sampler = None
-  if training and config.tokenizer.sampling_alpha > 0:
+  if training and config.tokenizer.get("sampling_alpha", 0) > 0:  # 0: an older config.json.
     sampler = tokenizer.sampler(config.tokenizer.sampling_alpha,
                                 config.tokenizer.sampling_nbest)
   pipeline_id = input_context.input_pipeline_id if input_context else 0
