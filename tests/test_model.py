@@ -1,5 +1,8 @@
-"""Model: shapes, attention normalisation and masking, the decoder keeps its state."""
+"""Model: shapes, attention normalisation and masking, the decoder keeps its state, stacked
+decoder layers and tied embeddings."""
+import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from configs import tiny
@@ -74,3 +77,199 @@ def test_mixed_bfloat16_keeps_softmax_and_logits_in_float32():
   assert model.decoder.cell.compute_dtype == "bfloat16"
   assert model.decoder.cell.kernel.dtype == "float32"
   assert logits.dtype == tf.float32 and weights.dtype == tf.float32
+
+
+# model.decoder_layers and model.tie_embeddings (issue 24). Small sizes keep these fast.
+SMALL = dict(units=32, embed_dim=16)
+TARGET = tf.constant([[2, 8, 9, 3, 0], [2, 9, 8, 7, 3]])
+# Variables of configs/tiny.py's model before these options existed (paths and shapes):
+# what its checkpoints hold, so they must still load.
+TINY_VARIABLES = [
+    ("seq2seq/encoder/embedding/embeddings", (40, 64)),
+    ("seq2seq/encoder/gru_0/gru_cell/kernel", (64, 384)),
+    ("seq2seq/encoder/gru_0/gru_cell/recurrent_kernel", (128, 384)),
+    ("seq2seq/encoder/gru_0/gru_cell/bias", (2, 384)),
+    ("seq2seq/embedding/embeddings", (30, 64)), ("attention/V", (128,)),
+    ("seq2seq/attention/W1/kernel", (128, 128)), ("seq2seq/W2/kernel", (128, 128)),
+    ("seq2seq/W2/bias", (128,)), ("seq2seq/gru_cell/kernel", (192, 384)),
+    ("seq2seq/gru_cell/recurrent_kernel", (128, 384)), ("seq2seq/gru_cell/bias", (2, 384)),
+    ("seq2seq/projection/kernel", (128, 30)), ("seq2seq/projection/bias", (30,))]
+
+
+def _variables(model):
+  return [(v.path, tuple(v.shape)) for v in model.weights]
+
+
+def test_defaults_and_old_configs_keep_the_variables_of_old_checkpoints():
+  assert _variables(_model()) == TINY_VARIABLES
+  config = tiny.get_config()  # A run's config.json written before the two keys existed.
+  del config.model["decoder_layers"], config.model["tie_embeddings"]
+  assert _variables(model_lib.create_model(config, 40, 30)) == TINY_VARIABLES
+
+
+def _loss_and_grads(model, training=False, seed=None):
+  with tf.GradientTape() as tape:
+    logits, _ = model(SOURCE, TARGET[:, :-1], training=training, dropout_seed=seed)
+    labels = TARGET[:, 1:]
+    loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+                         * tf.cast(labels != 0, tf.float32))
+  return logits, loss, dict(zip([v.path for v in model.trainable_variables],
+                                tape.gradient(loss, model.trainable_variables)))
+
+
+def test_tied_embeddings_share_the_target_embedding_with_the_projection():
+  """One variable serves both uses: its gradient is the sum of the gradients an untied
+  model with the same weights (projection kernel = E^T) gives its embedding and kernel."""
+  tied = _model(units=16, embed_dim=16, tie_embeddings=True)
+  paths = [path for path, _ in _variables(tied)]
+  assert "seq2seq/embedding/embeddings" in paths
+  assert not any("kernel" in p for p in paths if "projection" in p)
+  assert not any("output_to_embedding" in p for p in paths)  # embed_dim == units.
+  untied = _model(units=16, embed_dim=16)
+  tied_weights = {v.path: v for v in tied.weights}
+  for v in untied.weights:
+    if v.path in tied_weights:
+      v.assign(tied_weights[v.path])
+  untied.decoder.projection.kernel.assign(tf.transpose(tied.decoder.embedding.embeddings))
+  untied.decoder.projection.bias.assign(tf.random.normal([30]))
+  tied.decoder.projection.bias.assign(untied.decoder.projection.bias)
+  logits_tied, _, g_tied = _loss_and_grads(tied)
+  logits_untied, _, g_untied = _loss_and_grads(untied)
+  np.testing.assert_allclose(logits_tied.numpy(), logits_untied.numpy(), atol=1e-5)
+  embedding = "seq2seq/embedding/embeddings"
+  expected = (tf.convert_to_tensor(g_untied[embedding])
+              + tf.transpose(g_untied["seq2seq/projection/kernel"]))
+  np.testing.assert_allclose(tf.convert_to_tensor(g_tied[embedding]).numpy(),
+                             expected.numpy(), atol=1e-5)
+  np.testing.assert_allclose(g_tied["seq2seq/tied_projection/bias"].numpy(),
+                             g_untied["seq2seq/projection/bias"].numpy(), atol=1e-5)
+
+
+def test_tied_embeddings_with_embed_dim_not_units_under_mixed_bfloat16():
+  config = tiny.get_config()
+  config.model.update(SMALL, tie_embeddings=True)
+  model = model_lib.create_model(config, 40, 30, policy="mixed_bfloat16")
+  variables = dict(_variables(model))
+  assert variables["seq2seq/output_to_embedding/kernel"] == (32, 16)
+  assert variables["seq2seq/tied_projection/bias"] == (30,)
+  logits, weights = model(SOURCE, TARGET_IN)
+  assert logits.shape == (2, 3, 30) and logits.dtype == tf.float32
+  assert weights.dtype == tf.float32 and np.all(np.isfinite(logits.numpy()))
+
+
+@pytest.mark.parametrize("recurrence, xla", [("fused", "off"), ("fused", "decoder_step"),
+                                             ("keras", "off")])
+def test_stacked_decoder_teacher_forcing_equals_step_by_step(recurrence, xla):
+  """Two decoder layers: shapes, and teacher forcing gives the logits and attention of
+  running step_fn (what decoding runs) token by token on the same inputs."""
+  config = tiny.get_config()
+  config.model.update(SMALL, decoder_layers=2, tie_embeddings=True, recurrence=recurrence)
+  config.train.xla = xla
+  tf.random.set_seed(0)
+  model = model_lib.create_model(config, 40, 30)
+  assert "seq2seq/gru_cell_1/kernel" in dict(_variables(model))
+  logits, weights = model(SOURCE, TARGET[:, :-1])
+  assert logits.shape == (2, 4, 30) and weights.shape == (2, 4, 6)
+  values, keys, mask, state = model.encode(SOURCE)
+  assert state.shape == (2, 2 * 32)
+  np.testing.assert_array_equal(state[:, :32].numpy(), state[:, 32:].numpy())
+  for t in range(4):
+    state, step_weights = model.step_fn(model.decoder.embedding(TARGET[:, t]), state,
+                                        values, keys, mask)
+    np.testing.assert_allclose(model.decoder.logits(state).numpy(), logits[:, t].numpy(),
+                               atol=1e-5)
+    np.testing.assert_allclose(step_weights.numpy(), weights[:, t].numpy(), atol=1e-6)
+
+
+def test_stacked_decoder_query_is_the_top_layers_state():
+  model = _model(**SMALL, decoder_layers=2)
+  values, keys, mask, _ = model.encode(SOURCE)
+  state = tf.random.stateless_normal([2, 64], [0, 1]) * 5.0  # [layer 1; layer 2]
+  embedded = model.decoder.embedding(tf.constant([8, 8]))
+  _, weights = model.decoder.step(embedded, state, values, keys, mask)
+  np.testing.assert_array_equal(
+      weights.numpy(), model.decoder.attention(state[:, 32:], values, keys, mask)[1].numpy())
+  assert np.abs(model.decoder.attention(state[:, :32], values, keys, mask)[1].numpy()
+                - weights.numpy()).max() > 1e-5  # (near-uniform before training)
+
+
+def test_dropout_between_decoder_layers_is_a_function_of_the_seed():
+  model = _model(**SMALL, decoder_layers=2, dropout=0.3)
+  seed = tf.constant([1, 2], tf.int64)
+  a, b, c = (model(SOURCE, TARGET, training=True, dropout_seed=s)[0].numpy()
+             for s in (seed, seed, tf.constant([1, 3], tf.int64)))
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(a - c).max() > 1e-3
+  keep = model.decoder.layer_keep_masks(2, 4, tf.float32, True, seed)
+  assert keep.shape == (4, 1, 2, 32)
+  np.testing.assert_allclose(np.unique(keep.numpy()), [0.0, 1 / 0.7], rtol=1e-6)
+  assert model.decoder.layer_keep_masks(2, 4, tf.float32, False, seed) is None
+  model.decoder.layer_keep_masks = lambda *args: None  # Teacher forcing applies them:
+  assert np.abs(model(SOURCE, TARGET, training=True, dropout_seed=seed)[0].numpy()
+                - a).max() > 1e-3
+
+
+def test_stacked_tied_decoder_gradients_in_the_train_step():
+  """train.make_grad_fn (the train step's gradients) with dropout between the layers gives
+  every variable a gradient, and the same ones with the decoder step XLA-compiled.
+  (train.xla=train_step compiles for ~25 s here: checked by hand, docs/training.md.)"""
+  from trainer import train
+  config = tiny.get_config()
+  config.model.update(SMALL, decoder_layers=2, tie_embeddings=True, dropout=0.1)
+  results, models = {}, []
+  for xla in ("off", "decoder_step"):
+    config.train.xla = xla
+    models.append(model_lib.create_model(config, 40, 30))
+    for a, b in zip(models[0].weights, models[-1].weights):
+      b.assign(a)
+    grads, loss = train.make_grad_fn(models[-1], config)(
+        SOURCE, TARGET, tf.constant(7.0), tf.constant(1.0), tf.constant([4, 5], tf.int64))
+    results[xla] = [tf.convert_to_tensor(g).numpy() for g in grads], loss.numpy()
+  assert all(np.abs(g).max() > 0 for g in results["off"][0])
+  np.testing.assert_allclose(results["decoder_step"][1], results["off"][1], rtol=1e-6)
+  for variable, a, b in zip(models[0].trainable_variables, *(results[x][0] for x in results)):
+    assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max() + 1e-7, variable.path
+
+
+def test_stacked_tied_decoder_decodes_and_exports(tmp_path):
+  """Greedy and beam search run with two decoder layers (beam size 1 = greedy), and a
+  SavedModel of beam search reloads and decodes the same."""
+  from trainer import decode
+  model = _model(**SMALL, decoder_layers=2, tie_embeddings=True)
+  greedy_ids, greedy_weights = decode.greedy(model, SOURCE, 6)
+  ids, weights, _ = decode.beam_search(model, SOURCE, 1, 6)
+  np.testing.assert_array_equal(ids.numpy()[:, :greedy_ids.shape[1]], greedy_ids.numpy())
+  beam_ids = decode.beam_search(model, SOURCE, 3, 6)[0]
+  module = tf.Module()
+  module.model = model
+  module.search = tf.function(lambda source: decode.beam_search(model, source, 3, 6)[0],
+                              input_signature=[tf.TensorSpec([None, None], tf.int32)])
+  tf.saved_model.save(module, str(tmp_path))
+  reloaded = tf.saved_model.load(str(tmp_path))
+  np.testing.assert_array_equal(reloaded.search(SOURCE).numpy(), beam_ids.numpy())
+
+
+def test_stacked_tied_decoder_learns():
+  """Two decoder layers with tied embeddings fit one batch: the loss falls by half."""
+  model = _model(**SMALL, decoder_layers=2, tie_embeddings=True)
+  optimizer = keras.optimizers.Adam(1e-2)
+  step = tf.function(lambda: _train_step(model, optimizer))
+  losses = [float(step()) for _ in range(40)]
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
+def _train_step(model, optimizer):
+  _, loss, grads = _loss_and_grads(model)
+  optimizer.apply([grads[v.path] for v in model.trainable_variables],
+                  model.trainable_variables)
+  return loss
+
+
+def test_bad_values_name_the_key():
+  import ml_collections
+  from configs import validate
+  for key, value in (("decoder_layers", 0), ("tie_embeddings", "yes")):
+    config = tiny.get_config().to_dict()  # A config file may set any type.
+    config["model"][key] = value
+    with pytest.raises(validate.ConfigError, match=rf"config.model.{key}={value!r} is inv"):
+      validate.validate(ml_collections.ConfigDict(config))
