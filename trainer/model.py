@@ -2,15 +2,17 @@
 
 Read top to bottom: `Encoder` (embedding + GRU), `BahdanauAttention` (W1 on the query,
 W2 on the encoder outputs, V for the score), `Decoder` (one GRU cell step per target
-token, fed [context; embedded previous token] and its previous state), `Seq2Seq` (ties
-them together for teacher forcing). No training logic lives here.
+token, fed [context; embedded previous token] and its previous state; `model.decoder_layers`
+stacks cells, `model.tie_embeddings` projects with the target embedding, `TiedProjection`),
+`Seq2Seq` (ties them together for teacher forcing). No training logic lives here.
 
 How the recurrences run is `config.model.recurrence`, fixed when the model is built:
 "fused" runs teacher forcing and the encoder through trainer/fused_rnn.py (all steps at
 once, hand-written backward passes); "keras" runs the Keras layers step by step (never
 cuDNN, so any XLA scope compiles); "cudnn" runs the encoder as Keras' cuDNN kernel (GPU
 only, no XLA around it) and teacher forcing fused. All three have the same variables and
-math (tests/test_fused_rnn.py compares values and gradients).
+math (tests/test_fused_rnn.py compares values and gradients). A stacked decoder
+(decoder_layers > 1) teacher-forces step by step in every mode: fused_rnn runs one cell.
 
 Dropout is stateless: its masks are a pure function of a `dropout_seed` [2] int64 that
 the train step derives from (config.seed, step, replica), so that every replica of every
