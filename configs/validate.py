@@ -18,7 +18,8 @@ XLA_MODES = ("auto", "off", "decoder_step", "train_step")
 RECURRENCES = ("auto", "fused", "keras", "cudnn")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 # model.* keys that shape the variables: a checkpoint fits only the values it was trained with.
-SHAPE_KEYS = ("model.units", "model.embed_dim", "model.encoder_layers", "model.bidirectional")
+SHAPE_KEYS = ("model.units", "model.embed_dim", "model.encoder_layers", "model.bidirectional",
+              "model.decoder_layers", "model.tie_embeddings")
 
 
 class ConfigError(ValueError):
@@ -192,10 +193,11 @@ def _tokenizer(config) -> None:
         "tokenizer.model_type='unigram' or tokenizer.sampling_alpha=0")
 
 def _model(config) -> None:
-  _ints(config, 1, "model.units", "model.embed_dim", "model.encoder_layers")
+  _ints(config, 1, "model.units", "model.embed_dim", "model.encoder_layers",
+        "model.decoder_layers")
   _number(config, "model.dropout", 0.0, 1.0, high_open=True)
   _choice(config, "model.recurrence", RECURRENCES)
-  _bool(config, "model.bidirectional")
+  _bool(config, "model.bidirectional", "model.tie_embeddings")
 
 
 def _train(config) -> None:
