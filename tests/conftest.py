@@ -1,5 +1,6 @@
 """Shared test setup: two logical CPU devices (for 2-replica MirroredStrategy tests), the
-embedded corpus and one tiny run built once per session, and the CLI in a fresh process."""
+embedded corpus and one tiny run built once per session, the CLI in a fresh process, and
+which tests pytest-xdist keeps on one worker process."""
 import os
 import subprocess
 import sys
@@ -25,6 +26,28 @@ def cli(command: str, *args: str, stdin: str = "", timeout: int = 300
   return subprocess.run([sys.executable, "-c", f"from trainer import main; main.{command}()",
                          *args], input=stdin, capture_output=True, text=True, cwd=REPO,
                         timeout=timeout)
+
+
+@pytest.hookimpl(tryfirst=True)  # Before xdist's own hook reads the xdist_group marks.
+def pytest_collection_modifyitems(items):
+  """pytest.ini runs the suite on two pytest-xdist workers (--dist=loadgroup). A session or
+  module fixture is built once per worker that uses it, so tests sharing an expensive one
+  stay on one worker: all users of tiny_run, and a module's tests that use any of its
+  module-scoped fixtures (a module may split them with its own xdist_group marks). Every
+  other test goes to whichever worker is free."""
+  for item in items:
+    if item.get_closest_marker("xdist_group"):
+      continue
+    fixtures = getattr(item, "_fixtureinfo", None)
+    if fixtures is None:
+      continue
+    if "tiny_run" in item.fixturenames:
+      group = "tiny_run"
+    elif any(defs[-1].scope == "module" for defs in fixtures.name2fixturedefs.values()):
+      group = item.module.__name__
+    else:
+      continue
+    item.add_marker(pytest.mark.xdist_group(group))
 
 
 def unpadded_rows(batch, key: str = "source") -> list[tuple[int, ...]]:
