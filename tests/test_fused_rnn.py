@@ -40,7 +40,8 @@ def _loss_and_grads(model):
 
 @pytest.mark.parametrize("overrides, xla", [
     ({}, "off"), ({}, "decoder_step"),
-    ({"bidirectional": True, "encoder_layers": 2}, "off")])
+    ({"bidirectional": True, "encoder_layers": 2}, "off"),
+    ({"decoder_layers": 2, "tie_embeddings": True, "units": 32, "embed_dim": 16}, "off")])
 def test_fused_recurrence_matches_keras_layers(overrides, xla):
   config = tiny.get_config()
   config.model.update(overrides)
