@@ -30,7 +30,7 @@ def cli(command: str, *args: str, stdin: str = "", timeout: int = 300
 
 @pytest.hookimpl(tryfirst=True)  # Before xdist's own hook reads the xdist_group marks.
 def pytest_collection_modifyitems(items):
-  """pytest.ini runs the suite on two pytest-xdist workers (--dist=loadgroup). A session or
+  """For `pytest -n 2 --dist=loadgroup` (pytest-xdist, two worker processes). A session or
   module fixture is built once per worker that uses it, so tests sharing an expensive one
   stay on one worker: all users of tiny_run, and a module's tests that use any of its
   module-scoped fixtures (a module may split them with its own xdist_group marks). Every
