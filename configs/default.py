@@ -57,7 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.steps_per_loop = 10  # Train steps per tf.function call (cuts host overhead).
   train.learning_rate = 1e-3  # Peak Adam learning rate.
   train.warmup_steps = 500  # Linear warmup steps.
-  train.decay = "rsqrt"  # Learning-rate decay after warmup: constant | rsqrt | cosine.
+  train.decay = "rsqrt"  # Learning-rate decay after warmup: constant | rsqrt | cosine (cosine with train.max_seconds: it ends where the budget is measured to run out, docs/training.md).
+  train.ema_decay = 0.0  # Exponential moving average of the weights, used for evaluation, the test score, translate and export (--no_ema: the raw weights); e.g. 0.999 or 0.9999, 0 = off.
   train.clip_norm = 1.0  # Clip gradients by this global norm (0 disables).
   train.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
   train.precision = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16 (auto: bf16 on GPUs with CC>=8, fp16 with CC>=7 or with cudnn, bf16 on CPUs with AMX bf16 units, else float32).

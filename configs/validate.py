@@ -179,7 +179,6 @@ def _tokenizer(config) -> None:
   _ints(config, 8, "tokenizer.vocab_size")
   _ints(config, 1, "tokenizer.sample_size")
   _number(config, "tokenizer.character_coverage", 0.9, 1.0)
-
   _number(config, "tokenizer.sampling_alpha", 0.0)
   nbest = config.tokenizer.sampling_nbest
   if not _is_int(nbest) or nbest < 2:
@@ -191,6 +190,7 @@ def _tokenizer(config) -> None:
         f"config.tokenizer.model_type={config.tokenizer.model_type!r} is invalid: subword "
         "sampling needs a unigram model (BPE-dropout cannot be seeded in tf_text); use "
         "tokenizer.model_type='unigram' or tokenizer.sampling_alpha=0")
+
 
 def _model(config) -> None:
   _ints(config, 1, "model.units", "model.embed_dim", "model.encoder_layers",
@@ -216,6 +216,7 @@ def _train(config) -> None:
   _number(config, "train.clip_norm", 0.0)
   _number(config, "train.label_smoothing", 0.0, 1.0, high_open=True)
   _choice(config, "train.decay", ("constant", "rsqrt", "cosine"))
+  _number(config, "train.ema_decay", 0.0, 1.0, high_open=True)
   _bool(config, "train.deterministic_ops")
   _choice(config, "train.precision", PRECISIONS)
   _choice(config, "train.xla", XLA_MODES)

@@ -106,11 +106,11 @@ def test_translate_cli_round_trip_with_attention_pngs(workdir, tmp_path):
 
 
 def test_eval_cli_prints_one_json_line(workdir):
-  result = cli("run_eval", f"--workdir={workdir}", "--beam_size=1")
+  result = cli("run_eval", f"--workdir={workdir}", "--beam_size=1", "--no_ema")
   assert result.returncode == 0, result.stderr[-3000:]
   metrics = json.loads(result.stdout.strip())
-  assert set(metrics) == {"bleu", "chrf", "loss", "examples", "checkpoint", "step"}
-  assert metrics["examples"] == 40 and metrics["step"] == 60
+  assert set(metrics) == {"bleu", "chrf", "loss", "examples", "checkpoint", "step", "ema"}
+  assert metrics["examples"] == 40 and metrics["step"] == 60 and metrics["ema"] is False
   assert metrics["checkpoint"].endswith("ckpt-60") and metrics["loss"] < 3.0
 
 

@@ -32,5 +32,6 @@ def test_a_run_writes_the_tags_summaries_declares(tiny_run):
                                                         index=r"\d+") + "$")
   assert any(attention.match(t) for t in found["eval"]), found["eval"]
   found["eval"] = {t for t in found["eval"] if not attention.match(t)}
-  assert found == {"train": set(summaries.TAGS["train"]) - {"loss_scale"},  # float32
+  # float32, constant decay: no loss scale, no fitted schedule.
+  assert found == {"train": set(summaries.TAGS["train"]) - {"loss_scale", "schedule/end_step"},
                    "eval": set(summaries.TAGS["eval"])}

@@ -206,3 +206,53 @@ def test_training_with_dropout_needs_a_seed():
     model(batch["source"], batch["target"][:, :-1], training=True)
   # Inference needs none.
   model(batch["source"], batch["target"][:, :-1], training=False)
+
+
+def test_weight_average_is_the_warmed_up_ema_of_the_updates_on_two_replicas():
+  """train.ema_decay: after each applied update a <- a - (1 - d_k)(a - w_k), d_k =
+  min(decay, (1+k)/(10+k)), identical on both replicas; a skipped (non-finite) step leaves
+  it alone; swapping it in for evaluation and back restores the weights bit for bit."""
+  config = tiny.get_config()
+  config.model.units, config.model.embed_dim = 32, 16
+  config.train.xla, config.train.warmup_steps, decay = "off", 0, 0.25
+  strategy = _two()
+  model, optimizer = _setup(strategy, config)
+  with strategy.scope():
+    ema = run_setup.WeightAverage(model, decay)
+  loop = train.make_train_loop(strategy, train.make_replica_step(
+      model, optimizer, config, strategy, ema))
+  iterator = iter(strategy.experimental_distribute_dataset(_batches(32)))
+  expected = [w.numpy() for w in model.trainable_variables]
+  for k in (1, 2, 3):
+    loop(iterator, tf.constant(1))
+    d = min(decay, (1 + k) / (10 + k))
+    expected = [a - (1 - d) * (a - w.numpy())
+                for a, w in zip(expected, model.trainable_variables)]
+  for average, want in zip(ema.averages, expected):
+    first, second = strategy.experimental_local_results(average)
+    np.testing.assert_array_equal(first.numpy(), second.numpy())
+    np.testing.assert_allclose(first.numpy(), want, rtol=1e-5, atol=1e-7)
+  raw = [w.numpy() for w in model.trainable_variables]
+  assert max(np.abs(a - w).max() for a, w in zip(expected, raw)) > 1e-4
+  with ema.swapped_in():
+    for w, want in zip(model.trainable_variables, expected):
+      np.testing.assert_allclose(w.numpy(), want, rtol=1e-5, atol=1e-7)
+  assert all(np.array_equal(w.numpy(), r) for w, r in zip(model.trainable_variables, raw))
+  before = [a.numpy() for a in ema.averages]
+  bias = model.decoder.projection.bias
+  bias.assign(np.full(bias.shape, np.nan, np.float32))
+  out, _ = loop(iterator, tf.constant(2))
+  assert out["finite"].numpy().tolist() == [0.0, 0.0]
+  assert all(np.array_equal(a.numpy(), b) for a, b in zip(ema.averages, before))
+
+
+def test_cosine_schedule_ends_at_the_fitted_end_step_capped_by_train_steps():
+  end = tf.Variable(0, dtype=tf.int64)
+  schedule = run_setup.WarmupDecay(1.0, 10, "cosine", 100, end)
+  assert float(schedule(99)) == pytest.approx(0.0, abs=1e-6)  # Not fitted: train.steps.
+  assert float(schedule(54)) == pytest.approx(0.5, abs=1e-6)
+  end.assign(50)
+  assert float(schedule(29)) == pytest.approx(0.5, abs=1e-6)
+  assert float(schedule(49)) == pytest.approx(0.0, abs=1e-6)
+  end.assign(1000)  # A budget longer than train.steps: train.steps ends it.
+  assert float(schedule(54)) == pytest.approx(0.5, abs=1e-6)

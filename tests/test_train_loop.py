@@ -222,3 +222,93 @@ def test_sigterm_during_an_evaluation_stops_without_finishing_it(embedded_data_d
   assert summary["interrupted"] == "SIGTERM" and summary["step"] == 10
   assert batches == [8], batches  # Abandoned after the batch under way.
   assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-10")
+
+
+def _ema_tensors(checkpoint: str) -> dict:
+  reader = tf.train.load_checkpoint(checkpoint)
+  return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+          if k.startswith("ema/")}
+
+
+def test_ema_resumes_exactly_and_is_what_evaluation_and_inference_use(embedded_data_dir,
+                                                                     tmp_path):
+  """train.ema_decay: a run stopped at step 10 and resumed gives the uninterrupted run's
+  losses and moving average, bit for bit; the dev loss it logs is the average's, which
+  load_for_inference gives by default (nmt-eval, nmt-translate, nmt-export) and not with
+  use_ema=False (--no_ema)."""
+  from trainer import checkpoints
+  from trainer import evaluate
+  config = _config(embedded_data_dir, 20)
+  config.train.ema_decay, config.train.batch_size = 0.9, 16
+  config.train.checkpoint_every, config.train.eval_every = 10, 20
+  whole = train.train_and_evaluate(config, str(tmp_path / "whole"), _one())
+  config.train.steps = 10
+  first = train.train_and_evaluate(config, str(tmp_path / "parts"), _one())
+  config.train.steps = 20
+  second = train.train_and_evaluate(config, str(tmp_path / "parts"), _one())
+  assert first["losses"] + second["losses"] == whole["losses"]
+  averages = [_ema_tensors(str(tmp_path / run / "checkpoints" / "ckpt-20"))
+              for run in ("whole", "parts")]
+  assert averages[0] and averages[0].keys() == averages[1].keys()
+  assert all(np.array_equal(averages[0][k], averages[1][k]) for k in averages[0])
+  losses = {}
+  for use_ema in (True, False):
+    loaded = checkpoints.load_for_inference(str(tmp_path / "whole"), use_ema=use_ema)
+    assert loaded.ema == use_ema
+    losses[use_ema] = evaluate.eval_loss(evaluate.make_eval_loss_fn(loaded.model),
+                                         evaluate.make_eval_dataset(loaded.config,
+                                                                    loaded.tokenizer))
+  assert whole["eval"]["loss"] == pytest.approx(losses[True], rel=1e-5)
+  assert abs(losses[False] - losses[True]) > 1e-3
+
+
+def test_cosine_fitted_to_the_budget_is_kept_on_resume_and_refitted_when_raised(
+    embedded_data_dir, tmp_path, monkeypatch, caplog):
+  """train.decay=cosine with train.max_seconds, on a fake clock of 1/8 s a step: fitted
+  after 20 timed steps (step 25) to end where the budget runs out; kept when a resume
+  only raises train.steps; fitted again when train.max_seconds is raised; the learning
+  rate is ~0 at each budget's end."""
+  import logging
+  from trainer import checkpoints
+
+  clock = run_setup.Clock
+
+  def fake_clock(state):
+    return clock(state, now=lambda: 0.125 * float(state.step.numpy()))
+
+  monkeypatch.setattr(run_setup, "Clock", fake_clock)
+  caplog.set_level(logging.INFO)
+  config = _config(embedded_data_dir, 40)
+  config.train.update(decay="cosine", warmup_steps=5, max_seconds=7.5, batch_size=16,
+                      eval_every=1000)
+  workdir = str(tmp_path)
+
+  def fitted(step: int):
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(workdir + "/checkpoints"))
+    assert reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == step
+    return (int(reader.get_tensor("schedule_end_step/.ATTRIBUTES/VARIABLE_VALUE")),
+            float(reader.get_tensor("schedule_budget_s/.ATTRIBUTES/VARIABLE_VALUE")))
+
+  def learning_rate(end_step: int, steps: int, update: int) -> float:
+    schedule = run_setup.WarmupDecay(config.train.learning_rate, 5, "cosine", steps,
+                                     tf.Variable(end_step, dtype=tf.int64))
+    return float(schedule(update)) / config.train.learning_rate
+
+  # 7.5 s = 60 steps; at step 25, 3.125 s spent: 35 steps left.
+  first = train.train_and_evaluate(config, workdir, _one())
+  assert first["step"] == 40 and "train.steps=40" in first["stopped_by"]
+  assert fitted(40) == (60, 7.5)
+  assert "fitted to train.max_seconds=7.5: it ends at update 60" in caplog.text
+  assert _logged(tmp_path / "train", "schedule/end_step") == {25: 60}
+  caplog.clear()
+  config.train.steps = 200  # The same budget: the saved end is kept, not refitted.
+  second = train.train_and_evaluate(config, workdir, _one())
+  assert second["step"] == 60 and "max_seconds" in second["stopped_by"]
+  assert fitted(60) == (60, 7.5) and "schedule fitted" not in caplog.text
+  assert learning_rate(60, 200, 59) == pytest.approx(0.0, abs=1e-6)
+  config.train.max_seconds = 15.0  # 120 steps; refitted at step 85 (10.625 s spent).
+  third = train.train_and_evaluate(config, workdir, _one())
+  assert third["step"] == 120 and fitted(120) == (120, 15.0)
+  assert "it ends at update 120" in caplog.text
+  assert learning_rate(120, 200, 119) == pytest.approx(0.0, abs=1e-6)
+  assert learning_rate(120, 200, 100) > 0.01

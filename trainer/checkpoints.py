@@ -175,8 +175,9 @@ class RunState:
   trained (batches consumed: the data position, checkpoint names, train.steps and dropout
   seeds all count these; optimizer.iterations counts applied updates only, which lag it
   by the skipped non-finite steps), the best dev BLEU (for checkpoints/best and early
-  stopping), evaluations since it last improved, and the wall-clock seconds trained so
-  far over all invocations (train.max_seconds)."""
+  stopping), evaluations since it last improved, the wall-clock seconds trained so
+  far over all invocations (train.max_seconds), and the cosine schedule's end fitted to
+  the budget (in updates; 0 = train.steps) with the train.max_seconds it was fitted for."""
 
   def __init__(self):
     with tf.init_scope():
@@ -184,38 +185,55 @@ class RunState:
       self.best_bleu = tf.Variable(-1.0, dtype=tf.float64, trainable=False)
       self.evals_without_gain = tf.Variable(0, dtype=tf.int64, trainable=False)
       self.elapsed_s = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+      self.schedule_end_step = tf.Variable(0, dtype=tf.int64, trainable=False)
+      self.schedule_budget_s = tf.Variable(0.0, dtype=tf.float64, trainable=False)
 
   def variables(self) -> Dict[str, tf.Variable]:
     return dict(step=self.step, best_bleu=self.best_bleu, evals_without_gain=self.evals_without_gain,
-                elapsed_s=self.elapsed_s)
+                elapsed_s=self.elapsed_s, schedule_end_step=self.schedule_end_step,
+                schedule_budget_s=self.schedule_budget_s)
 
 
-def training_checkpoint(model: model_lib.Seq2Seq, optimizer,
-                        state: RunState) -> tf.train.Checkpoint:
-  """What nmt-train saves: the model's variables, the optimizer's and the run state."""
-  return tf.train.Checkpoint(model=model_variables(model), optimizer=optimizer,
-                             **state.variables())
+# Checkpoint entries added after 2026-12-01: a checkpoint without them still restores
+# (step from optimizer.iterations, no fitted schedule, the EMA started at the weights).
+_OPTIONAL = ("step", "schedule_end_step", "schedule_budget_s", "ema")
+
+
+def _training_objects(model: model_lib.Seq2Seq, optimizer, state: RunState,
+                      ema=None) -> dict:
+  objects = dict(model=model_variables(model), optimizer=optimizer, **state.variables())
+  if ema is not None:
+    objects["ema"] = ema.variables()
+  return objects
+
+
+def training_checkpoint(model: model_lib.Seq2Seq, optimizer, state: RunState,
+                        ema=None) -> tf.train.Checkpoint:
+  """What nmt-train saves: the model's variables, the optimizer's, the run state and, with
+  train.ema_decay, the weights' moving average (`ema`, keyed like `model`)."""
+  return tf.train.Checkpoint(**_training_objects(model, optimizer, state, ema))
 
 
 def restore_latest(manager: tf.train.CheckpointManager, state: RunState, optimizer,
-                   model: model_lib.Seq2Seq) -> None:
+                   model: model_lib.Seq2Seq, ema=None) -> None:
   """Restores the newest checkpoint that reads (a broken one is reported and skipped)."""
   for directory in (manager.directory, os.path.join(manager.directory, "best")):
     remove_partial_saves(directory)
   paths = checkpoints_in(manager.directory)
   if not paths:
     return
+  objects = _training_objects(model, optimizer, state, ema)
 
   def restore(path: str) -> None:
     saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
-    if "step" in saved:
-      manager.checkpoint.restore(path).assert_existing_objects_matched()
-      return
-    # Saved before RunState.step existed: its step was optimizer.iterations.
-    legacy = {k: v for k, v in state.variables().items() if k != "step"}
-    tf.train.Checkpoint(model=model_variables(model), optimizer=optimizer,
-                        **legacy).restore(path).assert_existing_objects_matched()
-    state.step.assign(optimizer.iterations)
+    present = {k: v for k, v in objects.items() if k not in _OPTIONAL or k in saved}
+    tf.train.Checkpoint(**present).restore(path).assert_existing_objects_matched()
+    if "step" not in saved:  # Saved before RunState.step: its step was the update count.
+      state.step.assign(optimizer.iterations)
+    if ema is not None and "ema" not in saved:
+      logging.warning("%s holds no moving average of the weights: train.ema_decay starts "
+                      "it at the restored weights.", path)
+      ema.reset()
 
   path = restore_newest_intact(paths, restore)
   logging.info("Resumed from %s at step %d.", path, int(state.step.numpy()))
@@ -229,13 +247,18 @@ class Loaded:
   model: model_lib.Seq2Seq
   checkpoint: str
   step: Optional[int]
+  ema: bool = False  # The weights are the checkpoints' moving average (train.ema_decay).
 
 
 def load_for_inference(workdir: Optional[str], checkpoint: Optional[str] = None,
-                       for_export: bool = False, average_last: int = 0) -> Loaded:
+                       for_export: bool = False, average_last: int = 0,
+                       use_ema: bool = True) -> Loaded:
   """Config, tokenizer and float32 model of a workdir, restored from `checkpoint` (latest),
   or with `average_last` = K > 0 the mean of the weights of the K newest intact checkpoints
   of that directory (checkpoint averaging, as OpenNMT's average_checkpoints).
+
+  A checkpoint holding a moving average of the weights (train.ema_decay) gives that
+  average unless `use_ema` is False (--no_ema); averaging K checkpoints averages theirs.
 
   The run's modes are re-resolved for this machine (a run trained with cuDNN on a GPU
   decodes on a CPU): the decoder step is XLA-compiled unless the run's config.train.xla is
@@ -252,24 +275,30 @@ def load_for_inference(workdir: Optional[str], checkpoint: Optional[str] = None,
   tokenizer = _load_tokenizer(config, workdir)
   model = model_lib.create_model(config, tokenizer.source_vocab_size,
                                  tokenizer.target_vocab_size)
-  path = restore_newest_intact(paths, lambda p: restore_model(model, p, config, workdir))
-  logging.info("Restored %s.", path)
+  used_ema = []
+  path = restore_newest_intact(paths, lambda p: used_ema.append(
+      restore_model(model, p, config, workdir, use_ema)))
+  logging.info("Restored %s%s.", path, " (the moving average of its weights)"
+               if used_ema[-1] else "")
   if average_last > 1:
-    path = _average(model, paths[paths.index(path):], average_last, config, workdir)
-  return Loaded(config, tokenizer, model, path, checkpoint_step(path.split(",")[0]))
+    path = _average(model, paths[paths.index(path):], average_last, config, workdir,
+                    use_ema)
+  return Loaded(config, tokenizer, model, path, checkpoint_step(path.split(",")[0]),
+                ema=used_ema[-1])
 
 
 def _average(model: model_lib.Seq2Seq, paths: Sequence[str], k: int,
-             config: ml_collections.ConfigDict, workdir: str) -> str:
+             config: ml_collections.ConfigDict, workdir: str, use_ema: bool = True) -> str:
   """Sets the model's weights to the mean over the first `k` of `paths` that read (the
-  model holds the first already); returns the averaged paths joined by commas."""
+  model holds the first already; each one's moving average where it has one and
+  `use_ema`); returns the averaged paths joined by commas."""
   totals = [v.numpy().astype("float64") for v in model.weights]
   used = [paths[0]]
   for path in paths[1:]:
     if len(used) == k:
       break
     try:
-      restore_model(model, path, config, workdir)
+      restore_model(model, path, config, workdir, use_ema)
     except ValueError:
       why = unreadable(path)
       if why is None:
@@ -308,11 +337,20 @@ def model_variables(model: model_lib.Seq2Seq) -> dict:
 
 
 def restore_model(model: model_lib.Seq2Seq, path: str, config: ml_collections.ConfigDict,
-                  workdir: str) -> None:
-  """Restores the model's variables; ValueError naming the differing config keys if not."""
+                  workdir: str, use_ema: bool = False) -> bool:
+  """Restores the model's variables; ValueError naming the differing config keys if not.
+  With `use_ema`, the trainable ones from the checkpoint's moving average if it has one
+  (`ema`, keyed like `model`); returns whether it did."""
   try:
     status = tf.train.Checkpoint(model=model_variables(model)).restore(path)
     status.expect_partial().assert_existing_objects_matched()
+    if not use_ema or not any(name.startswith("ema/")
+                              for name, _ in tf.train.list_variables(path)):
+      return False
+    ema = {v.path: v.value for v in model.trainable_variables}
+    status = tf.train.Checkpoint(ema=ema).restore(path)
+    status.expect_partial().assert_existing_objects_matched()
+    return True
   except (ValueError, AssertionError, tf.errors.OpError) as e:
     raise ValueError(_mismatch_message(path, config, workdir, e)) from e
 

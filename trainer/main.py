@@ -279,6 +279,8 @@ def _define_model_flags() -> None:
   flags.DEFINE_integer("average_last", 0, "Use the mean weights of the K newest checkpoints "
                        "of --checkpoint's directory (default the workdir's); 0 = no "
                        "averaging.", lower_bound=0)
+  flags.DEFINE_bool("no_ema", False, "Use the raw weights, not the moving average a run "
+                    "with train.ema_decay > 0 keeps in its checkpoints (the default then).")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -293,7 +295,8 @@ def _eval_main(argv) -> None:
   from trainer import checkpoints, evaluate
   try:
     loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint,
-                                            average_last=FLAGS.average_last)
+                                            average_last=FLAGS.average_last,
+                                            use_ema=not FLAGS.no_ema)
     if FLAGS.data:
       loaded.config.data.eval = FLAGS.data
     metrics = evaluate.evaluate_checkpoint(loaded.config, loaded.tokenizer, loaded.model,
@@ -302,7 +305,7 @@ def _eval_main(argv) -> None:
     _fail(str(e))
   print(json.dumps(dict(bleu=metrics["bleu"], chrf=metrics["chrf"], loss=metrics["loss"],
                         examples=metrics["examples"], checkpoint=loaded.checkpoint,
-                        step=loaded.step), default=float))
+                        step=loaded.step, ema=loaded.ema), default=float))
 
 
 def run_eval() -> None:
@@ -317,7 +320,8 @@ def _translate_main(argv) -> None:
   from trainer import checkpoints, translate
   try:
     loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint,
-                                            average_last=FLAGS.average_last)
+                                            average_last=FLAGS.average_last,
+                                            use_ema=not FLAGS.no_ema)
     beam_size = translate.resolve_beam_size(loaded.config, FLAGS.beam_size)
     if FLAGS.n_best > beam_size:
       raise ValueError(f"--n_best={FLAGS.n_best} needs --beam_size >= {FLAGS.n_best} "
@@ -351,7 +355,8 @@ def _score_main(argv) -> None:
   from trainer import checkpoints, translate
   try:
     loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint,
-                                            average_last=FLAGS.average_last)
+                                            average_last=FLAGS.average_last,
+                                            use_ema=not FLAGS.no_ema)
     counts = translate.score_file(translate.make_score_fn(loaded.model), loaded.tokenizer,
                                   loaded.config, FLAGS.input, FLAGS.output)
   except (ValueError, OSError) as e:
@@ -373,13 +378,14 @@ def _export_main(argv) -> None:
   try:
     loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint,
                                             for_export=True,
-                                            average_last=FLAGS.average_last)
+                                            average_last=FLAGS.average_last,
+                                            use_ema=not FLAGS.no_ema)
     translator = export.export(loaded.config, loaded.tokenizer, loaded.model,
                                FLAGS.export_dir, FLAGS.beam_size)
   except (ValueError, OSError) as e:
     _fail(str(e))
   print(json.dumps(dict(export_dir=FLAGS.export_dir, checkpoint=loaded.checkpoint,
-                        step=loaded.step, beam_size=translator.beam_size)))
+                        step=loaded.step, beam_size=translator.beam_size, ema=loaded.ema)))
 
 
 def run_export() -> None:

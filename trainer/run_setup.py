@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from absl import logging
 import keras
@@ -27,10 +27,13 @@ from trainer import model as model_lib
 
 
 class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
-  """Linear warmup to `peak`, then constant, rsqrt or cosine decay (to 0 at `total`)."""
+  """Linear warmup to `peak`, then constant, rsqrt or cosine decay (to 0 at `total`, or at
+  min(`end_step`, `total`) when that variable is > 0: the end fitted to train.max_seconds)."""
 
-  def __init__(self, peak: float, warmup: int, decay: str, total: int):
+  def __init__(self, peak: float, warmup: int, decay: str, total: int,
+               end_step: Optional[tf.Variable] = None):
     self.peak, self.warmup, self.decay, self.total = peak, max(warmup, 1), decay, total
+    self.end_step = end_step
 
   def __call__(self, step):
     step = tf.cast(step, tf.float32) + 1.0
@@ -38,8 +41,12 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
     if self.decay == "rsqrt":
       after = tf.math.rsqrt(tf.maximum(step, self.warmup) / self.warmup)
     elif self.decay == "cosine":
-      progress = tf.clip_by_value((step - self.warmup) / max(self.total - self.warmup, 1),
-                                  0.0, 1.0)
+      total = tf.constant(float(self.total))
+      if self.end_step is not None:
+        fitted = tf.cast(self.end_step, tf.float32)
+        total = tf.where(fitted > 0, tf.minimum(fitted, total), total)
+      progress = tf.clip_by_value(
+          (step - self.warmup) / tf.maximum(total - self.warmup, 1.0), 0.0, 1.0)
       after = 0.5 * (1.0 + tf.cos(np.pi * progress))
     else:
       after = 1.0
@@ -49,13 +56,76 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
     return dict(peak=self.peak, warmup=self.warmup, decay=self.decay, total=self.total)
 
 
-def create_optimizer(config: ml_collections.ConfigDict, policy: str):
+def create_optimizer(config: ml_collections.ConfigDict, policy: str,
+                     end_step: Optional[tf.Variable] = None):
+  """Adam on the WarmupDecay schedule (fp16: in a LossScaleOptimizer). `end_step`: the
+  variable holding the cosine's fitted end (RunState.schedule_end_step), if any."""
   t = config.train
-  schedule = WarmupDecay(t.learning_rate, t.warmup_steps, t.decay, t.steps)
+  schedule = WarmupDecay(t.learning_rate, t.warmup_steps, t.decay, t.steps, end_step)
   optimizer = keras.optimizers.Adam(learning_rate=schedule)
   if policy == "mixed_float16":
     optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
   return optimizer
+
+
+class WeightAverage:
+  """train.ema_decay's exponential moving average of the trainable weights, in float32.
+
+  Updated after every applied update (never after a skipped non-finite step) with
+  decay_k = min(ema_decay, (1 + k) / (10 + k)), k = updates applied so far
+  (optimizer.iterations; TF's ExponentialMovingAverage(num_updates) warm-up), so a short
+  run's average is not dominated by the initial weights. Under a strategy each replica
+  updates its own copy from its (already all-reduced, identical) weights: no collective.
+  Hand-written rather than Keras' Adam(use_ema=True): Keras keeps its averages among the
+  optimizer's positional slot variables (a run resumed with EMA switched on would load
+  Adam's moments into them), has no warm-up, and swaps weights only in place for good.
+  Cost: one more copy of the weights and one elementwise update per step.
+  """
+
+  def __init__(self, model: model_lib.Seq2Seq, decay: float):
+    """Call under the strategy's scope: the averages are mirrored like the weights."""
+    self.decay = decay
+    self.paths = [v.path for v in model.trainable_variables]
+    self.weights = [v.value for v in model.trainable_variables]
+    self.averages = [tf.Variable(lambda w=w: tf.cast(tf.identity(w), tf.float32),
+                                 trainable=False, dtype=tf.float32)
+                     for w in self.weights]
+
+  def variables(self) -> dict:
+    """The averages keyed like checkpoints.model_variables: what checkpoints save as `ema`."""
+    return dict(zip(self.paths, self.averages))
+
+  def update(self, strategy: tf.distribute.Strategy, num_updates) -> None:
+    """Moves the averages towards the weights; cross-replica context (a merge_call)."""
+
+    def move(average, weight, k):
+      k = tf.cast(k, tf.float32)
+      decay = tf.minimum(tf.constant(self.decay, tf.float32), (1.0 + k) / (10.0 + k))
+      return average.assign_sub((1.0 - decay) * (average - tf.cast(weight, tf.float32)))
+
+    for average, weight in zip(self.averages, self.weights):
+      strategy.extended.update(average, move, args=(weight, num_updates), group=False)
+
+  def reset(self) -> None:
+    """Starts the averages at the current weights (a checkpoint saved without them)."""
+    for average, weight in zip(self.averages, self.weights):
+      average.assign(tf.cast(weight.read_value(), tf.float32))
+
+  @contextlib.contextmanager
+  def swapped_in(self):
+    """The averages in the model's weights for the block (evaluation), the training
+    weights back after it, bit for bit: training goes on as if nothing happened."""
+    self._swap()
+    try:
+      yield
+    finally:
+      self._swap()
+
+  def _swap(self) -> None:
+    for average, weight in zip(self.averages, self.weights):
+      raw = tf.identity(weight.read_value())
+      weight.assign(tf.cast(average.read_value(), weight.dtype))
+      average.assign(tf.cast(raw, tf.float32))
 
 
 @dataclasses.dataclass
@@ -76,6 +146,7 @@ class Run:
   is_chief: bool
   length_stats: pipeline.LengthStats
   stop: distribute.StopFlag = dataclasses.field(default_factory=distribute.StopFlag)
+  ema: Optional[WeightAverage] = None  # train.ema_decay > 0.
 
   def finished_reason(self) -> Optional[str]:
     """Why the run has nothing left to do at its step (its steps, its time budget or early
@@ -111,10 +182,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   with strategy.scope():
     model = model_lib.create_model(config, tokenizer.source_vocab_size,
                                    tokenizer.target_vocab_size, policy)
-    optimizer = create_optimizer(config, policy)
-    optimizer.build(model.trainable_variables)
     state = checkpoints.RunState()
-  checkpoint = checkpoints.training_checkpoint(model, optimizer, state)
+    optimizer = create_optimizer(config, policy, state.schedule_end_step)
+    optimizer.build(model.trainable_variables)
+    ema = WeightAverage(model, config.train.ema_decay) if config.train.ema_decay else None
+  checkpoint = checkpoints.training_checkpoint(model, optimizer, state, ema)
   manager = tf.train.CheckpointManager(
       checkpoint, os.path.join(run_dir, "checkpoints"),
       max_to_keep=config.train.keep_checkpoints, step_counter=state.step)
@@ -124,9 +196,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   # Every worker resumes from the chief's checkpoints: the others' are scratch copies.
   chief_manager = manager if chief else tf.train.CheckpointManager(
       checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=None)
-  checkpoints.restore_latest(chief_manager, state, optimizer, model)
+  checkpoints.restore_latest(chief_manager, state, optimizer, model, ema)
+  if config.train.decay != "cosine" or not config.train.max_seconds:
+    state.schedule_end_step.assign(0)  # No budget to fit: the cosine ends at train.steps.
+    state.schedule_budget_s.assign(0.0)
   run = Run(config, run_dir, strategy, tokenizer, model, optimizer, manager, best, state,
-            None, chief, pipeline.LengthStats(name="train_length_filter"))
+            None, chief, pipeline.LengthStats(name="train_length_filter"), ema=ema)
   step = int(state.step.numpy())
   if not run.finished_reason():
     warning = raw_input_warning(config, distribute.is_multi_worker(strategy), step)
@@ -182,25 +257,72 @@ def raw_input_warning(config: ml_collections.ConfigDict, multi_worker: bool,
 
 class Clock:
   """Wall-clock seconds of the run, kept in RunState.elapsed_s across invocations (for
-  train.max_seconds), and the share of this invocation's time spent evaluating."""
+  train.max_seconds), the share of this invocation's time spent evaluating, and its
+  seconds per train step after its first loop call (which compiles): what fit_cosine_end
+  measures. `now` is time.time; tests inject a fake clock."""
 
-  def __init__(self, state: checkpoints.RunState):
-    self.state, self.start, self.last = state, time.time(), time.time()
-    self.eval_s = 0.0
+  def __init__(self, state: checkpoints.RunState, now: Callable[[], float] = time.time):
+    self.state, self.now = state, now
+    self.start = self.last = now()
+    self.eval_s, self.evals = 0.0, 0
+    self.train_s, self.train_steps, self.calls = 0.0, 0, 0
 
-  def tick(self) -> None:
-    now = time.time()
+  def tick(self, steps: int = 0) -> None:
+    """Adds the seconds since the last tick to elapsed_s; `steps`: the loop call's steps."""
+    now = self.now()
+    if steps:
+      self.calls += 1
+      if self.calls > 1:
+        self.train_s += now - self.last
+        self.train_steps += steps
     self.state.elapsed_s.assign_add(now - self.last)
     self.last = now
 
   @contextlib.contextmanager
   def evaluating(self):
-    started = time.time()
+    started = self.now()
     try:
       yield
     finally:
-      self.eval_s += time.time() - started
+      self.eval_s += self.now() - started
+      self.evals += 1
       self.tick()
 
   def eval_fraction(self) -> float:
-    return self.eval_s / max(time.time() - self.start, 1e-9)
+    return self.eval_s / max(self.now() - self.start, 1e-9)
+
+
+# Train steps timed (after the first loop call) before the cosine's end is fitted.
+FIT_AFTER_STEPS = 20
+
+
+def fit_cosine_end(run: Run, clock: Clock, step: int) -> Optional[int]:
+  """train.decay=cosine with train.max_seconds: the update count at which the budget runs
+  out, or None when nothing is to be fitted now (docs/training.md, "Cosine fitted to the
+  budget").
+
+  Once per budget: when RunState.schedule_budget_s differs from train.max_seconds (never
+  fitted, or the budget was changed on resume), at the first call with step >=
+  train.warmup_steps and FIT_AFTER_STEPS timed steps. end = updates so far + remaining
+  budget / (seconds per step + seconds per evaluation / train.eval_every) (the schedule
+  ends at train.steps if that comes first); an evaluation counts only once this invocation
+  has timed one. The end and its budget go into RunState (checkpointed): a resumed run
+  keeps them (exact resume).
+  """
+  t, state = run.config.train, run.state
+  if (t.decay != "cosine" or not t.max_seconds
+      or float(state.schedule_budget_s.numpy()) == t.max_seconds
+      or step < t.warmup_steps or clock.train_steps < FIT_AFTER_STEPS):
+    return None
+  step_s = clock.train_s / clock.train_steps
+  eval_s = clock.eval_s / clock.evals if clock.evals else 0.0
+  remaining_s = max(t.max_seconds - float(state.elapsed_s.numpy()), 0.0)
+  updates = int(run.optimizer.iterations.numpy())
+  end = updates + int(remaining_s / max(step_s + eval_s / t.eval_every, 1e-9))
+  state.schedule_end_step.assign(max(end, 1))
+  state.schedule_budget_s.assign(t.max_seconds)
+  logging.info("Cosine schedule fitted to train.max_seconds=%g: it ends at update %d "
+               "(%.1f s left at step %d; %.4f s/step over %d steps, %.1f s per evaluation "
+               "every %d steps).", t.max_seconds, end, remaining_s, step, step_s,
+               clock.train_steps, eval_s, t.eval_every)
+  return end

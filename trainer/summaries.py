@@ -24,13 +24,14 @@ EVAL_SCALARS = ("loss", "perplexity", "bleu", "chrf")  # Of the Evaluator's metr
 TEST_SCALARS = ("bleu", "chrf", "loss")
 ATTENTION_TAG = "attention/{search}/probe_{index}"
 # Every tag a run writes, by TensorBoard run (workdir subdirectory), besides the HParams
-# plugin's own. loss_scale only with train.precision=mixed_float16; test/ only with
-# data.test; eval/ also holds ATTENTION_TAG for each search and probe sentence.
+# plugin's own. loss_scale only with train.precision=mixed_float16; schedule/end_step only
+# with train.decay=cosine and train.max_seconds; test/ only with data.test; eval/ also
+# holds ATTENTION_TAG for each search and probe sentence.
 TAGS = {
     "train": ("loss", "perplexity", "grad_norm", "target_tokens_per_sec",
               "examples_per_sec", "step_time_s", "input_wait_fraction", "compiled_shapes",
               "learning_rate", "data/over_long_fraction", "data/padding_fraction", "loss_scale",
-              "eval_time_fraction", "elapsed_s"),
+              "eval_time_fraction", "elapsed_s", "schedule/end_step"),
     "eval": EVAL_SCALARS + ("samples",),
     "test": TEST_SCALARS,
 }
@@ -79,6 +80,11 @@ def write_time(writer: tf.summary.SummaryWriter, step: int, eval_time_fraction: 
   """After each evaluation (train/): for dev BLEU against wall-clock time."""
   _write_scalars(writer, step, {"eval_time_fraction": eval_time_fraction,
                                 "elapsed_s": elapsed_s})
+
+
+def write_schedule(writer: tf.summary.SummaryWriter, step: int, end_step: int) -> None:
+  """The cosine schedule's end fitted to train.max_seconds (in updates), when fitted."""
+  _write_scalars(writer, step, {"schedule/end_step": end_step})
 
 
 def write_test(workdir: str, step: int, metrics: Mapping[str, float]) -> None:

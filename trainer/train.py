@@ -8,6 +8,7 @@ trainer/run_setup.py; where it runs (modes, multi-worker plumbing) is trainer/di
 evaluation, the best checkpoint and early stopping are trainer/evaluate.py; progress
 lines, TensorBoard and the profiler are trainer/summaries.py.
 """
+import contextlib
 import time
 from typing import Dict, List, Optional
 
@@ -126,9 +127,11 @@ def _skip_keras_all_reduce(optimizer) -> bool:
   return True
 
 
-def make_replica_step(model, optimizer, config, strategy):
+def make_replica_step(model, optimizer, config, strategy,
+                      ema: Optional[run_setup.WeightAverage] = None):
   """Per-replica train step: global gradients (all-reduced once, then clipped), then an
-  update unless the loss or the gradients are not finite."""
+  update unless the loss or the gradients are not finite, and after an update the moving
+  average of the weights (`ema`, the run's WeightAverage) if any."""
   fp16 = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
   scale_fn = ((lambda: tf.identity(optimizer.dynamic_scale)) if fp16
               else (lambda: tf.constant(1.0)))
@@ -141,8 +144,14 @@ def make_replica_step(model, optimizer, config, strategy):
 
     def apply():
       strategy.extended.call_for_each_replica(optimizer.apply, args=(grads, variables))
+      if ema is not None:
+        ema.update(strategy, optimizer.iterations)
 
     tf.cond(finite, apply, lambda: None)
+
+  def average_if_finite(strategy, finite):
+    finite = strategy.experimental_local_results(finite)[0]
+    tf.cond(finite, lambda: ema.update(strategy, optimizer.iterations), lambda: None)
 
   def replica_step(batches, step=0):
     grads, loss_sum, tokens, examples, grad_norm, finite, padding = global_gradients(
@@ -153,6 +162,8 @@ def make_replica_step(model, optimizer, config, strategy):
       # non-finite loss is handed to it as non-finite gradients (an fp16 overflow too).
       grads = [tf.where(finite, g, tf.constant(np.inf, g.dtype)) for g in grads]
       optimizer.apply(grads, variables)
+      if ema is not None:
+        tf.distribute.get_replica_context().merge_call(average_if_finite, args=(finite,))
     else:
       tf.distribute.get_replica_context().merge_call(apply_if_finite,
                                                      args=(grads, finite))
@@ -269,7 +280,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 interrupted=None, already_complete=True, stopped_by=None)
   config, t = run.config, run.config.train
   train_loop = make_train_loop(run.strategy, make_replica_step(
-      run.model, run.optimizer, config, run.strategy), timed=not t.deterministic_ops,
+      run.model, run.optimizer, config, run.strategy, run.ema), timed=not t.deterministic_ops,
       accumulate_steps=t.accumulate_steps)
   evaluator = None
   if run.is_chief:  # Also reads the dev set (holdout: a pass over data.train).
@@ -305,9 +316,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           out = {k: v.numpy().tolist() for k, v in out.items()}
           step += n
           run.state.step.assign(step)
-          clock.tick()
+          clock.tick(n)
           # All workers stop at the same step: any worker's signal, the chief's clock.
           interrupted = agree_to_stop(run.stop, run.state.elapsed_s)
+          _fit_schedule(run, clock, step, writers.get("train"), wait_for_chief)
         stopped_by = run.finished_reason()
         losses += out["loss"]
         progress.add(out, input_wait)
@@ -338,14 +350,32 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info("Stopping at step %d: the run %s.", step, stopped_by)
   test_metrics = None
   if stopped_by and not interrupted and config.data.test and run.is_chief:
-    test_metrics = evaluate.evaluate_test_set(
-        config, run.tokenizer, run.model, step,
-        num_replicas=run.strategy.num_replicas_in_sync)
+    with _averaged_weights(run):
+      test_metrics = evaluate.evaluate_test_set(
+          config, run.tokenizer, run.model, step,
+          num_replicas=run.strategy.num_replicas_in_sync)
     summaries.write_test(workdir, step, test_metrics)
   return _finish(run, step, progress, interrupted, dict(
       losses=losses, eval=eval_metrics, samples=getattr(evaluator, "samples", []),
       workdir=workdir, stopped_by=stopped_by, eval_time_fraction=clock.eval_fraction(),
       test=test_metrics))
+
+
+def _fit_schedule(run: run_setup.Run, clock: run_setup.Clock, step: int, writer,
+                  wait_for_chief: distribute.ChiefBroadcast) -> None:
+  """Fits the cosine's end to train.max_seconds when due (run_setup.fit_cosine_end); the
+  condition is the same on every worker, so all take the chief's end together."""
+  end = run_setup.fit_cosine_end(run, clock, step)
+  if end is None:
+    return
+  wait_for_chief(run.state.schedule_end_step)
+  if writer:
+    summaries.write_schedule(writer, step, int(run.state.schedule_end_step.numpy()))
+
+
+def _averaged_weights(run: run_setup.Run):
+  """Evaluation's weights: the moving average (train.ema_decay) swapped in, if any."""
+  return run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext()
 
 
 def _save_before_data_error(run: run_setup.Run) -> None:
@@ -366,7 +396,8 @@ def _evaluate(run: run_setup.Run, evaluator: Optional[evaluate.Evaluator], step:
   then take its count of evaluations without a gain."""
   metrics = {}
   if evaluator:
-    metrics = evaluator(step, writer, stop=lambda: run.stop.signal_name is not None)
+    with _averaged_weights(run):
+      metrics = evaluator(step, writer, stop=lambda: run.stop.signal_name is not None)
   if evaluator and metrics is not None:
     run.best.update(step, metrics["bleu"])
   wait_for_chief(run.state.evals_without_gain)
