@@ -231,22 +231,20 @@ def test_stacked_tied_decoder_gradients_in_the_train_step():
     assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max() + 1e-7, variable.path
 
 
-def test_stacked_tied_decoder_decodes_and_exports(tmp_path):
-  """Greedy and beam search run with two decoder layers (beam size 1 = greedy), and a
-  SavedModel of beam search reloads and decodes the same."""
+def test_stacked_tied_decoder_beam_search_exports(tmp_path):
+  """Beam search (which gathers the [B*K, L*U] state by beam) runs with two decoder layers
+  inside a tf.function, and a SavedModel of it reloads and decodes the same."""
   from trainer import decode
   model = _model(**SMALL, decoder_layers=2, tie_embeddings=True)
-  greedy_ids, greedy_weights = decode.greedy(model, SOURCE, 6)
-  ids, weights, _ = decode.beam_search(model, SOURCE, 1, 6)
-  np.testing.assert_array_equal(ids.numpy()[:, :greedy_ids.shape[1]], greedy_ids.numpy())
-  beam_ids = decode.beam_search(model, SOURCE, 3, 6)[0]
   module = tf.Module()
   module.model = model
   module.search = tf.function(lambda source: decode.beam_search(model, source, 3, 6)[0],
                               input_signature=[tf.TensorSpec([None, None], tf.int32)])
+  ids = module.search(SOURCE).numpy()
+  assert ids.shape == (2, 6)
   tf.saved_model.save(module, str(tmp_path))
-  reloaded = tf.saved_model.load(str(tmp_path))
-  np.testing.assert_array_equal(reloaded.search(SOURCE).numpy(), beam_ids.numpy())
+  reloaded = tf.saved_model.load(str(tmp_path))  # Kept: its functions use its variables.
+  np.testing.assert_array_equal(reloaded.search(SOURCE).numpy(), ids)
 
 
 def test_stacked_tied_decoder_learns():
@@ -254,7 +252,7 @@ def test_stacked_tied_decoder_learns():
   model = _model(**SMALL, decoder_layers=2, tie_embeddings=True)
   optimizer = keras.optimizers.Adam(1e-2)
   step = tf.function(lambda: _train_step(model, optimizer))
-  losses = [float(step()) for _ in range(40)]
+  losses = [float(step()) for _ in range(30)]
   assert losses[-1] < 0.5 * losses[0], losses
 
 
