@@ -21,7 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.test = "embedded:deu-eng:test"
   config.data.max_source_length = 32
   config.data.max_target_length = 32
-  config.data.bucket_boundaries = (8, 12, 16, 24, 32)
+  # Steps of 2 where most pairs are: 14% padding against 21% with (8, 12, 16, 24, 32), for
+  # 3 more compiled shapes (~5 s each); 1.16x target tokens/s (docs/peer.md).
+  config.data.bucket_boundaries = (8, 10, 12, 14, 16, 20, 24, 32)
   config.data.eval_examples = 1000
   config.tokenizer.vocab_size = 4000
   config.tokenizer.sample_size = 200000

@@ -338,3 +338,13 @@ def _reference_beams(model, source, beam_size, max_length, alpha):
     results.append(_reference_beam_search(model, source, beam_size, max_length, alpha,
                                           beam=n))
   return results
+
+
+def test_translate_fn_traces_once_for_every_batch_shape():
+  """A trace of the beam search costs seconds: batches of any size and length reuse one."""
+  model, config = _random_model(), tiny.get_config()
+  translate_ids = translate.make_translate_fn(model, config, beam_size=2)
+  for lengths, width in (([3, 2], 4), ([5, 1, 2], 6), ([1], 2)):
+    ids, weights, scores = translate_ids(_random_source(lengths, width))
+    assert ids.shape[0] == len(lengths) and weights.shape[-1] == width
+  assert translate_ids.experimental_get_tracing_count() == 1
