@@ -80,8 +80,7 @@ def replica_lengths(run: run_setup.Run, module, skip: int, num_steps: int) -> Di
 def compare(config, workdir: str, modules: Dict, rounds: int, steps: int) -> Dict:
   """{name: step times and replica lengths} for each pipeline module, timed alternately."""
   run = run_setup.setup(config, workdir)
-  train_loop = train.make_train_loop(run.strategy, train.make_replica_step(
-      run.model, run.optimizer, run.config, run.strategy))
+  train_loop = train.make_run_train_loop(run)
   bench._warm_up(run, train_loop, run.config)  # pylint: disable=protected-access
   iterators = {name: iter(_distributed(run, module)) for name, module in modules.items()}
   for iterator in iterators.values():  # Fills the shuffle buffers; not timed.

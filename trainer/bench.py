@@ -2,8 +2,8 @@
 trains a few steps in every mode combination the device allows; `nmt-bench translate`
 times a trained run translating a file, and its SavedModel's latency.
 
-`run` builds a run exactly as `nmt-train` does (run_setup.setup, make_replica_step,
-make_train_loop), compiles every batch shape of the bucket grid first, then times
+`run` builds a run exactly as `nmt-train` does (run_setup.setup, train.make_run_train_loop,
+with the moving average if on), compiles every batch shape of the bucket grid first, then times
 `num_steps` steps of the configured input pipeline. Side-by-side comparisons with the
 seed tutorial and batch-size sweeps live in benchmarks/compare.py.
 """
@@ -213,10 +213,7 @@ def run(config, workdir: str, num_steps: int = 30) -> Dict:
   load_before = os.getloadavg()[0]
   run_ = run_setup.setup(config, workdir)
   config = run_.config  # Resolved: no 'auto' modes.
-  train_loop = train.make_train_loop(run_.strategy, train.make_replica_step(
-      run_.model, run_.optimizer, config, run_.strategy),
-      timed=not config.train.deterministic_ops,
-      accumulate_steps=config.train.accumulate_steps)
+  train_loop = train.make_run_train_loop(run_)  # With train.ema_decay's update, if on.
   peak = measure_peak_gflops(compute_dtype(config.train.precision))
   compiled = _warm_up(run_, train_loop, config)
   timed = _time_steps(run_, train_loop, num_steps, config.train.steps_per_loop)

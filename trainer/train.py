@@ -214,6 +214,15 @@ def make_train_loop(strategy, replica_step, timed: bool = True,
   return train_loop
 
 
+def make_run_train_loop(run: run_setup.Run):
+  """The train loop of a built run, as nmt-train runs it (nmt-bench and the benchmarks
+  time this same loop): its model, optimizer, strategy, moving average and modes."""
+  t = run.config.train
+  return make_train_loop(run.strategy, make_replica_step(
+      run.model, run.optimizer, run.config, run.strategy, run.ema),
+      timed=not t.deterministic_ops, accumulate_steps=t.accumulate_steps)
+
+
 def _count_nonfinite(finite: List[float], in_a_row: int, step: int, limit: int) -> int:
   """Non-finite steps in a row after this call's steps; stops the run at `limit`."""
   for f in finite:
@@ -279,9 +288,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return dict(losses=[], eval=None, samples=[], workdir=workdir, step=step, seconds=0.0,
                 interrupted=None, already_complete=True, stopped_by=None)
   config, t = run.config, run.config.train
-  train_loop = make_train_loop(run.strategy, make_replica_step(
-      run.model, run.optimizer, config, run.strategy, run.ema), timed=not t.deterministic_ops,
-      accumulate_steps=t.accumulate_steps)
+  train_loop = make_run_train_loop(run)
   evaluator = None
   if run.is_chief:  # Also reads the dev set (holdout: a pass over data.train).
     evaluator = evaluate.Evaluator(config, run.tokenizer, run.model,
