@@ -277,7 +277,8 @@ def test_cosine_fitted_to_the_budget_is_kept_on_resume_and_refitted_when_raised(
     return clock(state, now=lambda: 0.125 * float(state.step.numpy()))
 
   monkeypatch.setattr(run_setup, "Clock", fake_clock)
-  caplog.set_level(logging.INFO)
+  # The absl logger's own level: an earlier test's flag parsing may have raised it.
+  caplog.set_level(logging.INFO, logger="absl")
   config = _config(embedded_data_dir, 40)
   config.train.update(decay="cosine", warmup_steps=5, max_seconds=7.5, batch_size=16,
                       eval_every=1000)
