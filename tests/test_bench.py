@@ -29,6 +29,13 @@ def test_flops_formula_on_a_hand_computed_case():
   # Bidirectional: encoder 2 x 24, bridge 2*1*2*2*1*1 + 2*1*2*1*1 = 12; the rest as above.
   assert bench.model_flops_per_step(_model_config(bidirectional=True), 1, 2, 2, 1) == (
       3 * (48 + 12 + 4 + 28 + 2))
+  # A second decoder layer: + 2*1*1*3 (input) + 2*1*1*3 (recurrent) = 12 per step.
+  assert bench.model_flops_per_step(_model_config(decoder_layers=2), 1, 2, 2, 1) == 3 * 70
+  # Tied, E=2 != U=1: the units -> embed projection 2*1*1*1*2 = 4, then 2*1*1*2*1 = 4
+  # against the untied 2; the cell's input is U + E = 3 wide: 2*1*3*3 + 6 = 24, the encoder
+  # 2*1*2*(2+1)*3 = 36.
+  assert bench.model_flops_per_step(_model_config(embed_dim=2, tie_embeddings=True),
+                                    1, 2, 2, 1) == 3 * (36 + 4 + 10 + 24 + 8)
 
 
 def test_flops_formula_scales_like_the_model():

@@ -73,8 +73,10 @@ def model_flops_per_step(model_config, batch_size: int, source_length: int,
     bidirectional bridge (outputs and state):                    2*B*S*2U*U + 2*B*2U*U
     attention keys W2(values), once per batch:                   2*B*S*U*U
     per decoder step: W1 2*B*U*U, score V 2*B*S*U, context 2*B*S*U,
-                      GRU cell 2*B*(U + E)*3U + 2*B*U*3U
+                      GRU cell 2*B*(U + E)*3U + 2*B*U*3U,
+                      each layer above (model.decoder_layers): 2*B*U*3U + 2*B*U*3U
     output projection over all steps:                            2*B*T*U*V
+      (model.tie_embeddings with E != U: 2*B*T*U*E + 2*B*T*E*V)
   Training = 3 x forward (the backward pass costs two forward matmuls per matmul).
   """
   b, s, t = batch_size, source_length, target_length - 1
@@ -88,8 +90,12 @@ def model_flops_per_step(model_config, batch_size: int, source_length: int,
     encoder += 2 * b * s * 2 * u * u + 2 * b * 2 * u * u
   keys = 2 * b * s * u * u
   decoder_step = (2 * b * u * u + 4 * b * s * u + 2 * b * (u + e) * 3 * u
-                  + 2 * b * u * 3 * u)
-  projection = 2 * b * t * u * target_vocab_size
+                  + 2 * b * u * 3 * u
+                  + (m.get("decoder_layers", 1) - 1) * 2 * (2 * b * u * 3 * u))
+  if m.get("tie_embeddings", False) and e != u:
+    projection = 2 * b * t * u * e + 2 * b * t * e * target_vocab_size
+  else:
+    projection = 2 * b * t * u * target_vocab_size
   return 3.0 * (encoder + keys + t * decoder_step + projection)
 
 
