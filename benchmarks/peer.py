@@ -13,8 +13,10 @@ JSON line per side on stdout:
 Keys of both sides: side, pair, budget_s, steps, train_seconds, target_tokens_per_sec (real
 target tokens incl. EOS per second, median of the progress reports after the first; both
 tools count them the same way), bleu, chrf, test_sentences, infer_seconds, machine, date.
-The project's precision is a flag (float32 as the peer, or auto). Nothing else may run on
-the machine meanwhile: both sides are timed by the wall clock.
+The project's precision is a flag (float32 as the peer, or auto). The project side turns
+off configs/tatoeba.py's tied embeddings (and EMA if set), which the kit's model lacks (`--recipe`
+keeps them). Nothing else may run on the machine meanwhile: both sides are timed by the
+wall clock.
 """
 import argparse
 import datetime
@@ -91,6 +93,10 @@ def run_project(args, corpora: str) -> Dict:
                '--config.data.test=', f"--config.train.max_seconds={args.seconds}",
                f"--config.train.precision={args.precision}", "--config.eval.beam_size=4",
                "--config.eval.length_penalty=0.6"]
+  if not args.recipe:
+    # The kit's model has neither tied target embeddings nor a moving average of the weights
+    # (configs/tatoeba.py ties them since 2026-12-04): off, so that both sides train one model.
+    overrides += ["--config.model.tie_embeddings=False", "--config.train.ema_decay=0.0"]
   if args.smoke_lines:
     overrides.append(f"--config.data.eval_examples={args.smoke_lines}")
   started = time.monotonic()
@@ -131,6 +137,9 @@ def main(argv=None) -> None:
                       "train.precision (float32 as the peer, or auto)")
   parser.add_argument("--onmt_dir", default="/tmp/onmt_peer", help="writable copy of the "
                       "kit (made and set up on first use: a venv with TensorFlow 2.13)")
+  parser.add_argument("--recipe", action="store_true", help="the project side runs "
+                      "configs/tatoeba.py as it is (tied embeddings) instead of the "
+                      "kit's model")
   parser.add_argument("--workdir", default="/tmp/peer_runs", help="the project's runs")
   parser.add_argument("--smoke_lines", type=int, default=0, help="only the first N dev and "
                       "test pairs (a quick check of the chain)")
