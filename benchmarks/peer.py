@@ -14,9 +14,9 @@ Keys of both sides: side, pair, budget_s, steps, train_seconds, target_tokens_pe
 target tokens incl. EOS per second, median of the progress reports after the first; both
 tools count them the same way), bleu, chrf, test_sentences, infer_seconds, machine, date.
 The project's precision is a flag (float32 as the peer, or auto). The project side turns
-off configs/tatoeba.py's tied embeddings (and EMA if set), which the kit's model lacks (`--recipe`
-keeps them). Nothing else may run on the machine meanwhile: both sides are timed by the
-wall clock.
+off configs/tatoeba.py's tied embeddings (and EMA if set), which the kit's model lacks
+(`--recipe` keeps them). Nothing else may run on the machine meanwhile: both sides are timed
+by the wall clock.
 """
 import argparse
 import datetime
