@@ -35,7 +35,8 @@ setuptools.setup(
         # nmt-prepare --runner=direct|DataflowRunner|...: prepare on Apache Beam workers.
         "beam": ["apache-beam>=2.77,<3"],
         # The Beam tests run in CI too (tests/test_prepare_beam.py), never skipped.
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "apache-beam>=2.77,<3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5,<4",
+                 "apache-beam>=2.77,<3"],
     },
     entry_points={
         "console_scripts": [

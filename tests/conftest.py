@@ -76,3 +76,53 @@ def tiny_run(embedded_data_dir, tmp_path_factory):
   summary = train.train_and_evaluate(config, workdir,
                                      tf.distribute.OneDeviceStrategy("/cpu:0"))
   return config, workdir, summary
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reuse_trained_tokenizers(tmp_path_factory):
+  """In this process, a run on an `embedded:` corpus trains its tokenizer only the first
+  time a data and tokenizer config is seen; later fresh workdirs with the same ones get a
+  copy of its files. Each training costs a pass over the corpus plus SentencePiece (~10 s
+  of a 2-core CPU) and ~25 tests train from fresh workdirs on the same corpus, so this
+  saves minutes; the training path still runs once per config here, and
+  tests/test_tokenizer.py tests it directly. Other sources (files a test writes, prepared
+  corpora) and subprocesses train as users' runs do."""
+  import json
+  import shutil
+  from input_pipeline import datasets
+  from input_pipeline import tokenizer as tokenizer_lib
+  store = tmp_path_factory.mktemp("tokenizers")
+  trained: dict[str, str] = {}
+  make_sample, train_and_store = datasets.tokenizer_sample, tokenizer_lib._train_and_store
+
+  def tokenizer_sample(config):
+    sample = make_sample(config)
+    if not callable(sample) or not config.data.train.startswith("embedded:"):
+      return sample
+
+    def keyed():
+      return sample()
+
+    # The keys that cannot change the sample drawn from data.train are left out.
+    data = {k: v for k, v in config.data.to_dict().items()
+            if k not in ("test", "eval_examples", "bucket_boundaries", "shuffle_buffer")}
+    keyed.key = json.dumps([data, config.tokenizer.to_dict(), config.seed], sort_keys=True,
+                           default=str)
+    return keyed
+
+  def train_and_store_once(tok_config, directory, sample):
+    key = getattr(sample, "key", None)
+    if key is None:
+      return train_and_store(tok_config, directory, sample)
+    if key in trained:
+      shutil.copytree(trained[key], directory)
+      return None
+    train_and_store(tok_config, directory, sample)
+    trained[key] = str(store / str(len(trained)))
+    shutil.copytree(directory, trained[key])
+    return None
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(datasets, "tokenizer_sample", tokenizer_sample)
+    patch.setattr(tokenizer_lib, "_train_and_store", train_and_store_once)
+    yield
