@@ -81,12 +81,13 @@ def tiny_run(embedded_data_dir, tmp_path_factory):
 @pytest.fixture(scope="session", autouse=True)
 def reuse_trained_tokenizers(tmp_path_factory):
   """In this process, a run on an `embedded:` corpus trains its tokenizer only the first
-  time a data and tokenizer config is seen; later fresh workdirs with the same ones get a
-  copy of its files. Each training costs a pass over the corpus plus SentencePiece (~10 s
-  of a 2-core CPU) and ~25 tests train from fresh workdirs on the same corpus, so this
-  saves minutes; the training path still runs once per config here, and
-  tests/test_tokenizer.py tests it directly. Other sources (files a test writes, prepared
-  corpora) and subprocesses train as users' runs do."""
+  time a data and tokenizer config is seen; later fresh workdirs with the same ones copy
+  it through tokenizer.StoredTokenizer, the path a `prepared:` corpus takes (config
+  checked, tokenizer.json written last). Each training costs a pass over the corpus plus
+  SentencePiece (~10 s of a 2-core CPU) and many tests train from fresh workdirs on the
+  same corpus (tests/test_train_loop.py: 181 -> 149 s); the training path still runs once
+  per config here, and tests/test_tokenizer.py tests it directly. Other sources (files a
+  test writes, prepared corpora) and subprocesses train as users' runs do."""
   import json
   import shutil
   from input_pipeline import datasets
@@ -99,30 +100,29 @@ def reuse_trained_tokenizers(tmp_path_factory):
     sample = make_sample(config)
     if not callable(sample) or not config.data.train.startswith("embedded:"):
       return sample
+    # The keys that cannot change the sample drawn from data.train are left out.
+    data = {k: v for k, v in config.data.to_dict().items()
+            if k not in ("test", "eval_examples", "bucket_boundaries", "shuffle_buffer")}
+    key = json.dumps([data, config.tokenizer.to_dict(), config.seed], sort_keys=True,
+                     default=str)
+    if key in trained:
+      return tokenizer_lib.StoredTokenizer(trained[key])
 
     def keyed():
       return sample()
 
-    # The keys that cannot change the sample drawn from data.train are left out.
-    data = {k: v for k, v in config.data.to_dict().items()
-            if k not in ("test", "eval_examples", "bucket_boundaries", "shuffle_buffer")}
-    keyed.key = json.dumps([data, config.tokenizer.to_dict(), config.seed], sort_keys=True,
-                           default=str)
+    keyed.key = key
     return keyed
 
-  def train_and_store_once(tok_config, directory, sample):
-    key = getattr(sample, "key", None)
-    if key is None:
-      return train_and_store(tok_config, directory, sample)
-    if key in trained:
-      shutil.copytree(trained[key], directory)
-      return None
+  def train_and_store_and_keep(tok_config, directory, sample):
+    """Trains as the project does, then keeps a copy for the next run with its key."""
     train_and_store(tok_config, directory, sample)
-    trained[key] = str(store / str(len(trained)))
-    shutil.copytree(directory, trained[key])
-    return None
+    key = getattr(sample, "key", None)
+    if key is not None and key not in trained:
+      trained[key] = str(store / str(len(trained)))
+      shutil.copytree(directory, trained[key])
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(datasets, "tokenizer_sample", tokenizer_sample)
-    patch.setattr(tokenizer_lib, "_train_and_store", train_and_store_once)
+    patch.setattr(tokenizer_lib, "_train_and_store", train_and_store_and_keep)
     yield
