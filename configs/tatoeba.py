@@ -35,15 +35,18 @@ def get_config() -> ml_collections.ConfigDict:
   # (dev BLEU at step 1000: 19.4 -> 23.0; EMA 0.999 17.0; budget-fitted cosine, SentencePiece
   # sampling and 2 decoder layers lost at 600 s on a 2-core EPYC; docs/real_corpora.md).
   config.model.tie_embeddings = True
-  config.train.batch_size = 128
+  # Batches of 64 at a peak of 6e-3 after 150 warmup steps: on one core for 600 s, deu-eng dev
+  # BLEU 27.6 -> 34.3 against batches of 128 at 3e-3 after 300 (0.13 s/step instead of 0.24
+  # alone: 1.8x the updates for 0.86x the tokens/s; docs/real_corpora.md, 2026-12-04).
+  config.train.batch_size = 64
   config.train.steps = 100000
-  config.train.learning_rate = 3e-3
-  config.train.warmup_steps = 300
+  config.train.learning_rate = 6e-3
+  config.train.warmup_steps = 150
   config.train.decay = "rsqrt"  # No end to decay to: runs are cut by train.max_seconds.
   config.train.label_smoothing = 0.1
   config.train.log_every = 200
   config.train.checkpoint_every = 1000
-  config.train.eval_every = 1000
+  config.train.eval_every = 2000  # 128,000 sentences between evaluations, as at batch 128.
   # Real sentences from outside the corpus (checked against train, dev and test).
   config.eval.probe_sentences = ("Ich habe heute keine Zeit, weil ich arbeiten muss.",
                                  "Mein Bruder wohnt seit zwei Jahren in Berlin.")
