@@ -14,8 +14,9 @@ Keys of both sides: side, pair, budget_s, steps, train_seconds, target_tokens_pe
 target tokens incl. EOS per second, median of the progress reports after the first; both
 tools count them the same way), bleu, chrf, test_sentences, infer_seconds, machine, date.
 The project's precision is a flag (float32 as the peer, or auto). The project side turns
-off configs/tatoeba.py's tied embeddings (and EMA if set), which the kit's model lacks
-(`--recipe` keeps them). Nothing else may run on the machine meanwhile: both sides are timed
+off configs/tatoeba.py's tied embeddings (and EMA if set), which the kit's model lacks, and
+trains the kit's batches of 128 at 3e-3 after 300 warmup steps (`--recipe` keeps
+tatoeba.py's own). Nothing else may run on the machine meanwhile: both sides are timed
 by the wall clock.
 """
 import argparse
@@ -95,8 +96,12 @@ def run_project(args, corpora: str) -> Dict:
                "--config.eval.length_penalty=0.6"]
   if not args.recipe:
     # The kit's model has neither tied target embeddings nor a moving average of the weights
-    # (configs/tatoeba.py ties them since 2026-12-04): off, so that both sides train one model.
-    overrides += ["--config.model.tie_embeddings=False", "--config.train.ema_decay=0.0"]
+    # (configs/tatoeba.py ties them since 2026-12-04), and trains batches of 128 at 3e-3 after
+    # 300 warmup steps (tatoeba.py: 64 at 6e-3 after 150 since 2026-12-04): the kit's values,
+    # so that both sides train one model on the same batches and schedule.
+    overrides += ["--config.model.tie_embeddings=False", "--config.train.ema_decay=0.0",
+                  "--config.train.batch_size=128", "--config.train.learning_rate=3e-3",
+                  "--config.train.warmup_steps=300", "--config.train.eval_every=1000"]
   if args.smoke_lines:
     overrides.append(f"--config.data.eval_examples={args.smoke_lines}")
   started = time.monotonic()
@@ -138,8 +143,8 @@ def main(argv=None) -> None:
   parser.add_argument("--onmt_dir", default="/tmp/onmt_peer", help="writable copy of the "
                       "kit (made and set up on first use: a venv with TensorFlow 2.13)")
   parser.add_argument("--recipe", action="store_true", help="the project side runs "
-                      "configs/tatoeba.py as it is (tied embeddings) instead of the "
-                      "kit's model")
+                      "configs/tatoeba.py as it is (tied embeddings, batch 64 at "
+                      "6e-3) instead of the kit's model and batches")
   parser.add_argument("--workdir", default="/tmp/peer_runs", help="the project's runs")
   parser.add_argument("--smoke_lines", type=int, default=0, help="only the first N dev and "
                       "test pairs (a quick check of the chain)")
