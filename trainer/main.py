@@ -299,6 +299,11 @@ def _eval_main(argv) -> None:
                                             use_ema=not FLAGS.no_ema)
     if FLAGS.data:
       loaded.config.data.eval = FLAGS.data
+      # A corpus named here is scored whole (as the test score at the end of a run is), not
+      # cut to the first data.eval_examples sentences the in-training evaluations use.
+      loaded.config.data.eval_examples = 0
+    if FLAGS.examples is not None:
+      loaded.config.data.eval_examples = FLAGS.examples
     metrics = evaluate.evaluate_checkpoint(loaded.config, loaded.tokenizer, loaded.model,
                                            FLAGS.beam_size)
   except (ValueError, OSError) as e:  # CorpusError is a ValueError.
@@ -311,7 +316,10 @@ def _eval_main(argv) -> None:
 def run_eval() -> None:
   _define_inference_flags()
   flags.DEFINE_string("data", None, "Corpus to score instead of the run's config.data.eval "
-                      "(same syntax, e.g. tsv:test.tsv).")
+                      "(same syntax, e.g. tsv:test.tsv), all of it unless --examples.")
+  flags.DEFINE_integer("examples", None, "Score the first N sentences (0 = all); default: "
+                       "all of --data, or the run's data.eval_examples of its dev corpus "
+                       "(as in its TensorBoard dev BLEU).", lower_bound=0)
   _run(_eval_main)
 
 
