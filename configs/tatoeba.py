@@ -8,7 +8,8 @@ Your own Anki export: `--config.data.train=tsv:spa.txt:1:0 --config.data.eval=ho
 --config.data.test=""` (Anki files are English<TAB>other, hence the columns 1:0).
 A wall-clock budget: `--config.train.max_seconds=600` (raise it and rerun to go on). Without
 dropout it overfits the 165k deu-eng pairs after about an hour of a 2-core CPU (~18,000 steps;
-docs/real_corpora.md, "The 2-hour runs"): beyond that, the best checkpoint is the one to use.
+docs/real_corpora.md, "The 2-hour runs"): beyond that, the best checkpoint is the one to use,
+and `--config.train.ema_decay=0.999` adds ~1 BLEU (at 600 s it does not pay for its cost).
 """
 import ml_collections
 
