@@ -10,6 +10,8 @@ A wall-clock budget: `--config.train.max_seconds=600` (raise it and rerun to go 
 dropout it overfits the 165k deu-eng pairs after about an hour of a 2-core CPU (~18,000 steps;
 docs/real_corpora.md, "The 2-hour runs"): beyond that, the best checkpoint is the one to use,
 and `--config.train.ema_decay=0.999` adds ~1 BLEU (at 600 s it does not pay for its cost).
+On fra-eng dev BLEU plateaus instead (2 hours: 58.6 test BLEU with the moving average, final
+weights better than the best-by-dev checkpoint): the second hour adds at most ~1 BLEU on both.
 """
 import ml_collections
 
