@@ -110,19 +110,23 @@ def test_eval_cli_prints_one_json_line(workdir):
                "--examples=25")
   assert result.returncode == 0, result.stderr[-3000:]
   metrics = json.loads(result.stdout.strip())
-  assert set(metrics) == {"bleu", "chrf", "loss", "examples", "checkpoint", "step", "ema"}
+  assert set(metrics) == {"bleu", "chrf", "loss", "loss_pairs", "loss_dropped", "examples",
+                          "checkpoint", "step", "ema"}
   assert metrics["examples"] == 25 and metrics["step"] == 60 and metrics["ema"] is False
   assert metrics["checkpoint"].endswith("ckpt-60") and metrics["loss"] < 3.0
 
 
 def test_eval_cli_scores_all_of_a_named_corpus_unless_told(workdir, tmp_path):
-  # 250 pairs, more than tiny.py's data.eval_examples=200 (the cut of in-training evals).
-  word_pairs.write_tsv(tmp_path / "test.tsv", word_pairs.english_german(250, seed=2,
-                                                                          max_words=6))
+  # 250 pairs, more than tiny.py's data.eval_examples=200 (the cut of in-training evals),
+  # and one longer than tiny's data.max_source_length=24: translated, left out of the loss.
+  pairs = word_pairs.english_german(250, seed=2, max_words=3)
+  pairs.insert(100, (" ".join(["dog"] * 40), "Hund"))
+  word_pairs.write_tsv(tmp_path / "test.tsv", pairs)
   result = cli("run_eval", f"--workdir={workdir}", "--beam_size=1", "--no_ema",
                f"--data=tsv:{tmp_path / 'test.tsv'}")
   assert result.returncode == 0, result.stderr[-3000:]
-  assert json.loads(result.stdout.strip())["examples"] == 250
+  metrics = json.loads(result.stdout.strip())
+  assert (metrics["examples"], metrics["loss_pairs"], metrics["loss_dropped"]) == (251, 250, 1)
 
 
 def test_workdir_without_checkpoint(tmp_path):

@@ -11,6 +11,7 @@ import sacrebleu
 import tensorflow as tf
 
 from input_pipeline import datasets
+from input_pipeline import pipeline
 from trainer import checkpoints
 from trainer import summaries
 from trainer import translate as translate_lib
@@ -46,7 +47,8 @@ def make_eval_loss_fn(model):
   return eval_step
 
 
-def make_eval_dataset(config, tokenizer, num_replicas: int = 1) -> tf.data.Dataset:
+def make_eval_dataset(config, tokenizer, num_replicas: int = 1,
+                      length_stats: Optional[pipeline.LengthStats] = None) -> tf.data.Dataset:
   """config.data.eval in batches of one replica's share of the train batch (sentences or
   tokens): what one device was sized for. The global batch, on the one device that
   evaluates, would need num_replicas x the memory of a train step."""
@@ -57,7 +59,8 @@ def make_eval_dataset(config, tokenizer, num_replicas: int = 1) -> tf.data.Datas
   if num_replicas > 1:  # One pipeline feeding num_replicas replicas: per-replica batches.
     context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0,
                                          num_replicas_in_sync=num_replicas)
-  return datasets.make_dataset(config, tokenizer, "eval", input_context=context)
+  return datasets.make_dataset(config, tokenizer, "eval", input_context=context,
+                               length_stats=length_stats)
 
 
 def eval_loss(eval_step, dataset: tf.data.Dataset) -> float:
@@ -75,18 +78,24 @@ def evaluate_checkpoint(config, tokenizer, model, beam_size: Optional[int] = Non
 
   Translates the first data.eval_examples sentences (0 = all), as the training Evaluator
   does, with `beam_size` beams (default config.eval.beam_size). The loss batches are one
-  of `num_replicas` replicas' share of the train batch (make_eval_dataset).
+  of `num_replicas` replicas' share of the train batch (make_eval_dataset). The loss is
+  over all of data.eval less its over-long pairs (data.max_*_length: dropped under
+  length_policy=drop); `loss_pairs` and `loss_dropped` say how many, so that a loss is never
+  read as over pairs it left out. BLEU/chrF translate every pair, long or not.
   """
+  length_stats = pipeline.LengthStats(name="length_stats_eval")
   with datasets.surface_corpus_errors():  # A bad eval file: its CorpusError, not tf.data's.
     loss = eval_loss(make_eval_loss_fn(model),
-                     make_eval_dataset(config, tokenizer, num_replicas))
+                     make_eval_dataset(config, tokenizer, num_replicas, length_stats))
+  lengths = length_stats.result()
   limit = config.data.eval_examples or None
   pairs = list(datasets.read_pairs(config.data.eval, config.data, limit=limit))
   translate_ids = translate_lib.make_translate_fn(model, config, beam_size)
   hyps, _, _, _ = translate_lib.translate(translate_ids, tokenizer, [s for s, _ in pairs],
                                           config)
   metrics = score(hyps, [t for _, t in pairs])
-  metrics.update(loss=loss, examples=len(pairs))
+  metrics.update(loss=loss, loss_pairs=lengths["seen"] - lengths["dropped"],
+                 loss_dropped=lengths["dropped"], examples=len(pairs))
   return metrics
 
 
