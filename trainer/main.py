@@ -308,10 +308,8 @@ def _eval_main(argv) -> None:
                                            FLAGS.beam_size)
   except (ValueError, OSError) as e:  # CorpusError is a ValueError.
     _fail(str(e))
-  print(json.dumps(dict(bleu=metrics["bleu"], chrf=metrics["chrf"], loss=metrics["loss"],
-                        loss_pairs=metrics["loss_pairs"], loss_dropped=metrics["loss_dropped"],
-                        examples=metrics["examples"], checkpoint=loaded.checkpoint,
-                        step=loaded.step, ema=loaded.ema), default=float))
+  print(json.dumps(dict(metrics, checkpoint=loaded.checkpoint, step=loaded.step,
+                        ema=loaded.ema), default=float))
 
 
 def run_eval() -> None:
