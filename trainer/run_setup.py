@@ -307,7 +307,7 @@ class Clock:
 
 # Train steps timed (after the first loop call) before the cosine's end is fitted.
 FIT_AFTER_STEPS = 20
-# Loop calls whose step times Clock keeps for the median (bounded memory at step 10^6).
+# Loop calls whose step times Clock.step_seconds averages (bounded memory at step 10^6).
 _TIMED_CALLS = 1000
 
 
@@ -319,11 +319,10 @@ def fit_cosine_end(run: Run, clock: Clock, step: int) -> Optional[int]:
   Once per budget: when RunState.schedule_budget_s differs from train.max_seconds (never
   fitted, or the budget was changed on resume), at the first call with step >=
   train.warmup_steps and FIT_AFTER_STEPS timed steps. end = updates so far + remaining
-  budget / (seconds per step (Clock.step_seconds: over loop calls, without outliers) + seconds per
-  evaluation / train.eval_every) (the schedule ends at train.steps if that comes first);
-  an evaluation counts only once this invocation
-  has timed one. The end and its budget go into RunState (checkpointed): a resumed run
-  keeps them (exact resume).
+  budget / (seconds per step (Clock.step_seconds: over loop calls, outliers left out) +
+  seconds per evaluation / train.eval_every) (the schedule ends at train.steps if that
+  comes first); an evaluation counts only once this invocation has timed one. The end and
+  its budget go into RunState (checkpointed): a resumed run keeps them (exact resume).
   """
   t, state = run.config.train, run.state
   if (t.decay != "cosine" or not t.max_seconds
@@ -338,7 +337,7 @@ def fit_cosine_end(run: Run, clock: Clock, step: int) -> Optional[int]:
   state.schedule_end_step.assign(max(end, 1))
   state.schedule_budget_s.assign(t.max_seconds)
   logging.info("Cosine schedule fitted to train.max_seconds=%g: it ends at update %d "
-               "(%.1f s left at step %d; %.4f s/step over %d steps' loop calls, outliers left out; "
-               "%.1f s per evaluation every %d steps).", t.max_seconds, end, remaining_s, step, step_s,
-               clock.train_steps, eval_s, t.eval_every)
+               "(%.1f s left at step %d; %.4f s/step over %d steps' loop calls, outliers "
+               "left out; %.1f s per evaluation every %d steps).", t.max_seconds, end,
+               remaining_s, step, step_s, clock.train_steps, eval_s, t.eval_every)
   return end
