@@ -16,6 +16,7 @@ import ml_collections
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 XLA_MODES = ("auto", "off", "decoder_step", "train_step")
 RECURRENCES = ("auto", "fused", "keras", "cudnn")
+DROPOUT_RNGS = ("auto", "default", "threefry")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 # model.* keys that shape the variables: a checkpoint fits only the values it was trained with.
 SHAPE_KEYS = ("model.units", "model.embed_dim", "model.encoder_layers", "model.bidirectional",
@@ -197,6 +198,7 @@ def _model(config) -> None:
         "model.decoder_layers")
   _number(config, "model.dropout", 0.0, 1.0, high_open=True)
   _choice(config, "model.recurrence", RECURRENCES)
+  _choice(config, "model.dropout_rng", DROPOUT_RNGS)
   _bool(config, "model.bidirectional", "model.tie_embeddings")
 
 
@@ -229,6 +231,15 @@ def _train(config) -> None:
   conflict = mode_conflict(config.model.recurrence, t.xla, t.precision)
   if conflict:
     raise ConfigError(conflict)
+  if config.model.dropout_rng == "threefry" and t.xla not in ("auto", "train_step"):
+    raise ConfigError(threefry_refusal(t.xla))
+
+
+def threefry_refusal(xla: str) -> str:
+  """Why model.dropout_rng=threefry cannot run with this (resolved) train.xla."""
+  return (f"config.model.dropout_rng='threefry' with config.train.xla={xla!r} cannot run: "
+          "only XLA implements ThreeFry (TensorFlow's own random kernels reject it). "
+          "Use train.xla=train_step, or model.dropout_rng=auto.")
 
 
 def mode_conflict(recurrence: str, xla: str, precision: str) -> Optional[str]:

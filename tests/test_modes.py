@@ -88,6 +88,34 @@ def test_a_sentence_batch_that_does_not_split_over_the_replicas_is_refused():
   distribute.resolve_modes(config, CPU, num_replicas=3)
 
 
+@pytest.mark.parametrize("devices, xla, expected", [
+    (CPU, "auto", "threefry"), (CPU, "train_step", "threefry"), (CPU, "off", "default"),
+    (CPU, "decoder_step", "default"), (BF16_CPU, "auto", "default"),  # decoder_step there.
+    (A100, "auto", "default"), (V100, "train_step", "default"),  # GPUs keep TF's Philox.
+])
+def test_dropout_masks_use_threefry_only_where_xla_compiles_the_step_on_a_cpu(
+    devices, xla, expected):
+  config = tiny.get_config()
+  config.train.xla, config.train.precision = xla, "auto"
+  assert distribute.resolve_modes(config, devices).model.dropout_rng == expected
+
+
+def test_threefry_where_xla_does_not_draw_the_masks_is_refused():
+  config = tiny.get_config()
+  config.model.dropout_rng, config.train.xla, config.train.precision = "threefry", "off", "auto"
+  with pytest.raises(validate.ConfigError,
+                     match=r"dropout_rng='threefry' with config.train.xla='off'"):
+    validate.validate(config)
+  config.train.xla = "auto"
+  validate.validate(config)  # auto may resolve to train_step: decided on the device.
+  assert distribute.resolve_modes(config, CPU).model.dropout_rng == "threefry"
+  with pytest.raises(validate.ConfigError, match="train.xla='decoder_step'"):
+    distribute.resolve_modes(config, BF16_CPU)  # bf16 on a CPU compiles the step only.
+  config.model.dropout_rng = "philox"
+  with pytest.raises(validate.ConfigError, match="must be one of auto | default | threefry"):
+    validate.validate(config)
+
+
 @pytest.mark.parametrize("flags, bf16", [
     ("fpu avx2 avx512f avx512_vnni", False),  # Cascade Lake: bf16 only emulated.
     ("fpu avx512f avx512_bf16", False),  # Cooper Lake, Zen 4: measured slower than fp32.

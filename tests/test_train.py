@@ -168,6 +168,7 @@ def test_an_infinite_loss_with_finite_clipped_gradients_is_skipped():
 
 def _dropout_gradients(strategy, config, step):
   """The train step's global gradients when every replica gets the same 16 pairs."""
+  config = distribute.resolve_modes(config, distribute.Devices())  # As the model's.
   model, _ = _setup(strategy, config)
   fn = train.make_gradient_fn(model, config, lambda: tf.constant(1.0))
   batch = next(iter(_batches(16)))
@@ -195,6 +196,32 @@ def test_dropout_masks_differ_between_replicas_and_steps_and_repeat_exactly():
   np.testing.assert_allclose(np.concatenate([g.ravel() for g in _dropout_gradients(
       _one(), config, 7)]), np.concatenate([g.ravel() for g in _dropout_gradients(
           _two(), config, 7)]), atol=1e-6)
+
+
+def test_threefry_masks_in_the_compiled_step_differ_between_replicas_and_repeat():
+  """The same property with the step compiled by XLA on a CPU, where dropout_rng=auto
+  draws the masks with ThreeFry instead of Philox (a resume redraws them exactly)."""
+  config = tiny.get_config()
+  config.model.dropout, config.train.clip_norm, config.train.xla = 0.3, 0.0, "train_step"
+  assert distribute.resolve_modes(config, distribute.Devices()).model.dropout_rng == (
+      "threefry")
+  one = _dropout_gradients(_one(), config, step=7)
+  two = _dropout_gradients(_two(), config, step=7)
+  assert max(np.abs(a - b).max() for a, b in zip(one, two)) > 1e-4
+  again = _dropout_gradients(_two(), config, step=7)
+  assert all(np.array_equal(a, b) for a, b in zip(two, again))
+
+
+def test_threefry_masks_outside_xla_are_refused_before_the_step():
+  """A model resolved for the compiled step (threefry on a CPU) with a grad fn that is not
+  compiled would fail inside TensorFlow's kernel; it fails naming the keys instead."""
+  config = tiny.get_config()
+  config.model.dropout, config.train.xla = 0.1, "train_step"
+  model, _ = _setup(_one(), config)
+  assert model.encoder.dropout_alg == "threefry"  # dropout_rng auto, on a CPU.
+  config.train.xla = "off"
+  with pytest.raises(ValueError, match="dropout_rng=threefry.*train.xla='off'"):
+    train.make_grad_fn(model, config)
 
 
 def test_training_with_dropout_needs_a_seed():
@@ -271,6 +298,12 @@ def test_cosine_fit_times_the_steady_steps_not_the_compiles():
   assert 0.98 * 1000 / 0.15 < end < 1000 / 0.15
   assert float(state.schedule_budget_s.numpy()) == 1000.0
   assert run_setup.fit_cosine_end(run, clock, 170) is None  # Once per budget.
+  # Calls cut short before a log/eval/checkpoint step (1 step, 0.2 s: the fixed per-call
+  # cost on one step) count by their steps: 3 of 123, not 3 calls of 15 (0.16 s/step).
+  for _ in range(3):
+    now[0] += 0.2
+    clock.tick(1)
+  assert clock.step_seconds() == pytest.approx((18.0 + 0.6) / 123)
 
 
 def test_cosine_schedule_ends_at_the_fitted_end_step_capped_by_train_steps():

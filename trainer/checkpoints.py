@@ -269,6 +269,7 @@ def load_for_inference(workdir: Optional[str], checkpoint: Optional[str] = None,
   paths = _candidates(workdir, checkpoint)
   config = load_config(workdir)
   config.model.recurrence = "auto"
+  config.model.dropout_rng = "auto"  # Inference draws no masks; XLA's scope changes here.
   config.train.precision = "float32"
   config.train.xla = "off" if for_export or config.train.xla == "off" else "decoder_step"
   config = distribute.resolve_modes(config)

@@ -37,11 +37,15 @@ _ENCODER_EMBEDDING, _DECODER_EMBEDDING, _DECODER_OUTPUT = 1, 2, 3
 _DECODER_BETWEEN_LAYERS = 100
 
 
-def dropout(x: tf.Tensor, rate: float, seed, salt: int, training: bool) -> tf.Tensor:
+def dropout(x: tf.Tensor, rate: float, seed, salt: int, training: bool,
+            alg=None) -> tf.Tensor:
   """Inverted dropout with a stateless mask: a pure function of (seed, salt, x's shape).
 
   `seed` ([2] int) is required when it would apply (training with rate > 0): drawing masks
-  from hidden state is what made replicas share masks and resumes differ.
+  from hidden state is what made replicas share masks and resumes differ. `alg`: None
+  (TensorFlow's auto-selected generator: Philox on CPUs and GPUs) or "threefry", which
+  only XLA implements (TensorFlow's own kernels reject it) and which XLA:CPU draws ~4x
+  faster than Philox (model.dropout_rng; trainer.distribute.resolve_modes picks it).
   """
   if not training or not rate:
     return x
@@ -49,7 +53,7 @@ def dropout(x: tf.Tensor, rate: float, seed, salt: int, training: bool) -> tf.Te
     raise ValueError("dropout > 0 in training needs a dropout_seed (the train step "
                      "derives one per step and replica: trainer/train.py).")
   seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), salt)
-  return tf.nn.experimental.stateless_dropout(x, rate, seed)
+  return tf.nn.experimental.stateless_dropout(x, rate, seed, rng_alg=alg)
 
 
 class Encoder(keras.layers.Layer):
@@ -63,7 +67,7 @@ class Encoder(keras.layers.Layer):
     self.fused = recurrence == "fused"
     self.embedding = keras.layers.Embedding(vocab_size, embed_dim, dtype=policy,
                                             name="embedding")
-    self.dropout_rate = dropout
+    self.dropout_rate, self.dropout_alg = dropout, None  # Seq2Seq sets the alg.
     self.grus = []
     for i in range(num_layers):
       # use_cudnn is explicit: "auto" would put a cuDNN op (no XLA kernel) on GPUs.
@@ -84,7 +88,7 @@ class Encoder(keras.layers.Layer):
   def call(self, source: tf.Tensor, training: bool = False, dropout_seed=None):
     mask = tf.not_equal(source, 0)
     x = dropout(self.embedding(source), self.dropout_rate, dropout_seed,
-                _ENCODER_EMBEDDING, training)
+                _ENCODER_EMBEDDING, training, self.dropout_alg)
     for gru in self.grus:
       # The first call builds the Keras layers, so their variables keep their usual paths.
       if self.fused and gru.built:
@@ -214,7 +218,7 @@ class Decoder(keras.layers.Layer):
     self.upper_cells = [keras.layers.GRUCell(units, recurrent_initializer="glorot_uniform",
                                              dtype=policy, name=f"gru_cell_{k}")
                         for k in range(1, num_layers)]
-    self.dropout_rate = dropout
+    self.dropout_rate, self.dropout_alg = dropout, None  # Seq2Seq sets the alg.
     self.output_to_embedding = None
     if tie_embeddings:
       if embed_dim != units:  # As OpenNMT and fairseq do; no bias (the logits have one).
@@ -246,7 +250,7 @@ class Decoder(keras.layers.Layer):
       return None
     ones = tf.ones([batch, time, self.units], dtype)
     masks = [dropout(ones, self.dropout_rate, dropout_seed, _DECODER_BETWEEN_LAYERS + k,
-                     training) for k in range(2, self.num_layers + 1)]
+                     training, self.dropout_alg) for k in range(2, self.num_layers + 1)]
     return tf.transpose(tf.stack(masks), [2, 0, 1, 3])
 
   def teacher_forcing(self, embedded: tf.Tensor, state: tf.Tensor, values: tf.Tensor,
@@ -268,7 +272,8 @@ class Decoder(keras.layers.Layer):
     """Decoder states [..., L*U] (the top layer's U are used) -> float32 logits [..., V]."""
     if self.upper_cells:
       states = states[..., -self.units:]
-    states = dropout(states, self.dropout_rate, dropout_seed, _DECODER_OUTPUT, training)
+    states = dropout(states, self.dropout_rate, dropout_seed, _DECODER_OUTPUT, training,
+                     self.dropout_alg)
     if isinstance(self.projection, TiedProjection):
       if self.output_to_embedding is not None:
         states = self.output_to_embedding(states)
@@ -279,23 +284,29 @@ class Decoder(keras.layers.Layer):
 class Seq2Seq(keras.layers.Layer):
   """Encoder + Decoder. `recurrence` (fused | keras | cudnn) picks how the GRUs run;
   `jit_decoder_step` XLA-compiles the decoder step (`step_fn`, used by decoding and by
-  keras-recurrence teacher forcing) and fused_rnn's per-step attention math."""
+  keras-recurrence teacher forcing) and fused_rnn's per-step attention math;
+  `dropout_rng` (default | threefry) the generator of the dropout masks (`dropout`)."""
 
   def __init__(self, source_vocab_size: int, target_vocab_size: int, embed_dim: int,
                units: int, encoder_layers: int = 1, bidirectional: bool = False,
                dropout: float = 0.0, recurrence: str = "fused",
                jit_decoder_step: bool = False, decoder_layers: int = 1,
-               tie_embeddings: bool = False, **kwargs):
+               tie_embeddings: bool = False, dropout_rng: str = "default", **kwargs):
     super().__init__(**kwargs)
     if recurrence not in ("fused", "keras", "cudnn"):
       raise ValueError(f"recurrence={recurrence!r}: resolve config.model.recurrence first "
                        "(trainer.distribute.resolve_modes).")
+    if dropout_rng not in ("default", "threefry"):
+      raise ValueError(f"dropout_rng={dropout_rng!r}: resolve config.model.dropout_rng "
+                       "first (trainer.distribute.resolve_modes).")
     policy = self.dtype_policy
     self.encoder = Encoder(source_vocab_size, embed_dim, units, encoder_layers,
                            bidirectional, dropout, recurrence, dtype=policy, name="encoder")
     self.decoder = Decoder(target_vocab_size, embed_dim, units, dropout, decoder_layers,
                            tie_embeddings, dtype=policy, name="decoder")
     self.recurrence, self.jit_decoder_step = recurrence, jit_decoder_step
+    self.encoder.dropout_alg = self.decoder.dropout_alg = (
+        "threefry" if dropout_rng == "threefry" else None)
     self.step_fn: Callable = (tf.function(self.decoder.step, jit_compile=True)
                               if jit_decoder_step else self.decoder.step)
 
@@ -317,7 +328,7 @@ class Seq2Seq(keras.layers.Layer):
     `dropout_seed`: [2] int, required when training with model.dropout > 0."""
     values, keys, mask, state = self.encode(source, training, dropout_seed)
     embedded = dropout(self.decoder.embedding(target_in), self.decoder.dropout_rate,
-                       dropout_seed, _DECODER_EMBEDDING, training)
+                       dropout_seed, _DECODER_EMBEDDING, training, self.decoder.dropout_alg)
     # fused_rnn's scan runs one cell: stacked decoder layers run step by step (autodiff).
     if (self.recurrence != "keras" and self.decoder.cell.built
         and not self.decoder.upper_cells):
@@ -351,15 +362,17 @@ def create_model(config, source_vocab_size: int, target_vocab_size: int,
                  policy: str = "float32") -> Seq2Seq:
   """Builds a Seq2Seq from `config.model` and `config.train.xla` (both resolved by
   trainer.distribute.resolve_modes), creating its variables with a dummy batch. A run's
-  config.json from before model.decoder_layers / tie_embeddings existed gets their
-  defaults (1, False): today's variables and math."""
+  config.json from before model.decoder_layers / tie_embeddings / dropout_rng existed gets
+  their defaults (1, False, default): today's variables and math. An unresolved
+  dropout_rng=auto is the default generator (only resolve_modes knows the XLA scope)."""
   m = config.model
   model = Seq2Seq(source_vocab_size, target_vocab_size, m.embed_dim, m.units,
                   m.encoder_layers, m.bidirectional, m.dropout, m.recurrence,
                   jit_decoder_step=config.train.xla == "decoder_step",
                   decoder_layers=m.get("decoder_layers", 1),
-                  tie_embeddings=m.get("tie_embeddings", False), dtype=policy,
-                  name="seq2seq")
+                  tie_embeddings=m.get("tie_embeddings", False),
+                  dropout_rng=m.get("dropout_rng", "default").replace("auto", "default"),
+                  dtype=policy, name="seq2seq")
   # Variables must exist before the decoder step runs inside a while loop.
   dummy = tf.ones([1, 2], tf.int32)
   model(dummy, dummy)

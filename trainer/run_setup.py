@@ -267,8 +267,8 @@ class Clock:
     self.start = self.last = now()
     self.eval_s, self.evals = 0.0, 0
     self.train_steps, self.calls = 0, 0
-    # Seconds per step of each timed loop call, the last _TIMED_CALLS of them.
-    self.call_step_s: collections.deque = collections.deque(maxlen=_TIMED_CALLS)
+    # (seconds, steps) of each timed loop call, the last _TIMED_CALLS of them.
+    self.calls_timed: collections.deque = collections.deque(maxlen=_TIMED_CALLS)
 
   def tick(self, steps: int = 0) -> None:
     """Adds the seconds since the last tick to elapsed_s; `steps`: the loop call's steps."""
@@ -276,7 +276,7 @@ class Clock:
     if steps:
       self.calls += 1
       if self.calls > 1:
-        self.call_step_s.append((now - self.last) / steps)
+        self.calls_timed.append((now - self.last, steps))
         self.train_steps += steps
     self.state.elapsed_s.assign_add(now - self.last)
     self.last = now
@@ -295,19 +295,23 @@ class Clock:
     return self.eval_s / max(self.now() - self.start, 1e-9)
 
   def step_seconds(self) -> float:
-    """Seconds per step: the mean over the timed loop calls, leaving out those over twice
-    the median. Not the plain mean: a call that meets a new bucket shape compiles it
-    (seconds, with XLA), and a few of those in the first hundred steps made the mean 37%
-    above the steady step time (0.212 s against 0.155, deu-eng at warm-up), ending a 2-hour
-    cosine after 73% of its budget. Not the median either: steps on long buckets cost more,
-    so step times are skewed and the median (0.144 there) is below the mean."""
-    step_s = np.asarray(self.call_step_s)
-    return float(step_s[step_s <= 2 * np.median(step_s)].mean())
+    """Seconds per step over the timed loop calls (their seconds over their steps), leaving
+    out the calls whose seconds per step are over twice the median's. Not the plain mean:
+    a call that meets a new bucket shape compiles it (seconds, with XLA), and a few of those
+    in the first hundred steps made the mean 37% above the steady step time (0.212 s
+    against 0.155, deu-eng at warm-up), ending a 2-hour cosine after 73% of its budget. Not
+    the median either: steps on long buckets cost more, so step times are skewed and the
+    median (0.144 there) is below the mean. Weighted by steps: the call before a log, eval
+    or checkpoint step is cut short (train.steps_per_loop), and its fixed per-call cost
+    spread over fewer steps would count as much as a full call's."""
+    seconds, steps = (np.asarray(column, float) for column in zip(*self.calls_timed))
+    kept = seconds / steps <= 2 * np.median(seconds / steps)
+    return float(seconds[kept].sum() / steps[kept].sum())
 
 
 # Train steps timed (after the first loop call) before the cosine's end is fitted.
 FIT_AFTER_STEPS = 20
-# Loop calls whose step times Clock.step_seconds averages (bounded memory at step 10^6).
+# Loop calls Clock.step_seconds times (bounded memory at step 10^6).
 _TIMED_CALLS = 1000
 
 

@@ -39,6 +39,12 @@ def make_grad_fn(model, config):
     return tape.gradient(scaled, model.trainable_variables), loss_sum
 
   jit = config.train.xla == "train_step"
+  if model.encoder.dropout_rate and model.encoder.dropout_alg == "threefry" and not jit:
+    # Else TensorFlow's kernel fails mid-step on a "counter" shape, naming nothing of ours.
+    raise ValueError("model.dropout_rng=threefry draws its masks with XLA only, and "
+                     f"config.train.xla={config.train.xla!r} does not compile the train "
+                     "step: resolve the config and the model from the same one "
+                     "(trainer.distribute.resolve_modes).")
   return tf.function(grad_fn, jit_compile=True) if jit else grad_fn
 
 
