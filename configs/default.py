@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.decoder_layers = 1  # Stacked decoder GRU layers: the attention query is the top layer's previous state; layer 1 takes [context; embedded token], each layer above the one below's output (L > 1 trains step by step, slower per step: docs/training.md).
   model.tie_embeddings = False  # Output projection = the target embedding matrix transposed (plus a vocabulary bias; through a units -> embed_dim projection when they differ).
   model.dropout = 0.0  # Dropout on embeddings, decoder outputs and between decoder layers during training.
-  model.dropout_rng = "auto"  # Generator of the dropout masks: auto | default | threefry (auto = threefry when train.xla=train_step on CPUs, where XLA draws it ~4x faster than Philox; default = TensorFlow's Philox elsewhere; threefry needs train.xla=train_step: TensorFlow's own kernels lack it).
+  model.dropout_rng = "auto"  # Generator of the dropout masks: auto | default | threefry (auto = threefry when train.xla=train_step on CPUs, where XLA draws it faster than Philox: docs/training.md; default = TensorFlow's Philox elsewhere; threefry needs train.xla=train_step: TensorFlow's own kernels lack it).
   model.recurrence = "auto"  # GRU implementation: auto | fused | keras | cudnn (auto = fused: hand-fused loops, XLA-compilable on every device; cudnn = the encoder as one cuDNN kernel, GPU only, not with train.xla=train_step).
 
   config.train = train = ml_collections.ConfigDict()

@@ -136,8 +136,8 @@ def resolve_modes(config: ml_collections.ConfigDict, devices: Optional[Devices] 
   why = mode_refusal(m.recurrence, t.xla, t.precision, devices)
   if why:
     raise validate_lib.ConfigError(why)
-  # XLA:CPU draws ThreeFry ~4x faster than Philox (dropout 0.2 cost +18% per step with
-  # Philox, ~0% with ThreeFry: docs/training.md); GPUs keep Philox, TF's choice there.
+  # XLA:CPU draws ThreeFry faster than Philox (dropout's cost per step with each:
+  # docs/training.md); GPUs keep Philox, TensorFlow's choice there.
   if m.get("dropout_rng", "default") == "auto":
     cpu_xla = t.xla == "train_step" and not devices.gpu
     m.dropout_rng = "threefry" if cpu_xla else "default"

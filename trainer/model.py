@@ -44,8 +44,8 @@ def dropout(x: tf.Tensor, rate: float, seed, salt: int, training: bool,
   `seed` ([2] int) is required when it would apply (training with rate > 0): drawing masks
   from hidden state is what made replicas share masks and resumes differ. `alg`: None
   (TensorFlow's auto-selected generator: Philox on CPUs and GPUs) or "threefry", which
-  only XLA implements (TensorFlow's own kernels reject it) and which XLA:CPU draws ~4x
-  faster than Philox (model.dropout_rng; trainer.distribute.resolve_modes picks it).
+  only XLA implements (TensorFlow's own kernels reject it) and which XLA:CPU draws faster
+  than Philox (model.dropout_rng; trainer.distribute.resolve_modes picks it).
   """
   if not training or not rate:
     return x
