@@ -305,7 +305,8 @@ class Clock:
     or checkpoint step is cut short (train.steps_per_loop), and its fixed per-call cost
     spread over fewer steps would count as much as a full call's."""
     seconds, steps = (np.asarray(column, float) for column in zip(*self.calls_timed))
-    kept = seconds / steps <= 2 * np.median(seconds / steps)
+    per_step = seconds / steps
+    kept = per_step <= 2 * np.median(per_step)
     return float(seconds[kept].sum() / steps[kept].sum())
 
 
