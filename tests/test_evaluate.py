@@ -47,3 +47,20 @@ def test_num_replicas_must_be_a_positive_integer(setup):
   config, tokenizer, model, _ = setup
   with pytest.raises(ValueError, match=r"num_replicas=0: must be an integer >= 1"):
     evaluate.Evaluator(config, tokenizer, model, num_replicas=0)
+
+
+def test_each_evaluation_counts_its_own_loss_pairs_as_nmt_eval_does(setup):
+  """The in-training dev loss says over how many pairs it is (the over-long ones are left
+  out of it): the same counts as nmt-eval's, and not summed over evaluations."""
+  config, tokenizer, model, _ = setup
+  config = config.copy_and_resolve_references()
+  config.data.eval_examples = 4  # Translations are not what is counted: few of them.
+  evaluator = evaluate.Evaluator(config, tokenizer, model)
+  first, second = evaluator(0, None), evaluator(1, None)
+  counts = (first["loss_pairs"], first["loss_dropped"])
+  assert counts[1] > 0 and sum(counts) == 200  # Some of make_pairs' exceed 16 tokens.
+  assert (second["loss_pairs"], second["loss_dropped"]) == counts
+  assert second["loss"] == pytest.approx(first["loss"])
+  reference = evaluate.evaluate_checkpoint(config, tokenizer, model, beam_size=1)
+  assert (reference["loss_pairs"], reference["loss_dropped"]) == counts
+  assert reference["loss"] == pytest.approx(first["loss"], rel=1e-5)

@@ -106,13 +106,14 @@ def test_translate_cli_round_trip_with_attention_pngs(workdir, tmp_path):
 
 
 def test_eval_cli_prints_one_json_line(workdir):
-  result = cli("run_eval", f"--workdir={workdir}", "--beam_size=1", "--no_ema",
-               "--examples=25")
+  result = cli("run_eval", f"--workdir={workdir}", "--beam_size=2", "--no_ema",
+               "--examples=25", "--length_penalty=1.5")
   assert result.returncode == 0, result.stderr[-3000:]
   metrics = json.loads(result.stdout.strip())
   assert set(metrics) == {"bleu", "chrf", "loss", "loss_pairs", "loss_dropped", "examples",
-                          "checkpoint", "step", "ema"}
+                          "checkpoint", "step", "ema", "beam_size", "length_penalty"}
   assert metrics["examples"] == 25 and metrics["step"] == 60 and metrics["ema"] is False
+  assert (metrics["beam_size"], metrics["length_penalty"]) == (2, 1.5)  # The search used.
   assert metrics["checkpoint"].endswith("ckpt-60") and metrics["loss"] < 3.0
 
 

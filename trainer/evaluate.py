@@ -130,7 +130,10 @@ class Evaluator:
     self.eval_step = make_eval_loss_fn(model)
     self.translate_ids = translate_lib.make_translate_fn(model, config)  # Beam search.
     self.greedy_ids = translate_lib.make_translate_fn(model, config, beam_size=1)
-    self.dataset = make_eval_dataset(config, tokenizer, num_replicas)
+    # Counts the loss's over-long pairs (data.max_*_length): cumulative over evaluations,
+    # so each call reports its own difference (loss_pairs / loss_dropped, as nmt-eval does).
+    self.length_stats = pipeline.LengthStats(name="length_stats_eval")
+    self.dataset = make_eval_dataset(config, tokenizer, num_replicas, self.length_stats)
     limit = config.data.eval_examples or None
     pairs = list(datasets.read_pairs(config.data.eval, config.data, limit=limit))
     self.sources = [s for s, _ in pairs]
@@ -144,8 +147,12 @@ class Evaluator:
                stop: Callable[[], bool] = lambda: False) -> Optional[Dict]:
     """The metrics; None if `stop()` turned True between decoding batches (a SIGTERM: the
     run saves and exits at once, not after the whole dev set)."""
+    before = self.length_stats.result()
     with datasets.surface_corpus_errors():  # A bad eval file: its CorpusError.
       metrics = {"loss": eval_loss(self.eval_step, self.dataset)}
+    after = self.length_stats.result()
+    dropped = after["dropped"] - before["dropped"]
+    metrics.update(loss_pairs=after["seen"] - before["seen"] - dropped, loss_dropped=dropped)
     metrics["perplexity"] = float(np.exp(min(metrics["loss"], 50.0)))
     hyps, size = [""] * len(self.sources), self.config.eval.batch_size
     for first in range(0, len(self.sources), size):
@@ -160,8 +167,10 @@ class Evaluator:
         hyps[i] = hyp
     metrics.update(score(hyps, self.references))
     self.samples = list(zip(self.sources[:8], self.references[:8], hyps[:8]))
-    logging.info("eval at step %d: loss %.4f  BLEU %.2f  chrF %.2f", step,
-                 metrics["loss"], metrics["bleu"], metrics["chrf"])
+    logging.info("eval at step %d: loss %.4f  BLEU %.2f  chrF %.2f%s", step,
+                 metrics["loss"], metrics["bleu"], metrics["chrf"],
+                 f"  (loss over {metrics['loss_pairs']} pairs, {dropped} over-long left out)"
+                 if dropped else "")
     if writer is not None:
       summaries.write_eval(writer, step, metrics, self._attention(), self.samples)
     return metrics

@@ -21,6 +21,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+import ml_collections  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -288,15 +289,32 @@ def _define_inference_flags() -> None:
   _define_model_flags()
   flags.DEFINE_integer("beam_size", None, "Beam width (1 = greedy); default: the run's "
                        "config.eval.beam_size.")
+  flags.DEFINE_float("length_penalty", None, "Beam search's length-penalty alpha (0 = none; "
+                     "larger favours longer outputs); default: the run's "
+                     "config.eval.length_penalty. Tune it on dev, not test.", lower_bound=0.0)
+
+
+def _load_model(for_export: bool = False):
+  """The model the flags name (checkpoints.load_for_inference), its config's
+  eval.length_penalty replaced by --length_penalty where the command has that flag."""
+  from trainer import checkpoints
+  loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint,
+                                          for_export=for_export,
+                                          average_last=FLAGS.average_last,
+                                          use_ema=not FLAGS.no_ema)
+  if "length_penalty" in FLAGS and FLAGS.length_penalty is not None:
+    # A new eval ConfigDict: a run's config may hold the field as an int (e.g. 1), which
+    # ConfigDict would refuse to take a float.
+    loaded.config.eval = ml_collections.ConfigDict(
+        dict(loaded.config.eval.to_dict(), length_penalty=FLAGS.length_penalty))
+  return loaded
 
 
 def _eval_main(argv) -> None:
   del argv
-  from trainer import checkpoints, evaluate
+  from trainer import evaluate, translate
   try:
-    loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint,
-                                            average_last=FLAGS.average_last,
-                                            use_ema=not FLAGS.no_ema)
+    loaded = _load_model()
     if FLAGS.data:
       loaded.config.data.eval = FLAGS.data
       # A corpus named here is scored whole (as the test score at the end of a run is), not
@@ -304,12 +322,14 @@ def _eval_main(argv) -> None:
       loaded.config.data.eval_examples = 0
     if FLAGS.examples is not None:
       loaded.config.data.eval_examples = FLAGS.examples
+    beam_size = translate.resolve_beam_size(loaded.config, FLAGS.beam_size)
     metrics = evaluate.evaluate_checkpoint(loaded.config, loaded.tokenizer, loaded.model,
-                                           FLAGS.beam_size)
+                                           beam_size)
   except (ValueError, OSError) as e:  # CorpusError is a ValueError.
     _fail(str(e))
   print(json.dumps(dict(metrics, checkpoint=loaded.checkpoint, step=loaded.step,
-                        ema=loaded.ema), default=float))
+                        ema=loaded.ema, beam_size=beam_size,
+                        length_penalty=loaded.config.eval.length_penalty), default=float))
 
 
 def run_eval() -> None:
@@ -324,11 +344,9 @@ def run_eval() -> None:
 
 def _translate_main(argv) -> None:
   del argv
-  from trainer import checkpoints, translate
+  from trainer import translate
   try:
-    loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint,
-                                            average_last=FLAGS.average_last,
-                                            use_ema=not FLAGS.no_ema)
+    loaded = _load_model()
     beam_size = translate.resolve_beam_size(loaded.config, FLAGS.beam_size)
     if FLAGS.n_best > beam_size:
       raise ValueError(f"--n_best={FLAGS.n_best} needs --beam_size >= {FLAGS.n_best} "
@@ -359,11 +377,9 @@ def run_translate() -> None:
 
 def _score_main(argv) -> None:
   del argv
-  from trainer import checkpoints, translate
+  from trainer import translate
   try:
-    loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint,
-                                            average_last=FLAGS.average_last,
-                                            use_ema=not FLAGS.no_ema)
+    loaded = _load_model()
     counts = translate.score_file(translate.make_score_fn(loaded.model), loaded.tokenizer,
                                   loaded.config, FLAGS.input, FLAGS.output)
   except (ValueError, OSError) as e:
@@ -381,12 +397,9 @@ def run_score() -> None:
 
 def _export_main(argv) -> None:
   del argv
-  from trainer import checkpoints, export
+  from trainer import export
   try:
-    loaded = checkpoints.load_for_inference(FLAGS.workdir, FLAGS.checkpoint,
-                                            for_export=True,
-                                            average_last=FLAGS.average_last,
-                                            use_ema=not FLAGS.no_ema)
+    loaded = _load_model(for_export=True)
     translator = export.export(loaded.config, loaded.tokenizer, loaded.model,
                                FLAGS.export_dir, FLAGS.beam_size)
   except (ValueError, OSError) as e:
