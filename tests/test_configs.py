@@ -10,7 +10,7 @@ import re
 import pytest
 import tensorflow as tf
 
-from configs import default, quickstart, tatoeba, tiny
+from configs import default, quickstart, tatoeba, tatoeba_long, tiny
 from configs import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,8 +22,8 @@ REFERENCE_HEADER = """\
 
 Generated from the comments in `configs/default.py` by `python -m tests.test_configs` (from the
 repository root); `tests/test_configs.py` fails when they drift apart. `configs/quickstart.py`,
-`configs/tatoeba.py` and `configs/tiny.py` override a few of these. Any key can be overridden
-on the command line: `--config.train.steps=200`.
+`configs/tatoeba.py`, `configs/tatoeba_long.py` and `configs/tiny.py` override a few of these.
+Any key can be overridden on the command line: `--config.train.steps=200`.
 
 | key | default | meaning |
 |---|---|---|
@@ -75,9 +75,23 @@ def test_every_config_key_has_a_comment_and_a_reference_row():
       "repository root. Rows missing or changed:\n" + "\n".join(stale))
 
 
-@pytest.mark.parametrize("module", [default, quickstart, tatoeba, tiny])
+@pytest.mark.parametrize("module", [default, quickstart, tatoeba, tatoeba_long, tiny])
 def test_configs_validate(module):
   validate.validate(module.get_config())
+
+
+def test_the_long_recipe_is_tatoeba_with_only_its_documented_changes():
+  """configs/tatoeba_long.py follows configs/tatoeba.py (data, schedule, batch) and changes
+  only what the 2-hour runs measured (docs/real_corpora.md); a key drifting here would make
+  its docstring's scores describe another recipe."""
+  base, long = tatoeba.get_config().to_dict(), tatoeba_long.get_config().to_dict()
+  changed = {f"{section}.{key}": (base[section][key], value)
+             for section, values in long.items() if isinstance(values, dict)
+             for key, value in values.items() if base[section][key] != value}
+  assert changed == {
+      "model.units": (256, 384), "model.embed_dim": (256, 384), "model.dropout": (0.0, 0.2),
+      "train.ema_decay": (0.0, 0.999), "train.max_seconds": (0.0, 7200.0),
+      "eval.beam_size": (4, 8), "eval.length_penalty": (0.6, 1.4)}
 
 
 @pytest.mark.parametrize("key, value, message", [
