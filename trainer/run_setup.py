@@ -129,6 +129,15 @@ class WeightAverage:
       average.assign(tf.cast(raw, tf.float32))
 
 
+def budget_left_s(config: ml_collections.ConfigDict,
+                  state: checkpoints.RunState) -> Optional[float]:
+  """Seconds left of train.max_seconds (RunState.elapsed_s counts all invocations; never
+  below 0); None without a budget."""
+  if not config.train.max_seconds:
+    return None
+  return max(config.train.max_seconds - float(state.elapsed_s.numpy()), 0.0)
+
+
 @dataclasses.dataclass
 class Run:
   """Everything one training run holds: built once by `setup`, used by the loop.
@@ -155,7 +164,7 @@ class Run:
     t = self.config.train
     if int(self.state.step.numpy()) >= t.steps:
       return f"reached config.train.steps={t.steps}; raise it to train further"
-    if t.max_seconds and float(self.state.elapsed_s.numpy()) >= t.max_seconds:
+    if budget_left_s(self.config, self.state) == 0.0:
       return (f"spent its wall-clock budget config.train.max_seconds={t.max_seconds}; raise "
               "it to train further")
     return self.best.stop_reason()
@@ -336,7 +345,7 @@ def fit_cosine_end(run: Run, clock: Clock, step: int) -> Optional[int]:
     return None
   step_s = clock.step_seconds()
   eval_s = clock.eval_s / clock.evals if clock.evals else 0.0
-  remaining_s = max(t.max_seconds - float(state.elapsed_s.numpy()), 0.0)
+  remaining_s = budget_left_s(run.config, state)
   updates = int(run.optimizer.iterations.numpy())
   end = updates + int(remaining_s / max(step_s + eval_s / t.eval_every, 1e-9))
   state.schedule_end_step.assign(max(end, 1))

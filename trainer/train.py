@@ -259,16 +259,15 @@ def _flush_progress(run: run_setup.Run, progress: summaries.ProgressWindow,
   over the length limits (dropped or truncated), the fp16 loss scale and what is left of
   train.max_seconds (for the ETA)."""
   lengths = run.length_stats.result()
-  loss_scale = budget_left_s = None
+  loss_scale = None
   if run.config.train.precision == "mixed_float16":
     loss_scale = float(run.optimizer.dynamic_scale.numpy())
-  if run.config.train.max_seconds:
-    budget_left_s = max(run.config.train.max_seconds - float(run.state.elapsed_s.numpy()), 0.0)
   progress.flush(step, run.config.train.steps,
                  learning_rate=float(np.asarray(run.optimizer.learning_rate)),
                  over_long_fraction=((lengths["dropped"] + lengths["truncated"]) /
                                      max(lengths["seen"], 1)),
-                 loss_scale=loss_scale, budget_left_s=budget_left_s)
+                 loss_scale=loss_scale,
+                 budget_left_s=run_setup.budget_left_s(run.config, run.state))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
